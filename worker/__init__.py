@@ -1,0 +1,1 @@
+"""The outpost worker: joins an Airflow 3 control plane over the Edge worker API and runs tasks through the Task SDK."""
