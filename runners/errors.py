@@ -1,0 +1,82 @@
+"""Errors raised by the runners.
+
+One root, ``RunnerError``; every subclass says through ``retryable`` whether running the same
+task again, unchanged, can succeed. Bad input and bad configuration never can: the task should
+fail and be reported, not retried.
+
+    RunnerError                         (retryable = False)
+    +-- StoreError                      store root missing/unusable, bad kind or name
+    |   +-- ManifestError               a manifest exists but cannot be read or has a bad schema
+    +-- InputError                      the input data is wrong; names the file and row
+    |   +-- MissingFieldError           a row lacks ``id`` or ``text`` (or it has the wrong type)
+    |   +-- EmptyCorpusError            no documents at all
+    |   +-- EncodingError               bytes that are not UTF-8
+    |   +-- DuplicateIdError            two rows with the same ``id``
+    +-- ModelError                      the model cannot be used
+    |   +-- ModelNotFoundError          the model path does not exist / is not a model directory
+    +-- DimensionMismatchError          new vectors do not match the dimension of existing shards
+    +-- BackendUnavailableError         a requested device/backend is not present on this host
+
+Nothing in this module imports ``worker``; the worker package has its own root exception.
+"""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """Root of every error raised by ``runners``. ``retryable`` is False unless a subclass says otherwise."""
+
+    retryable: bool = False
+
+
+class StoreError(RunnerError):
+    """The store root or a store path cannot be used."""
+
+
+class ManifestError(StoreError):
+    """A manifest is present but unreadable or malformed."""
+
+
+class InputError(RunnerError):
+    """Input data is invalid. ``path`` and ``row`` (1-based line/row number, if known) say where."""
+
+    def __init__(self, message: str, *, path: str | None = None, row: int | None = None) -> None:
+        where = ""
+        if path is not None:
+            where = f"{path}" + (f", row {row}" if row is not None else "")
+            message = f"{where}: {message}"
+        super().__init__(message)
+        self.path = path
+        self.row = row
+
+
+class MissingFieldError(InputError):
+    """A row lacks a required field (``id``/``text``) or it has the wrong type."""
+
+
+class EmptyCorpusError(InputError):
+    """The corpus holds no documents."""
+
+
+class EncodingError(InputError):
+    """The input contains bytes that are not valid UTF-8."""
+
+
+class DuplicateIdError(InputError):
+    """Two rows share the same document id."""
+
+
+class ModelError(RunnerError):
+    """The embedding model cannot be loaded or used."""
+
+
+class ModelNotFoundError(ModelError):
+    """The model path does not exist or is not a sentence-transformers model directory."""
+
+
+class DimensionMismatchError(RunnerError):
+    """Vectors would be appended to shards of a different dimension."""
+
+
+class BackendUnavailableError(RunnerError):
+    """A requested device or inference backend is not available on this host."""
