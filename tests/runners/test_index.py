@@ -1,0 +1,223 @@
+"""FAISS index rebuilds: recall gate, promotion, rollback, incremental updates, bad input, crashes.
+
+Real FAISS on small clustered vectors (a few thousand x 32), so the suite runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runners.errors import DimensionMismatchError, InputError
+from runners.index import IndexConfig, IndexStateError, build_index, current_version, list_versions, promote, rollback, update_index
+from runners.index_search import IndexSearcher
+from tests.runners.conftest_index import make_embeddings, structured_vectors, write_deleted, write_shard
+
+DIM = 32
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def emb(tmp_path: Path) -> Path:
+    make_embeddings(tmp_path / "emb", 6000, DIM, shards=3, seed=0)
+    return tmp_path / "emb"
+
+
+def test_recall_gate_refuses_a_bad_index_and_keeps_current(emb: Path, tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    good = build_index(emb, idx, IndexConfig(kind="flat"))
+    assert good["promoted"] and good["recall"] >= 0.99 and current_version(idx) == good["version"]
+
+    # One probed list out of 128 on clustered data misses most true neighbours.
+    bad = build_index(emb, idx, IndexConfig(kind="ivf", nlist=128, nprobe=1, min_recall=0.95))
+    assert bad["recall"] < 0.95
+    assert bad["passed"] is False and bad["promoted"] is False
+    assert current_version(idx) == good["version"] == bad["current"]
+    assert bad["version"] in list_versions(idx)  # kept on disk for inspection, not served
+    assert IndexSearcher(idx).manifest["kind"] == "flat"
+    with pytest.raises(IndexStateError, match="refusing to promote"):
+        promote(idx, bad["version"])
+    assert current_version(idx) == good["version"]
+
+    # The same IVF index with enough probes passes the same gate.
+    ok = build_index(emb, idx, IndexConfig(kind="ivf", nlist=128, nprobe=32, min_recall=0.95))
+    assert ok["promoted"] and current_version(idx) == ok["version"]
+
+
+def test_rollback_restores_the_previous_version(emb: Path, tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    v1 = build_index(emb, idx, IndexConfig(kind="flat"))["version"]
+    v2 = build_index(emb, idx, IndexConfig(kind="hnsw", hnsw_m=16))["version"]
+    assert current_version(idx) == v2 and IndexSearcher(idx).manifest["kind"] == "hnsw"
+
+    assert rollback(idx) == {"current": v1, "rolled_back": v2}
+    assert current_version(idx) == v1
+    searcher = IndexSearcher(idx)
+    assert searcher.version == v1 and searcher.manifest["kind"] == "flat"
+    q = structured_vectors(5, DIM, seed=7)
+    _, ids = searcher.search(q, 3)
+    assert (ids >= 0).all()
+    top = json.loads((idx / "manifest.json").read_text())
+    assert top["current"] == v1 and top["history"] == [v1]
+    with pytest.raises(IndexStateError, match="nothing to roll back"):
+        rollback(idx)
+    # A rolled-back version can be promoted again.
+    promote(idx, v2)
+    assert current_version(idx) == v2
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_incremental_update_matches_full_rebuild(tmp_path: Path, kind: str) -> None:
+    emb = tmp_path / "emb"
+    make_embeddings(emb, 4000, DIM, shards=2, seed=0)
+    # nprobe = nlist makes IVF exhaustive, so both sides must agree exactly.
+    cfg = IndexConfig(kind=kind, nlist=32, nprobe=32, min_recall=0.9)
+    base = build_index(emb, tmp_path / "inc", cfg)
+    assert base["count"] == 4000
+
+    make_embeddings(emb, 400, DIM, shards=1, seed=1, id_offset=10_000)
+    deleted = [3, 17, 2500, 10_005]
+    write_deleted(emb, deleted)
+    inc = update_index(tmp_path / "inc", emb)
+    full = build_index(emb, tmp_path / "full", cfg)
+    assert inc["mode"] == "incremental" and inc["promoted"]
+    assert inc["count"] == full["count"] == 4000 + 400 - len(deleted)
+
+    queries = structured_vectors(50, DIM, seed=42)
+    s_inc, i_inc = IndexSearcher(tmp_path / "inc", k=10).search(queries)
+    s_full, i_full = IndexSearcher(tmp_path / "full", k=10).search(queries)
+    assert np.array_equal(np.sort(i_inc, axis=1), np.sort(i_full, axis=1))
+    np.testing.assert_allclose(s_inc, s_full, rtol=1e-5, atol=1e-5)
+    assert not np.isin(i_inc, deleted).any()
+    assert np.isin(i_inc, np.arange(10_000, 10_400)).any()  # the new shard is searchable
+
+    # The gate's truth was updated from the cached lists; it must agree with a fresh exact scan.
+    assert inc["recall"] == pytest.approx(1.0, abs=0.01)
+    # Nothing new: a second update adds and removes nothing.
+    again = update_index(tmp_path / "inc", emb)
+    assert again["mode"] == "incremental" and again["count"] == inc["count"]
+
+
+def test_update_with_deletions_on_hnsw_falls_back_to_rebuild(emb: Path, tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    build_index(emb, idx, IndexConfig(kind="hnsw", hnsw_m=16))
+    write_deleted(emb, [1, 2, 3])
+    with pytest.raises(IndexStateError, match="HNSW"):
+        update_index(idx, emb, allow_rebuild=False)
+    out = update_index(idx, emb)
+    assert out["mode"] == "rebuild" and out["count"] == 6000 - 3
+
+
+def test_dimension_mismatch_is_a_clear_error_and_writes_nothing(emb: Path, tmp_path: Path) -> None:
+    bad = emb / "shard-zzz.npy"
+    write_shard(emb, "shard-zzz", structured_vectors(10, DIM + 8, seed=3), np.arange(90_000, 90_010))
+    idx = tmp_path / "idx"
+    with pytest.raises(DimensionMismatchError, match=str(bad)) as err:
+        build_index(emb, idx, IndexConfig(kind="flat"))
+    assert f"dimension {DIM + 8}" in str(err.value)
+    assert not idx.exists()
+
+    # Against an existing index: the update refuses, and no version is added.
+    bad.unlink()
+    (emb / "shard-zzz.ids.npy").unlink()
+    v1 = build_index(emb, idx, IndexConfig(kind="flat"))["version"]
+    write_shard(emb, "shard-zzz", structured_vectors(10, DIM + 8, seed=3), np.arange(90_000, 90_010))
+    with pytest.raises(DimensionMismatchError, match="shard-zzz.npy"):
+        update_index(idx, emb)
+    assert list_versions(idx) == [v1] and current_version(idx) == v1
+
+
+def test_bad_dtype_and_missing_ids_name_the_file(tmp_path: Path) -> None:
+    emb = tmp_path / "emb"
+    write_shard(emb, "a", structured_vectors(10, DIM).astype(np.float64), np.arange(10))
+    with pytest.raises(InputError, match=r"a\.npy.*float64"):
+        build_index(emb, tmp_path / "idx")
+    (emb / "a.npy").unlink()
+    np.save(emb / "b.npy", structured_vectors(10, DIM))
+    with pytest.raises(InputError, match=r"b\.npy.*no ids file"):
+        build_index(emb, tmp_path / "idx")
+
+
+@pytest.mark.parametrize("phase", ["adding", "writing"])
+def test_crash_mid_build_leaves_current_valid(emb: Path, tmp_path: Path, phase: str) -> None:
+    idx = tmp_path / "idx"
+    v1 = build_index(emb, idx, IndexConfig(kind="flat"))["version"]
+    q = structured_vectors(5, DIM, seed=9)
+    before = IndexSearcher(idx).search(q, 5)
+    # A real process death (os._exit: no cleanup handlers run) while adding vectors, or halfway
+    # through writing the index file of the new version.
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import faiss
+        from runners.index import IndexConfig, build_index
+        def die(*args):
+            os._exit(17)
+        real_write = faiss.write_index
+        def half_write(index, path):
+            real_write(index, path)
+            os.truncate(path, 1000)
+            os._exit(17)
+        if {phase!r} == "writing":
+            faiss.write_index = half_write
+        build_index({str(emb)!r}, {str(idx)!r}, IndexConfig(kind="flat", add_batch_rows=500),
+                    on_progress=die if {phase!r} == "adding" else None)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr.decode()[-2000:]
+    leftovers = [p for p in (idx / "versions").iterdir() if p.name.startswith(".tmp-")]
+    assert bool(leftovers) == (phase == "writing")
+    assert current_version(idx) == v1 and list_versions(idx) == [v1]
+    after = IndexSearcher(idx).search(q, 5)
+    assert np.array_equal(before[1], after[1])
+
+    # The next build sweeps the leftover and gets a fresh version.
+    v2 = build_index(emb, idx, IndexConfig(kind="flat"))
+    assert v2["promoted"] and v2["version"] != v1
+    assert not any(p.name.startswith(".tmp-") for p in (idx / "versions").iterdir())
+
+
+def test_float16_shards_with_string_ids_and_lineage(tmp_path: Path) -> None:
+    emb = tmp_path / "emb"
+    x = structured_vectors(1000, DIM, seed=5)
+    ids = np.array([f"doc-{i}" for i in range(1000)])
+    write_shard(emb, "s0", x[:600].astype(np.float16), ids[:600])
+    write_shard(emb, "s1", x[600:].astype(np.float16), ids[600:])
+    write_deleted(emb, ["doc-0"])
+    out = build_index(emb, tmp_path / "idx", IndexConfig(kind="auto"))
+    assert out["kind"] == "flat" and out["count"] == 999
+    assert set(out) >= {"version", "path", "count", "recall", "promoted"}
+    assert all(not isinstance(v, np.ndarray) for v in out.values())  # XCom-sized summary
+    batch = IndexSearcher(tmp_path / "idx", k=3)({"vector": x[:4]})
+    assert batch["neighbor_ids"][1][0] == "doc-1"
+    assert "doc-0" not in batch["neighbor_ids"][0]
+    manifest = json.loads((Path(out["path"]) / "manifest.json").read_text())
+    assert [i["path"] for i in manifest["inputs"]] == [str((emb / n).resolve()) for n in ("s0.npy", "s1.npy")]
+    assert all(i["sha256"].startswith("sha256:") for i in manifest["inputs"])
+    assert manifest["code_version"] and manifest["recall"]["min_recall"] == 0.9
+
+
+def test_config_validation_names_the_setting() -> None:
+    with pytest.raises(ValueError, match="IndexConfig.kind='pq'"):
+        IndexConfig(kind="pq")
+    with pytest.raises(ValueError, match="min_recall"):
+        IndexConfig(min_recall=1.5)
+
+
+@pytest.mark.skipif(os.environ.get("CUDA_VISIBLE_DEVICES") == "", reason="GPU hidden")
+@pytest.mark.gpu
+def test_gpu_build_matches_cpu(emb: Path, tmp_path: Path) -> None:
+    import faiss
+
+    if not (faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_gpu")):
+        pytest.skip("no GPU FAISS on this host")
+    cpu = build_index(emb, tmp_path / "cpu", IndexConfig(kind="flat", device="cpu"))
+    gpu = build_index(emb, tmp_path / "gpu", IndexConfig(kind="flat", device="gpu"))
+    assert gpu["recall"] == pytest.approx(cpu["recall"], abs=1e-3)
