@@ -1,0 +1,41 @@
+"""Shared fixtures: one real Airflow 3 control plane per test session (api-server, scheduler,
+dag-processor with the Edge executor, SQLite, loopback ports)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DAGS, WorkerProc
+from worker.controlplane import ControlPlane
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    cp = ControlPlane(dags_folder=DAGS, home=tmp_path_factory.mktemp("airflow-home"))
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture
+def start_worker(control_plane: ControlPlane, tmp_path: Path) -> Iterator:
+    """Factory: ``start_worker(queues="q", concurrency=2, ...)`` -> a registered WorkerProc."""
+    started: list[WorkerProc] = []
+
+    def factory(wait: bool = True, **kwargs) -> WorkerProc:
+        w = WorkerProc(control_plane, tmp_path, **kwargs).start(wait_registered=wait)
+        started.append(w)
+        return w
+
+    yield factory
+    for w in started:
+        if w.proc is not None and w.proc.poll() is None:
+            w.stop()

@@ -1,0 +1,178 @@
+"""End-to-end: a real control plane dispatches DAGs to a real ``outpost worker`` process.
+
+Each DAG uses its own queue so a test's worker never picks up another test's leftovers.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.controlplane import ControlPlane
+
+pytestmark = pytest.mark.controlplane
+
+
+def _run(cp: ControlPlane, dag_id: str, conf: dict | None = None, timeout_s: float = 180) -> tuple[str, str]:
+    run_id = cp.trigger(dag_id, conf=conf)
+    return run_id, cp.wait_for_run(dag_id, run_id, timeout_s=timeout_s)
+
+
+def test_chain_passes_xcom(control_plane: ControlPlane, start_worker) -> None:
+    start_worker(queues="q_chain")
+    run_id, state = _run(control_plane, "outpost_chain")
+    assert state == "success", control_plane.task_states("outpost_chain", run_id)
+    assert control_plane.xcom("outpost_chain", run_id, "double") == {"n": 40, "word": "outpost"}
+    assert control_plane.xcom("outpost_chain", run_id, "describe") == "outpost:40"
+
+
+def test_dynamic_mapping_over_dozens_of_items(control_plane: ControlPlane, start_worker) -> None:
+    start_worker(queues="q_mapped", concurrency=4)
+    run_id, state = _run(control_plane, "outpost_mapped", timeout_s=300)
+    states = control_plane.task_states("outpost_mapped", run_id)
+    assert state == "success", states
+    assert sum(1 for k in states if k.startswith("square[")) == 36
+    assert control_plane.xcom("outpost_mapped", run_id, "square", map_index=7) == 49
+    assert control_plane.xcom("outpost_mapped", run_id, "total") == sum(x * x for x in range(36))
+
+
+def test_failing_task_retries_then_fails(control_plane: ControlPlane, start_worker) -> None:
+    w = start_worker(queues="q_failing")
+    run_id, state = _run(control_plane, "outpost_failing")
+    assert state == "failed"
+    [ti] = control_plane.task_instances("outpost_failing", run_id)
+    assert ti["state"] == "failed"
+    assert ti["try_number"] == 3  # 1 try + 2 retries
+    logs = sorted(w.log_folder.rglob("*.log"))
+    assert len([p for p in logs if "outpost_failing" in str(p)]) == 3
+    assert "deliberate failure from outpost_failing" in logs[-1].read_text()
+
+
+def test_variable_and_connection_from_worker_env_only(control_plane: ControlPlane, start_worker) -> None:
+    env = {
+        "AIRFLOW_VAR_OUTPOST_LOCAL_VAR": "only-on-the-worker",
+        "AIRFLOW_CONN_OUTPOST_LOCAL_DB": "postgres://alice:pw@db.region.local:5433/warehouse",
+    }
+    start_worker(queues="q_secrets", env=env)
+    run_id, state = _run(control_plane, "outpost_secrets")
+    assert state == "success", control_plane.task_states("outpost_secrets", run_id)
+    assert control_plane.xcom("outpost_secrets", run_id, "read") == {
+        "var": "only-on-the-worker", "host": "db.region.local", "port": 5433, "login": "alice"}
+    # And the control plane itself does not have them.
+    assert control_plane.api.get("/variables/outpost_local_var").status_code == 404
+    assert control_plane.api.get("/connections/outpost_local_db").status_code == 404
+
+
+def test_execution_timeout_fails_task(control_plane: ControlPlane, start_worker) -> None:
+    start_worker(queues="q_timeout")
+    t0 = time.monotonic()
+    run_id, state = _run(control_plane, "outpost_timeout")
+    assert state == "failed"
+    assert time.monotonic() - t0 < 55  # killed by the 3 s timeout, not the task's 60 s sleep
+    [ti] = control_plane.task_instances("outpost_timeout", run_id)
+    assert ti["state"] == "failed"
+
+
+def _intervals(marker: Path) -> list[tuple[float, float]]:
+    out = []
+    for start in marker.glob("*.start"):
+        end = start.with_suffix(".end")
+        out.append((float(start.read_text().split()[0]), float(end.read_text())))
+    return out
+
+
+def test_concurrency_never_exceeds_slots(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
+    w = start_worker(queues="q_sleep", concurrency=3)
+    marker = tmp_path / "markers"
+    run_id, state = _run(control_plane, "outpost_sleep", conf={"seconds": 1.5, "count": 9, "marker_dir": str(marker)})
+    assert state == "success"
+    intervals = _intervals(marker)
+    assert len(intervals) == 9
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert peak <= 3
+    assert peak >= 2  # it did run tasks in parallel
+    assert w.status()["concurrency"] == 3
+
+
+def test_drain_on_sigterm_lets_running_task_finish(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
+    w = start_worker(queues="q_sleep", concurrency=2)
+    marker = tmp_path / "markers"
+    run_id = control_plane.trigger("outpost_sleep", conf={"seconds": 6, "count": 1, "marker_dir": str(marker)})
+    deadline = time.monotonic() + 90
+    while not (marker / "0.start").exists():
+        assert time.monotonic() < deadline, w.log()
+        time.sleep(0.2)
+    assert w.stop(signal.SIGTERM) == 0
+    assert (marker / "0.end").exists()  # the task ran to completion during the drain
+    assert control_plane.wait_for_run("outpost_sleep", run_id, timeout_s=60) == "success"
+    assert control_plane.workers()[w.name]["state"] == "offline"
+    assert re.search(r"draining \d+ job\(s\) for up to 60s", w.log())
+
+
+def test_sigkill_mid_task_never_reports_success_and_restart_serves(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
+    w = start_worker(queues="q_sleep", concurrency=2)
+    marker = tmp_path / "markers"
+    run_id = control_plane.trigger("outpost_sleep", conf={"seconds": 20, "count": 1, "marker_dir": str(marker)})
+    deadline = time.monotonic() + 90
+    while not (marker / "0.start").exists():
+        assert time.monotonic() < deadline, w.log()
+        time.sleep(0.2)
+    task_pid = int((marker / "0.start").read_text().split()[1])
+    w.send(signal.SIGKILL)
+    w.wait(10)
+    # The task dies with its worker (it is not left running unsupervised)...
+    deadline = time.monotonic() + 20
+    while _alive(task_pid):
+        assert time.monotonic() < deadline, "task process outlived the SIGKILLed worker"
+        time.sleep(0.2)
+    assert not (marker / "0.end").exists()
+    # ...and a restarted worker (same name and state folder) reports it failed, then serves new work.
+    w2 = start_worker(queues="q_sleep", concurrency=2, name=w.name, state_folder=w.state_folder)
+    assert control_plane.wait_for_run("outpost_sleep", run_id, timeout_s=120) == "failed"
+    [nap] = [ti for ti in control_plane.task_instances("outpost_sleep", run_id) if ti["task_id"] == "nap"]
+    assert nap["state"] != "success"
+    marker2 = tmp_path / "markers2"
+    _, state = _run(control_plane, "outpost_sleep", conf={"seconds": 0.5, "count": 2, "marker_dir": str(marker2)})
+    assert state == "success"
+    assert w2.proc is not None and w2.proc.poll() is None
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def test_maintenance_mode_from_server_stops_fetching(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
+    w = start_worker(queues="q_sleep", concurrency=2)
+    control_plane.set_worker_maintenance(w.name, True, "disk swap")
+    deadline = time.monotonic() + 30
+    while not (w.status() or {}).get("maintenance"):
+        assert time.monotonic() < deadline, w.log()
+        time.sleep(0.3)
+    marker = tmp_path / "markers"
+    run_id = control_plane.trigger("outpost_sleep", conf={"seconds": 0.1, "count": 1, "marker_dir": str(marker)})
+    time.sleep(8)
+    assert not marker.exists(), "a worker in maintenance mode must not start tasks"
+    assert control_plane.workers()[w.name]["state"] == "maintenance mode"
+    assert "disk swap" in (w.status()["maintenance_comments"] or "")
+    control_plane.set_worker_maintenance(w.name, False)
+    assert control_plane.wait_for_run("outpost_sleep", run_id, timeout_s=90) == "success"
+    assert not w.status()["maintenance"]

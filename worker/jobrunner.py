@@ -1,0 +1,256 @@
+"""Runs fetched jobs: validate, launch a task process, report running, wait, report the outcome.
+
+Every claimed job is journaled in the state folder before it starts; its final state is
+journaled before it is reported and the entry is removed only once the server acknowledged it.
+A report that cannot be delivered stays pending and is retried (when the control plane is back,
+or at the next start), so a finished task's state is never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from worker.edge_client import retry
+from worker.errors import JobRejected, OutpostError
+from worker.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
+from worker.supervisor import TaskLauncher, TaskProcess
+
+if TYPE_CHECKING:
+    from worker.runtime import Worker
+
+log = logging.getLogger(__name__)
+REPORT_DEADLINE_S = 15 * 60
+
+
+@dataclass
+class RunningJob:
+    job: Job
+    proc: TaskProcess | None = None
+    task: asyncio.Task[None] | None = None
+    log_offset: int = 0
+    started: float = 0.0
+
+
+class JobRunner:
+    """Owns the jobs of one worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.launcher: TaskLauncher | None = None
+        self.running: dict[JobKey, RunningJob] = {}
+        self._pending_reports: dict[JobKey, str] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.rejected = 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.w.concurrency - sum(r.job.concurrency_slots for r in self.running.values())
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{"key": str(k), "pid": r.proc.pid if r.proc else None, "slots": r.job.concurrency_slots,
+                 "queue": r.job.queue, "running_s": round(now - r.started, 1)} for k, r in self.running.items()]
+
+    # -- fetch and run -----------------------------------------------------------------------
+    async def fetch_one(self) -> bool:
+        """Ask for one job that fits the free slots and start it. True if a job was claimed."""
+        s = self.w.settings
+        try:
+            raw = await self.w.client.jobs.fetch(s.name, self.w.queues, self.free_slots, s.team_name)
+        except OutpostError as exc:
+            if exc.retryable:
+                self.w.disconnected_since = self.w.disconnected_since or time.monotonic()
+            log.warning("fetching a job failed: %s", exc)
+            return False
+        if raw is None:
+            return False
+        try:
+            job = parse_job(raw)
+        except RejectedJob as exc:
+            await self._reject(exc, exc.key)
+            return True
+        try:
+            resolve_inside(s.log_folder, job.log_path, "log_path")
+            if s.dags_folder is not None:
+                resolve_inside(s.dags_folder, job.dag_rel_path, "dag_rel_path")
+        except JobRejected as exc:
+            await self._reject(exc, job.key)
+            return True
+        run = RunningJob(job=job, started=time.monotonic())
+        self.running[job.key] = run
+        self.w.counter.set_busy(True)
+        run.task = asyncio.create_task(self._run(run), name=f"job {job.key}")
+        return True
+
+    async def _reject(self, exc: Exception, key: JobKey | None) -> None:
+        self.rejected += 1
+        log.error("rejected job %s: %s", key or "<unreadable>", exc)
+        if key is not None:
+            await self._report_final(key, "failed")
+
+    async def _run(self, run: RunningJob) -> None:
+        job, key = run.job, run.job.key
+        try:
+            self.w.state_folder.journal_start(key, None)
+            assert self.launcher is not None
+            run.proc = await self.launcher.launch(job.workload, self.w.settings.execution_api)
+            self.w.state_folder.journal_start(key, run.proc.pid)
+            log.info("started %s (pid %d)", key, run.proc.pid)
+            await self._report(key, "running", deadline_s=60)
+            rc = await self._wait(run)
+            state = "success" if rc == 0 else "failed"
+            if rc != 0:
+                log.error("job %s failed with exit code %s; supervisor output:\n%s", key, rc, run.proc.output_tail()[-2000:])
+            else:
+                log.info("job %s succeeded in %.1fs", key, time.monotonic() - run.started)
+            await self._push_logs(run, final=True, failure=None if rc == 0 else f"exit code {rc}")
+            await self._report_final(key, state)
+        except Exception as exc:  # a bug or OS error must fail this job only, never the worker
+            log.exception("job %s crashed in the worker", key)
+            if run.proc is not None and run.proc.proc.returncode is None:
+                run.proc.kill_task_tree()
+                run.proc.signal(signal.SIGKILL, group=True)
+            await self._report_final(key, "failed", note=str(exc))
+        finally:
+            if run.proc is not None:
+                run.proc.output.unlink(missing_ok=True)
+            self.running.pop(key, None)
+            self.w.counter.set_busy(bool(self.running))
+            self.w.wake()
+
+    async def _wait(self, run: RunningJob) -> int:
+        assert run.proc is not None
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(run.proc.wait()), self.w.settings.poll_interval_s * 2)
+            except asyncio.TimeoutError:
+                await self._push_logs(run)
+
+    # -- reporting ---------------------------------------------------------------------------
+    async def _report(self, key: JobKey, state: str, deadline_s: float | None) -> bool:
+        try:
+            await retry(lambda: self.w.client.jobs.set_state(key, state), what=f"report {key} {state}",
+                        deadline_s=deadline_s, base_s=0.5, cap_s=15)
+            return True
+        except OutpostError as exc:
+            log.error("could not report %s as %s: %s", key, state, exc)
+            return False
+
+    async def _report_final(self, key: JobKey, state: str, note: str | None = None) -> None:
+        """Journal, then deliver the final state; keep it pending if the server can't be reached."""
+        self.w.state_folder.journal_final(key, state)
+        if note:
+            log.error("job %s reported %s: %s", key, state, note)
+        if await self._report(key, state, deadline_s=REPORT_DEADLINE_S if not self.w.draining else 30):
+            self.w.state_folder.journal_done(key)
+            self._pending_reports.pop(key, None)
+        else:
+            self._pending_reports[key] = state
+
+    def retry_pending_reports(self) -> None:
+        for key, state in list(self._pending_reports.items()):
+            t = asyncio.create_task(self._report_final(key, state))
+            self._background.add(t)
+            t.add_done_callback(self._background.discard)
+
+    async def recover_leftovers(self) -> None:
+        """Handle journal entries of a previous worker process (crash, SIGKILL, OOM)."""
+        for entry in self.w.state_folder.journal_leftovers():
+            key: JobKey = entry["key"]
+            state = entry.get("final_state")
+            pid = entry.get("pid")
+            if state is None:
+                if pid and _is_our_task_process(pid):
+                    log.warning("stopping task process %d left over from a previous run for %s", pid, key)
+                    _kill_tree(pid)
+                state = "failed"  # the outcome is unknown: never claim success
+            log.warning("reporting job %s from a previous worker run as %s", key, state)
+            await self._report_final(key, state)
+
+    # -- logs --------------------------------------------------------------------------------
+    async def _push_logs(self, run: RunningJob, final: bool = False, failure: str | None = None) -> None:
+        s = self.w.settings
+        if not s.push_logs:
+            return
+        path = s.log_folder / run.job.log_path
+        chunks: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            with open(path, "rb") as fh:
+                fh.seek(run.log_offset)
+                data = fh.read(s.push_log_chunk_size * 8)
+                run.log_offset += len(data)
+            text = data.decode(errors="backslashreplace").replace("\x00", "\ufffd")
+            chunks = [text[i:i + s.push_log_chunk_size] for i in range(0, len(text), s.push_log_chunk_size)]
+        if final and failure and run.proc is not None:
+            chunks.append(f"outpost: task process ended with {failure}; supervisor output:\n{run.proc.output_tail()}\n")
+        for chunk in chunks:
+            try:
+                await self.w.client.logs.push(run.job.key, chunk, datetime.now(timezone.utc).isoformat())
+            except OutpostError as exc:
+                log.warning("pushing logs for %s failed: %s", run.job.key, exc)
+                return
+
+    # -- drain -------------------------------------------------------------------------------
+    async def drain(self, timeout_s: float, grace_s: float, force: asyncio.Event) -> None:
+        """Wait for running jobs (up to ``timeout_s`` or until ``force``), then SIGTERM, then SIGKILL."""
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if tasks:
+            log.info("draining %d job(s) for up to %.0fs", len(tasks), timeout_s)
+            await self._wait_any(tasks, timeout_s, force)
+        left = [r for r in self.running.values() if r.proc is not None]
+        if left:
+            log.warning("drain timeout: sending SIGTERM to %d task(s), SIGKILL after %.0fs", len(left), grace_s)
+            for r in left:
+                r.proc.signal(signal.SIGTERM)  # the Task SDK supervisor forwards it to its task
+            await self._wait_any([r.task for r in left if r.task], grace_s, None)
+            still = [r for r in self.running.values() if r.proc is not None]
+            for r in still:
+                log.warning("SIGKILL %s (pid %d)", r.job.key, r.proc.pid)
+                r.proc.kill_task_tree()  # the supervisor reports the failure, then exits
+            await self._wait_any([r.task for r in still if r.task], 10, None)
+            for r in self.running.values():
+                if r.proc is not None:
+                    r.proc.signal(signal.SIGKILL, group=True)
+        # Every job task reports its final state (failed when killed) before the worker goes offline.
+        remaining = [r.task for r in self.running.values() if r.task is not None]
+        if remaining:
+            await asyncio.wait(remaining, timeout=60)
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=30)
+
+    @staticmethod
+    async def _wait_any(tasks: list[asyncio.Task[None]], timeout_s: float, force: asyncio.Event | None) -> None:
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(asyncio.wait(tasks))}
+        if force is not None:
+            waiters.add(asyncio.ensure_future(force.wait()))
+        done, pending = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for p in pending:
+            p.cancel()
+
+
+def _is_our_task_process(pid: int) -> bool:
+    try:
+        cmd = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "worker.task_process" in cmd or any("outpost task:" in c for c in cmd)
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        for proc in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+    except psutil.NoSuchProcess:
+        pass
