@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from worker.config import Settings
 from worker.edge_client import EdgeClient
 from worker.errors import (
+    AuthError,
     ConnectError,
     DuplicateWorkerError,
     NotFoundError,
@@ -156,6 +157,9 @@ class Worker:
         except NotFoundError as exc:
             raise StartupError(f"no Edge worker API at {s.edge_api} (HTTP {exc.status}); is the edge3 provider installed "
                                "and [edge] api_enabled=True on the server?") from exc
+        except AuthError as exc:
+            raise StartupError(f"the control plane refused this worker's credentials (HTTP {exc.status}): check that "
+                               "jwt_secret matches the server's [api_auth] jwt_secret and the clocks agree") from exc
         except ServerError as exc:
             raise StartupError(f"registration failed: {exc}") from exc
         self.registered = True

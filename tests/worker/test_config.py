@@ -1,0 +1,85 @@
+"""Settings: precedence flags > env > file, and clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.config import load_settings
+from worker.errors import ConfigError
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "outpost.toml"
+    cfg.write_text('[worker]\napi_url = "http://file:8080"\nconcurrency = 3\nqueues = ["a", "b"]\nname = "from-file"\n')
+    env = {"OUTPOST_CONCURRENCY": "5", "OUTPOST_NAME": "from-env"}
+    s = load_settings({"name": "from-flag", "config": str(cfg)}, env=env)
+    assert s.api_url == "http://file:8080"
+    assert s.concurrency == 5          # env beats file
+    assert s.name == "from-flag"       # flag beats env
+    assert s.queues == ("a", "b")      # file value kept
+
+
+def test_everyday_form_and_derived_urls() -> None:
+    s = load_settings({"api_url": "http://host:8080/", "queues": "default,gpu", "concurrency": "4", "name": "w1"}, env={})
+    assert s.queues == ("default", "gpu")
+    assert s.execution_api == "http://host:8080/execution/"
+    assert s.edge_api == "http://host:8080/edge_worker/v1/"
+
+
+def test_stock_edge_api_url_form_is_accepted() -> None:
+    s = load_settings({"api_url": "https://af.example.com/edge_worker/v1/rpcapi"}, env={})
+    assert s.api_url == "https://af.example.com"
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting", "fragment"),
+    [
+        ({"concurrency": "0"}, "concurrency", "integer from 1"),
+        ({"concurrency": "four"}, "concurrency", "an integer"),
+        ({"poll_interval_s": "-1"}, "poll_interval_s", "> 0"),
+        ({"api_url": "ftp://x"}, "api_url", "http(s) URL"),
+        ({"name": "bad name!"}, "name", "letters, digits"),
+        ({"queues": ",,"}, "queues", "at least one queue"),
+        ({"queues": "ok,bad queue"}, "queues", "queue names"),
+        ({"push_logs": "maybe"}, "push_logs", "true or false"),
+        ({"poll_min_interval_s": "5", "poll_interval_s": "1"}, "poll_min_interval_s", "must not exceed"),
+        ({"jwt_secret_file": "/nonexistent/secret"}, "jwt_secret_file", "readable file"),
+    ],
+)
+def test_bad_values_name_setting_value_and_allowed(flags: dict, setting: str, fragment: str) -> None:
+    flags = {"api_url": "http://h:8080", **flags}
+    with pytest.raises(ConfigError) as err:
+        load_settings(flags, env={})
+    assert err.value.setting == setting
+    assert setting in str(err.value) and fragment in str(err.value)
+
+
+def test_missing_api_url_says_how_to_set_it() -> None:
+    with pytest.raises(ConfigError, match="OUTPOST_API_URL"):
+        load_settings({}, env={})
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('api_url = "http://h"\nconcurency = 3\n')
+    with pytest.raises(ConfigError, match="concurency=3: unknown setting"):
+        load_settings({"config": str(cfg)}, env={})
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("api_url = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({"config": str(cfg)}, env={})
+
+
+def test_secret_file_is_read_fresh(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t-one\n")
+    s = load_settings({"api_url": "http://h", "jwt_secret_file": str(secret)}, env={})
+    assert s.secret() == "s3cr3t-one"
+    secret.write_text("two\n")  # rotated by an agent: picked up without restart
+    assert s.secret() == "two"
+    assert "s3cr3t" not in repr(s) and "jwt_secret=" not in repr(s)
