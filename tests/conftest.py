@@ -39,3 +39,20 @@ def start_worker(control_plane: ControlPlane, tmp_path: Path) -> Iterator:
     for w in started:
         if w.proc is not None and w.proc.poll() is None:
             w.stop()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests are reported as skipped (never passed) where no CUDA device exists."""
+    if any("gpu" in item.keywords for item in items) and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,17 @@
+"""The README's first command: `outpost demo` runs the example DAG end to end."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import run_outpost
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
+
+
+def test_demo_runs_example_dag_to_success() -> None:
+    result = run_outpost("demo", timeout_s=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "run finished: SUCCESS" in result.stdout
+    assert "summarize" in result.stdout and "'region': 'demo-local'" in result.stdout
+    assert "control plane stopped" in result.stdout
