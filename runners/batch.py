@@ -43,12 +43,15 @@ _PATH_COLUMN = "__outpost_path"
 class BatchConfig:
     """How to run inference. ``actors`` model replicas with ``cpus_per_actor`` CPUs each;
     ``gpus_per_actor=None`` means 1 when the cluster has GPUs, else 0. ``batch_size`` rows go
-    to each ``__call__``. ``log_every_s`` paces the progress lines in the task log."""
+    to each ``__call__``. ``read_cpus`` is what each read task reserves: actors must leave
+    that much free or reading starves (Ray Data would wait forever), which is checked up front.
+    ``log_every_s`` paces the progress lines in the task log."""
 
     batch_size: int = 256
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None
+    read_cpus: float = 0.25
     log_every_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -57,6 +60,18 @@ class BatchConfig:
                 raise ValueError(f"BatchConfig.{name}={getattr(self, name)!r} is invalid: must be >= 1")
         if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
             raise ValueError("BatchConfig.cpus_per_actor/gpus_per_actor must be >= 0")
+        if not 0 < self.read_cpus <= 1:
+            raise ValueError(f"BatchConfig.read_cpus={self.read_cpus!r} is invalid: must be in (0, 1]")
+
+    def check_fits(self, cluster_cpus: float) -> None:
+        """Raise ValueError if the actors leave no CPU for the read tasks on a cluster of ``cluster_cpus``."""
+        need = self.actors * self.cpus_per_actor + self.read_cpus
+        if need > cluster_cpus + 1e-9:
+            raise ValueError(
+                f"BatchConfig asks for actors={self.actors} x cpus_per_actor={self.cpus_per_actor:g} + "
+                f"read_cpus={self.read_cpus:g} = {need:g} CPUs but the Ray cluster has {cluster_cpus:g}; "
+                "lower cpus_per_actor (torch threads are set by the model) or actors"
+            )
 
 
 def list_partitions(input_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -107,6 +122,13 @@ def _check_rows(out: Mapping[str, Any], n: int, where: str) -> pa.Table:
     if table.num_rows != n:
         raise InputError(f"model returned {table.num_rows} rows for {n} input rows", path=where)
     return table
+
+
+def _read_task(batch: pa.Table) -> pa.Table:
+    """Ray task: read one partition and tag its rows with the partition path."""
+    path = batch.column(_PATH_COLUMN)[0].as_py()
+    table = _read_partition(Path(path))
+    return table.append_column(_PATH_COLUMN, pa.array([path] * table.num_rows, type=pa.string()))
 
 
 class _ModelActor:
@@ -249,6 +271,7 @@ def run_batch_inference(
     total = sum(_count_rows(p) for p in partitions)
     with ray_session(ray_config) as session:
         gpus = _gpus_per_actor(config, session["resources"])
+        config.check_fits(session["resources"].get("CPU", 0.0))
         if gpus and "device" not in model_kwargs and "device" in inspect.signature(model_cls).parameters:
             model_kwargs["device"] = "cuda"
         ctx = ray.data.DataContext.get_current()
@@ -256,10 +279,13 @@ def run_batch_inference(
         # Order is what lets the driver write each partition's rows sequentially and 1:1.
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
         try:
-            paths = [str(p.resolve()) for p in partitions]
-            reader = ray.data.read_parquet if partitions[0].suffix == ".parquet" else ray.data.read_json
-            ds = reader(paths, include_paths=True)
-            ds = ds.rename_columns({"path": _PATH_COLUMN})
+            # Reading is our own task over a list of paths (not Ray's file readers): their
+            # ListFiles step reserves a whole CPU and starves behind actors on small hosts, and
+            # the same reader as the plain loop gives the same column types.
+            items = [{_PATH_COLUMN: str(p.resolve())} for p in partitions]
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                _read_task, batch_size=1, batch_format="pyarrow", num_cpus=config.read_cpus
+            )
             ds = ds.map_batches(
                 _ModelActor, fn_constructor_kwargs={"model_cls": model_cls, "model_kwargs": model_kwargs},
                 batch_size=config.batch_size, batch_format="numpy",

@@ -44,12 +44,25 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "kill_grace_s": "after the drain timeout, SIGTERM->SIGKILL grace (default 10)",
         "jwt_secret_file": "file holding the control plane's [api_auth] jwt_secret",
         "prewarm": "idle task processes kept ready for fast start (default 1)",
+        "metrics_host": "address of the /healthz, /readyz, /metrics server (default 127.0.0.1)",
+        "metrics_port": "port of the health/metrics server; 0 = off (default 9464)",
+        "gpu_queues": "queue names/globs whose tasks take GPUs, one per pool slot (default gpu*)",
+        "gpus": "GPU devices to hand out, e.g. 0,1,2,3 or none (default: detect)",
+        "exit_when_idle_s": "drain, sign off and exit 0 after this long without work, e.g. 15m (default: never)",
+        "preemption_notice_file": "when this file appears (spot preemption notice), drain with the short timeout",
+        "preemption_drain_timeout_s": "drain timeout after a preemption notice (default 30)",
+        "warm_models": "comma-separated embedding models to load once at start",
+        "budgets": "daily budgets, e.g. queue:gpu=2h,dag:train=30m (also --budget, repeatable)",
     }
+    aliases = {"exit_when_idle_s": ["--exit-when-idle"]}
     for name in _FIELDS:
         if name == "jwt_secret":
             continue  # secrets on the command line end up in `ps`; use env or a file
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, dest=name, default=None, help=helps.get(name, f"see README (env OUTPOST_{name.upper()})"))
+        p.add_argument(flag, *aliases.get(name, []), dest=name, default=None,
+                       help=helps.get(name, f"see README (env OUTPOST_{name.upper()})"))
+    p.add_argument("--budget", dest="budget_items", action="append", default=None, metavar="KEY=DURATION",
+                   help="one daily budget, e.g. --budget queue:gpu=2h (repeatable; joins --budgets)")
 
 
 def _setup_logging(level: str) -> None:
@@ -62,6 +75,8 @@ def _setup_logging(level: str) -> None:
 def _cmd_worker(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
     flags["config"] = args.config
+    if getattr(args, "budget_items", None):
+        flags["budgets"] = ",".join([*([flags["budgets"]] if flags.get("budgets") else []), *args.budget_items])
     settings = load_settings(flags)
     from worker.runtime import Worker
 

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
+from worker.units import parse_duration
 
 ENV_PREFIX = "OUTPOST_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -60,6 +61,35 @@ class Settings:
     team_name: str | None = None
     prewarm: int = 1
     edge_provider_version: str | None = None
+    # Deploying: health/metrics endpoint, GPU slots, idle exit, preemption, cost budgets.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464  # 0 = no health/metrics server
+    gpu_queues: tuple[str, ...] = ("gpu*",)
+    gpus: tuple[str, ...] | None = None  # None = detect (NVML, torch); () = none
+    exit_when_idle_s: float = 0.0  # 0 = never
+    preemption_notice_file: Path | None = None
+    preemption_drain_timeout_s: float = 30.0
+    warm_models: tuple[str, ...] = ()
+    budgets: tuple[tuple[str, float], ...] = ()  # (("queue:gpu", 7200.0), ("dag:train", 1800.0))
+    # Data sovereignty (README "Data sovereignty"): what may leave the region, and how we authenticate.
+    region: str = "default"
+    region_local_xcom: bool = True
+    xcom_threshold_bytes: int = 65_536
+    max_xcom_bytes: int = 1_048_576  # 0 = no limit
+    logs: str | None = None  # none | redacted | full; unset: "full" with push_logs, else "none"
+    redacted_log_max_bytes: int = 262_144
+    redact_patterns: tuple[str, ...] = ()
+    secrets: str = "local-first"  # local-only | local-first | central
+    store_root: Path | None = None
+    token_file: Path | None = None
+    oidc_token_url: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret_file: Path | None = None
+    oidc_audience: str | None = None
+    oidc_scope: str | None = None
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
     def __post_init__(self) -> None:
         api = urlsplit(self.api_url or "")
@@ -92,6 +122,8 @@ class Settings:
                 raise ConfigError(name, value, "a number of seconds >= 0")
         if self.poll_min_interval_s > self.poll_interval_s:
             raise ConfigError("poll_min_interval_s", self.poll_min_interval_s, f"must not exceed poll_interval_s ({self.poll_interval_s})")
+        _validate_deploy(self)
+        _validate_sovereignty(self)
         if self.jwt_secret_file is not None and not Path(self.jwt_secret_file).is_file():
             raise ConfigError("jwt_secret_file", str(self.jwt_secret_file), "must be a readable file holding [api_auth] jwt_secret")
 
@@ -104,11 +136,83 @@ class Settings:
     def edge_api(self) -> str:
         return f"{self.api_url}/edge_worker/v1/"
 
+    @property
+    def log_policy(self) -> str:
+        """What leaves with task logs: ``none``, ``redacted`` or ``full``."""
+        return self.logs or ("full" if self.push_logs else "none")
+
+    @property
+    def region_store(self) -> Path:
+        """Root of the region-local store (XCom values that must not leave the region)."""
+        return self.store_root or self.state_folder / "store"
+
     def secret(self) -> str | None:
         """The shared JWT secret, read from ``jwt_secret_file`` when given (re-read on each call)."""
         if self.jwt_secret_file is not None:
             return Path(self.jwt_secret_file).read_text().strip()
         return self.jwt_secret
+
+
+def _validate_deploy(s: Settings) -> None:
+    if not isinstance(s.metrics_port, int) or isinstance(s.metrics_port, bool) or not 0 <= s.metrics_port <= 65535:
+        raise ConfigError("metrics_port", s.metrics_port, "a TCP port from 1 to 65535, or 0 to turn the health/metrics server off")
+    if not s.metrics_host:
+        raise ConfigError("metrics_host", s.metrics_host, "an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
+    for pattern in s.gpu_queues:
+        if not re.match(r"^[A-Za-z0-9_.:*?\[\]-]{1,256}$", pattern):
+            raise ConfigError("gpu_queues", pattern, "comma-separated queue names or glob patterns such as gpu*")
+    for dev in s.gpus or ():
+        if not re.match(r"^(\d{1,3}|(GPU|MIG)-[A-Za-z0-9/-]{1,100})$", dev):
+            raise ConfigError("gpus", dev, "comma-separated device indexes (0,1,2,3) or GPU-/MIG- UUIDs")
+    if s.gpus is not None and len(set(s.gpus)) != len(s.gpus):
+        raise ConfigError("gpus", ",".join(s.gpus), "each device once")
+    for name in ("exit_when_idle_s", "preemption_drain_timeout_s"):
+        value = getattr(s, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(name, value, "a duration >= 0 such as 900, 15m or 1h")
+    for model in s.warm_models:
+        if not model or len(model) > 500:
+            raise ConfigError("warm_models", model, "comma-separated model names or paths")
+    for key, seconds in s.budgets:
+        kind, _, target = key.partition(":")
+        if kind not in ("queue", "dag") or not target:
+            raise ConfigError("budgets", key, "keys are queue:<queue> or dag:<dag_id>, e.g. queue:gpu=2h")
+        if not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise ConfigError("budgets", f"{key}={seconds}", "a duration > 0 per UTC day, e.g. 2h or 30m")
+    if s.queues is None and any(k.startswith("queue:") for k, _ in s.budgets):
+        raise ConfigError("budgets", ",".join(k for k, _ in s.budgets),
+                          "queue budgets need an explicit --queues list (a worker serving all queues cannot leave one out)")
+
+
+def _validate_sovereignty(s: Settings) -> None:
+    if not isinstance(s.region, str) or not _NAME_RE.match(s.region):
+        raise ConfigError("region", s.region, "1-64 characters: letters, digits, '.', '_' or '-'")
+    _positive_int("xcom_threshold_bytes", s.xcom_threshold_bytes, maximum=1 << 30)
+    _positive_int("redacted_log_max_bytes", s.redacted_log_max_bytes, maximum=1 << 30)
+    if not isinstance(s.max_xcom_bytes, int) or isinstance(s.max_xcom_bytes, bool) or not 0 <= s.max_xcom_bytes <= 1 << 31:
+        raise ConfigError("max_xcom_bytes", s.max_xcom_bytes, "bytes from 0 (no limit) to 2147483648")
+    if s.logs not in (None, "none", "redacted", "full"):
+        raise ConfigError("logs", s.logs, "one of none, redacted, full")
+    if s.secrets not in ("local-only", "local-first", "central"):
+        raise ConfigError("secrets", s.secrets, "one of local-only, local-first, central")
+    for pattern in s.redact_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError("redact_patterns", pattern, f"a Python regular expression ({exc})") from None
+    if s.oidc_token_url is not None:
+        if urlsplit(s.oidc_token_url).scheme not in ("http", "https"):
+            raise ConfigError("oidc_token_url", s.oidc_token_url, "an http(s) URL of the OAuth2 token endpoint")
+        if not s.oidc_client_id or s.oidc_client_secret_file is None:
+            raise ConfigError("oidc_token_url", s.oidc_token_url, "needs oidc_client_id and oidc_client_secret_file too")
+        if s.token_file is not None:
+            raise ConfigError("token_file", str(s.token_file), "use either token_file or oidc_token_url, not both")
+    for name in ("ca_bundle", "client_cert", "client_key", "oidc_client_secret_file"):
+        value = getattr(s, name)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(name, str(value), "must be a readable file")
+    if s.client_key is not None and s.client_cert is None:
+        raise ConfigError("client_key", str(s.client_key), "needs client_cert (the certificate for this key)")
 
 
 def _positive_int(name: str, value: Any, maximum: int) -> None:
@@ -133,10 +237,18 @@ def _convert(name: str, raw: Any) -> Any:
     if raw is None:
         return None
     try:
-        if name == "queues":
+        if name == "redact_patterns":  # one regex per line (a TOML list is kept as is)
+            return tuple(str(p) for p in raw) if isinstance(raw, list) else tuple(p for p in str(raw).splitlines() if p)
+        if name in ("queues", "gpu_queues", "gpus", "warm_models"):
             items = raw if isinstance(raw, list) else [q.strip() for q in str(raw).split(",")]
-            items = [q for q in items if q]
+            items = [str(q) for q in items if q != ""]
+            if name == "gpus" and [i.lower() for i in items] == ["none"]:
+                items = []
             return tuple(items) if items else tuple()
+        if name == "budgets":
+            return _parse_budgets(raw)
+        if name.endswith("_s") and kind.startswith("float"):
+            return parse_duration(raw)
         if kind.startswith("bool"):
             if isinstance(raw, bool):
                 return raw
@@ -159,7 +271,33 @@ def _convert(name: str, raw: Any) -> Any:
         return str(raw)
     except (TypeError, ValueError):
         expected = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind.split(" ")[0], "a value")
+        if name == "budgets":
+            expected = "comma-separated queue:<name>=<duration> or dag:<id>=<duration>, e.g. queue:gpu=2h"
+        elif name.endswith("_s") and kind.startswith("float"):
+            expected = "a number of seconds or a duration such as 15m or 1h"
         raise ConfigError(name, raw, expected) from None
+
+
+def _parse_budgets(raw: Any) -> tuple[tuple[str, float], ...]:
+    """``{"queue:gpu": "2h"}`` (TOML) or ``"queue:gpu=2h,dag:train=30m"`` (env/flag) -> sorted pairs."""
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    else:
+        pairs = []
+        for item in str(raw).split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(item)
+            pairs.append((key, value))
+    out: dict[str, float] = {}
+    for key, value in pairs:
+        try:
+            out[str(key).strip()] = parse_duration(value)
+        except ValueError:
+            raise ConfigError("budgets", f"{key}={value}", "a duration per UTC day such as 2h, 30m or 900") from None
+    return tuple(sorted(out.items()))
 
 
 def load_settings(

@@ -12,6 +12,7 @@ retried with :func:`retry` (jittered exponential backoff), which only retries er
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import random
@@ -31,13 +32,15 @@ from worker.errors import (
     AuthError,
     ConnectError,
     DuplicateWorkerError,
+    JobRejected,
     NotFoundError,
     OutpostError,
     ServerError,
     TransientServerError,
     VersionMismatchError,
 )
-from worker.jobs import JobKey
+from worker.auth import build_auth, control_plane_ssl
+from worker.jobs import MAX_JOB_BYTES, JobKey
 from worker.metrics import RequestCounter
 
 log = logging.getLogger(__name__)
@@ -98,9 +101,12 @@ class EdgeClient:
     ) -> None:
         self.settings = settings
         self.counter = counter or RequestCounter()
-        self.auth = auth or SharedSecretAuth(settings.secret, settings.jwt_issuer)
+        self.auth = auth or build_auth(settings)
+        # Egress ledger hook: recorder(method, path, body, status or None, bytes received).
+        self.recorder: Callable[[str, str, bytes | None, int | None, int], None] | None = None
         self._http = httpx.AsyncClient(
             base_url=settings.api_url,
+            verify=control_plane_ssl(settings),
             timeout=httpx.Timeout(settings.request_timeout_s, connect=min(10.0, settings.request_timeout_s)),
             transport=transport,
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
@@ -113,22 +119,33 @@ class EdgeClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def request(self, method: str, edge_path: str, body: Any = None, *, edge: bool = True) -> Any:
-        """Send one request; return the decoded JSON (``None`` for an empty body) or raise."""
+    async def request(self, method: str, edge_path: str, body: Any = None, *, edge: bool = True,
+                      max_bytes: int | None = None) -> Any:
+        """Send one request; return the decoded JSON (``None`` for an empty body) or raise.
+
+        ``max_bytes`` caps the (decoded) reply: a longer one raises :class:`JobRejected` unread.
+        """
         path = f"/edge_worker/v1/{edge_path}" if edge else edge_path
-        # The server compares the signed method with the *decoded* request path.
-        headers = {"Authorization": self.auth.header(unquote(edge_path))} if edge else {}
+        headers = {}
+        if edge:
+            # The server compares the signed method with the *decoded* request path.
+            header = self.auth.header(unquote(edge_path))
+            headers["Authorization"] = (await header) if inspect.isawaitable(header) else header
         content = None
         if body is not None:
             content = body if isinstance(body, (str, bytes)) else json.dumps(body, default=str)
+            content = content.encode() if isinstance(content, str) else content
             headers["Content-Type"] = "application/json"
         self.counter.record()
         try:
-            resp = await self._http.request(method, path, content=content, headers=headers)
+            resp = await self._send(method, path, content, headers, max_bytes)
         except httpx.TimeoutException as exc:
+            self._record(method, path, content, None, 0)
             raise ConnectError(f"{method} {path}: timed out after {self.settings.request_timeout_s}s") from exc
         except httpx.TransportError as exc:
+            self._record(method, path, content, None, 0)
             raise ConnectError(f"{method} {path}: cannot reach {self.settings.api_url} ({exc})") from exc
+        self._record(method, path, content, resp.status_code, len(resp.content))
         if resp.status_code >= 400:
             raise _map_error(resp.status_code, method, path, _detail(resp))
         if resp.status_code == 204 or not resp.content:
@@ -137,6 +154,30 @@ class EdgeClient:
             return resp.json()
         except ValueError as exc:
             raise ServerError(resp.status_code, method, path, f"response is not JSON: {resp.text[:200]!r}") from exc
+
+    async def _send(self, method: str, path: str, content: bytes | None, headers: dict[str, str],
+                    max_bytes: int | None) -> httpx.Response:
+        if max_bytes is None:
+            return await self._http.request(method, path, content=content, headers=headers)
+        request = self._http.build_request(method, path, content=content, headers=headers)
+        resp = await self._http.send(request, stream=True)
+        try:
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise JobRejected(f"{method} {path}: reply of {int(declared):,} bytes exceeds the limit of {max_bytes:,} bytes")
+            data = bytearray()
+            async for chunk in resp.aiter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise JobRejected(f"{method} {path}: reply exceeds the limit of {max_bytes:,} bytes")
+        finally:
+            await resp.aclose()
+        plain = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(resp.status_code, headers=plain, content=bytes(data), request=request)
+
+    def _record(self, method: str, path: str, body: bytes | None, status: int | None, bytes_in: int) -> None:
+        if self.recorder is not None:
+            self.recorder(method, path, body, status, bytes_in)
 
     async def server_version(self) -> str:
         """The Airflow version the API server reports (public ``/api/v2/version``)."""
@@ -225,7 +266,7 @@ class _Jobs(_Resource):
         body: dict[str, Any] = {"queues": queues, "free_concurrency": free_concurrency, "supports_task_instance_uuid": True}
         if team:
             body["team_name"] = team
-        return await self._c.request("POST", f"jobs/fetch/{quote(name)}", body)
+        return await self._c.request("POST", f"jobs/fetch/{quote(name)}", body, max_bytes=MAX_JOB_BYTES)
 
     async def set_state(self, key: JobKey, state: str) -> None:
         """Report a job's state. Idempotent on the server: reporting the same state twice is harmless."""

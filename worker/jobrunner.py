@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from worker.costs import live_tasks
 from worker.edge_client import retry
 from worker.errors import JobRejected, OutpostError
 from worker.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
@@ -39,6 +41,7 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     log_offset: int = 0
     started: float = 0.0
+    devices: tuple[str, ...] = ()  # GPUs this job holds (CUDA_VISIBLE_DEVICES)
 
 
 class JobRunner:
@@ -51,10 +54,12 @@ class JobRunner:
         self._pending_reports: dict[JobKey, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.rejected = 0
+        self._fetch_turn = 0
 
     @property
     def free_slots(self) -> int:
-        return self.w.concurrency - sum(r.job.concurrency_slots for r in self.running.values())
+        # GPU jobs hold devices, not CPU slots (see worker.gpu).
+        return self.w.concurrency - sum(r.job.concurrency_slots for r in self.running.values() if not r.devices)
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -65,13 +70,21 @@ class JobRunner:
     async def fetch_one(self) -> bool:
         """Ask for one job that fits the free slots and start it. True if a job was claimed."""
         s = self.w.settings
-        try:
-            raw = await self.w.client.jobs.fetch(s.name, self.w.queues, self.free_slots, s.team_name)
-        except OutpostError as exc:
-            if exc.retryable:
-                self.w.disconnected_since = self.w.disconnected_since or time.monotonic()
-            log.warning("fetching a job failed: %s", exc)
-            return False
+        self._fetch_turn += 1
+        paused = self.w.budgets.paused if self.w.budgets is not None else {}
+        raw = None
+        # CPU queues with the free slots, GPU queues with the free GPUs; spent budgets left out.
+        for group in self.w.gpus.fetch_plan(self.w.queues, self.free_slots, paused, self._fetch_turn):
+            try:
+                raw = await self.w.client.jobs.fetch(s.name, list(group.queues) if group.queues is not None else None,
+                                                     group.free, s.team_name)
+            except OutpostError as exc:
+                if exc.retryable:
+                    self.w.disconnected_since = self.w.disconnected_since or time.monotonic()
+                log.warning("fetching a job failed: %s", exc)
+                return False
+            if raw is not None:
+                break
         if raw is None:
             return False
         try:
@@ -86,27 +99,33 @@ class JobRunner:
         except JobRejected as exc:
             await self._reject(exc, job.key)
             return True
-        run = RunningJob(job=job, started=time.monotonic())
+        run = RunningJob(job=job, started=time.monotonic(),
+                         devices=self.w.gpus.assign(job.key, job.queue, job.concurrency_slots))
         self.running[job.key] = run
+        self.w.telemetry.job_event(job.queue, "fetched")
         self.w.counter.set_busy(True)
         run.task = asyncio.create_task(self._run(run), name=f"job {job.key}")
         return True
 
     async def _reject(self, exc: Exception, key: JobKey | None) -> None:
         self.rejected += 1
+        self.w.telemetry.job_event("unknown", "rejected")
         log.error("rejected job %s: %s", key or "<unreadable>", exc)
         if key is not None:
             await self._report_final(key, "failed")
 
     async def _run(self, run: RunningJob) -> None:
         job, key = run.job, run.job.key
+        state = "failed"
         try:
             self.w.state_folder.journal_start(key, None)
             assert self.launcher is not None
-            run.proc = await self.launcher.launch(job.workload, self.w.settings.execution_api)
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.w.gpus.total else None
+            run.proc = await self.launcher.launch(job.workload, self.w.settings.execution_api, env)
             self.w.state_folder.journal_start(key, run.proc.pid)
-            log.info("started %s (pid %d)", key, run.proc.pid)
+            log.info("started %s (pid %d)%s", key, run.proc.pid, f" on GPU {','.join(run.devices)}" if run.devices else "")
             await self._report(key, "running", deadline_s=60)
+            self.w.telemetry.job_started(job.queue, time.monotonic() - run.started)
             rc = await self._wait(run)
             state = "success" if rc == 0 else "failed"
             if rc != 0:
@@ -124,9 +143,28 @@ class JobRunner:
         finally:
             if run.proc is not None:
                 run.proc.output.unlink(missing_ok=True)
+            self._account(run, state)
+            self.w.gpus.release(key)
             self.running.pop(key, None)
             self.w.counter.set_busy(bool(self.running))
             self.w.wake()
+
+    def _account(self, run: RunningJob, state: str) -> None:
+        """Record the finished job in the metrics and the cost ledger (never fails the job)."""
+        job = run.job
+        wall = time.monotonic() - run.started
+        self.w.telemetry.job_finished(job.queue, state, wall)
+        if self.w.costs is None:
+            return
+        ended = time.time()
+        try:
+            self.w.costs.record(dag_id=job.key.dag_id, task_id=job.key.task_id, run_id=job.key.run_id,
+                                try_number=job.key.try_number, map_index=job.key.map_index, queue=job.queue,
+                                state=state, started=ended - wall, ended=ended, gpus=len(run.devices))
+        except sqlite3.Error as exc:
+            log.error("could not record the cost of %s: %s", job.key, exc)
+        if self.w.budgets is not None:
+            self.w.budgets.refresh(live_tasks(r for r in self.running.values() if r is not run), force=True)
 
     async def _wait(self, run: RunningJob) -> int:
         assert run.proc is not None

@@ -31,7 +31,12 @@ from worker.errors import (
     ServerError,
     VersionMismatchError,
 )
+from worker.costs import BudgetGuard, CostLedger, live_tasks
+from worker.exporter import WorkerMetrics
+from worker.gpu import GpuAllocator, detect_gpus
+from worker.health import HealthServer
 from worker.jobrunner import JobRunner
+from worker.lifecycle import Lifecycle
 from worker.metrics import RequestCounter
 from worker.state import StateFolder
 from worker.supervisor import TaskLauncher
@@ -66,6 +71,13 @@ class Worker:
         self._wake = asyncio.Event()
         self._status_due = 0.0
         self._previous_status: dict | None = None
+        self.gpus = GpuAllocator(detect_gpus(settings.gpus), settings.gpu_queues)
+        self.costs: CostLedger | None = None
+        self.budgets: BudgetGuard | None = None
+        self.lifecycle = Lifecycle(self)
+        self.telemetry = WorkerMetrics(self, runner_dir=settings.state_folder / "runner-metrics"
+                                       if settings.metrics_port else None)
+        self.health: HealthServer | None = None
         self.jobs = JobRunner(self)
 
     # -- public lifecycle ------------------------------------------------------------------
@@ -86,15 +98,26 @@ class Worker:
         launcher = TaskLauncher(env=self._task_env(), output_dir=self.state_folder.output_dir,
                                 prewarm=self.settings.prewarm)
         self.jobs.launcher = launcher
+        self.costs = CostLedger(self.state_folder.root / "costs.sqlite", self.settings.budgets)
+        self.budgets = BudgetGuard(self.costs)
+        if self.settings.metrics_port:
+            self.health = HealthServer(self, self.settings.metrics_host, self.settings.metrics_port)
         try:
+            if self.health is not None:
+                await self.health.start()
             await launcher.start()
             await self._startup()
+            self.lifecycle.start_warming()
             await self.jobs.recover_leftovers()
             await self._main_loop()
-            await self.jobs.drain(self.settings.drain_timeout_s, self.settings.kill_grace_s, self._force)
+            await self.jobs.drain(self.lifecycle.drain_timeout_s(), self.settings.kill_grace_s, self._force)
             await self._go_offline()
             return 0
         finally:
+            await self.lifecycle.aclose()
+            if self.health is not None:
+                await self.health.aclose()
+            self.costs.close()
             await launcher.aclose()
             await self.client.aclose()
             self._write_status(force=True, state="offline")
@@ -117,6 +140,8 @@ class Worker:
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(s.log_folder.resolve()),
             "OUTPOST_WORKER_NAME": s.name,
         })
+        if self.telemetry.runner is not None:
+            env["OUTPOST_METRICS_DIR"] = str(self.telemetry.runner.folder.resolve())
         if s.dags_folder is not None:
             env["AIRFLOW__CORE__DAGS_FOLDER"] = str(s.dags_folder.resolve())
         return env
@@ -164,8 +189,12 @@ class Worker:
             raise StartupError(f"registration failed: {exc}") from exc
         self.registered = True
         self.versions_match = bool(reply.get("versions_match", True)) if isinstance(reply, dict) else True
-        log.info("registered as %r with %s (Airflow %s); queues=%s concurrency=%d",
-                 s.name, s.api_url, server, ",".join(self.queues or ["<all>"]), self.concurrency)
+        log.info("registered as %r with %s (Airflow %s); queues=%s concurrency=%d gpus=%s",
+                 s.name, s.api_url, server, ",".join(self.queues or ["<all>"]), self.concurrency,
+                 ",".join(self.gpus.devices) or "none")
+        if self.gpus.unusable_queues(self.queues):
+            log.warning("queues %s match gpu_queues but this host has no GPUs: their jobs will not be fetched",
+                        ",".join(self.gpus.unusable_queues(self.queues)))
 
     def _previous_run_crashed(self) -> bool:
         """True if this state folder's last status is ours (same name) and was not signed off."""
@@ -187,6 +216,8 @@ class Worker:
             if now >= next_rate_log:
                 log.info("control-plane requests/s: %s", self.counter.rates())
                 next_rate_log = now + 60
+            self.lifecycle.tick()
+            self.budgets.refresh(live_tasks(list(self.jobs.running.values())))
             got = False
             if self._may_fetch():
                 got = await self.jobs.fetch_one()
@@ -204,7 +235,7 @@ class Worker:
 
     def _may_fetch(self) -> bool:
         return (not self.draining and not self.maintenance and self.disconnected_since is None
-                and self.jobs.free_slots > 0)
+                and (self.jobs.free_slots > 0 or self.gpus.free > 0))
 
     async def _sleep(self, timeout: float) -> bool:
         """Sleep up to ``timeout``; return True if woken early (slot freed, shutdown)."""
@@ -233,17 +264,25 @@ class Worker:
 
     def _sysinfo(self) -> dict:
         status, text = (logging.INFO, None) if self.versions_match else (logging.WARNING, "Healthy but version mismatch")
-        return sysinfo(concurrency=self.concurrency, free_concurrency=self.jobs.free_slots,
+        info = sysinfo(concurrency=self.concurrency, free_concurrency=self.jobs.free_slots,
                        started=self.started_at, edge_version=self.settings.edge_provider_version,
                        status=status, status_text=text)
+        info["gpu_slots"] = f"{self.gpus.free}/{self.gpus.total} free"
+        note = self.budgets.note() if self.budgets is not None else None
+        if note:
+            info["budget"] = note
+        return info
 
     async def _heartbeat(self) -> bool:
         """Send one heartbeat and apply what the reply asks. Returns False if the server was unreachable."""
         s = self.settings
         state = self.worker_state()
         try:
+            # The budget note rides along as a maintenance comment (kept by the server only in
+            # maintenance states) and in sysinfo["budget"] (always shown).
+            comments = self.maintenance_comments or (self.budgets.note() if self.budgets is not None else None)
             reply = await self.client.worker.set_state(s.name, state, len(self.jobs.running), self.queues,
-                                                       self._sysinfo(), self.maintenance_comments, s.team_name)
+                                                       self._sysinfo(), comments, s.team_name)
         except (ConnectError, ServerError) as exc:
             if exc.retryable:
                 if self.disconnected_since is None:
@@ -315,4 +354,7 @@ class Worker:
             "maintenance_comments": self.maintenance_comments,
             "concurrency": self.concurrency, "free_slots": self.jobs.free_slots,
             "queues": self.queues, "requests_per_s": self.counter.rates(), "jobs": self.jobs.describe(),
+            "gpus": {"total": self.gpus.total, "free": self.gpus.free},
+            "paused_queues": {q: p.describe() for q, p in (self.budgets.paused if self.budgets else {}).items()},
+            "metrics_url": self.health.url if self.health is not None else None,
         })

@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import run_outpost
 
-pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
+pytestmark = pytest.mark.controlplane
 
 
 def test_demo_runs_example_dag_to_success() -> None:
