@@ -1,0 +1,263 @@
+"""The egress gateway: the one local chokepoint between task processes and the control plane.
+
+Task processes get ``http://127.0.0.1:<port>/execution/`` as their Execution API URL. The
+gateway, an ASGI app served by uvicorn inside the worker's event loop, forwards each request to
+the real Execution API over one pooled ``httpx.AsyncClient`` (with the worker's TLS settings),
+after the egress policy (:mod:`worker.egress`) allowed it, and records it in the ledger
+(:mod:`worker.ledger`). Methods, headers (the task's ``Authorization`` token), bodies and status
+codes pass unchanged, so a 404/409 from the server reaches the Task SDK as it expects. A refused
+request is answered with the refusal's status and ``{"detail": "<rule, kind, size>"}``, which the
+Task SDK raises in the task (``ServerResponseError``), failing it with that message.
+
+:class:`Egress` bundles policy, ledger and gateway for the worker: ``start()`` before the task
+launcher, ``aclose()`` last; both idempotent. The worker's own Edge API calls are recorded through
+:meth:`Egress.record_edge` (``EdgeClient.recorder``).
+
+Outage handling (holding requests while the control plane is down) belongs in
+:meth:`Gateway._forward`: it is the only place that talks to the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import httpx
+import uvicorn
+
+from worker.auth import control_plane_ssl
+from worker.egress import Policy, Refusal, classify
+from worker.ledger import Entry, Ledger
+from worker.redact import LogRedactor
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+    from worker.jobs import Job
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/execution/"
+# Credentials of the worker itself: a task process must never see them.
+WORKER_ONLY_ENV = ("OUTPOST_TOKEN_FILE", "OUTPOST_OIDC_CLIENT_SECRET_FILE", "OUTPOST_CLIENT_KEY",
+                   "OUTPOST_JWT_SECRET", "OUTPOST_JWT_SECRET_FILE", "AIRFLOW__API_AUTH__JWT_SECRET")
+MAX_REQUEST_BYTES = 512 * 1024 * 1024
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+})
+
+
+def _token_subject(authorization: str | None) -> str | None:
+    """The ``sub`` claim of a task's bearer token (not verified: it only labels ledger rows)."""
+    if not authorization:
+        return None
+    token = authorization.split(" ", 1)[-1]
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return str(sub) if sub is not None else None
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handling: the CLI owns signals (it installs them once)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway:
+    """Loopback HTTP server forwarding ``/execution/*`` to the control plane. ``aclose()`` is safe twice."""
+
+    def __init__(self, egress: Egress, upstream: str, *, client: httpx.AsyncClient) -> None:
+        self._egress = egress
+        self._upstream = upstream if upstream.endswith("/") else upstream + "/"
+        self._http = client
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.url: str | None = None
+
+    async def start(self, host: str = "127.0.0.1") -> str:
+        """Bind a free loopback port, serve, and return the Execution API URL for task processes."""
+        if self.url is not None:
+            return self.url
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        config = uvicorn.Config(self, lifespan="off", log_config=None, access_log=False,
+                                timeout_keep_alive=60, timeout_graceful_shutdown=5)
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="egress gateway")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises the start-up error
+                raise RuntimeError("egress gateway stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.url = f"http://{host}:{sock.getsockname()[1]}{PREFIX}"
+        log.info("egress gateway for task processes on %s -> %s", self.url, self._upstream)
+        return self.url
+
+    async def aclose(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+        self._server = self._task = None
+
+    # -- ASGI --------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        method = scope["method"]
+        if not raw_path.startswith(PREFIX):
+            await _reply(send, 404, {"detail": f"outpost gateway serves only {PREFIX}*"})
+            return
+        rest = raw_path[len(PREFIX):]
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > MAX_REQUEST_BYTES:
+                await _reply(send, 413, {"detail": f"outpost gateway: request body over {MAX_REQUEST_BYTES} bytes"})
+                return
+            if not message.get("more_body"):
+                break
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        auth = next((v for k, v in headers if k.lower() == "authorization"), None)
+        task = self._egress.task_label(_token_subject(auth))
+        path = unquote(rest)
+        kind = classify(path, method)
+        refusal = self._egress.policy.check(kind, method, path, len(body))
+        digest = hashlib.sha256(body).hexdigest() if body else None
+        endpoint = PREFIX + path
+        if refusal is not None:
+            self._egress.refused(refusal, task, endpoint, method, digest)
+            await _reply(send, refusal.status, {"detail": refusal.message})
+            return
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = self._upstream + rest + (f"?{query}" if query else "")
+        fwd_headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+        status, bytes_in = await self._forward(send, method, url, fwd_headers, bytes(body))
+        self._egress.ledger.record(Entry(
+            ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
+            bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
+
+    async def _forward(self, send: Any, method: str, url: str, headers: list[tuple[str, str]],
+                       body: bytes) -> tuple[int | None, int]:
+        """Send upstream and stream the answer back unchanged. Returns (status or None, bytes received)."""
+        request = self._http.build_request(method, url, headers=headers, content=body)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            # 502 is retried by the Task SDK client (it retries 5xx and transport errors).
+            log.warning("gateway: %s %s failed: %s", method, url, exc)
+            await _reply(send, 502, {"detail": f"outpost gateway: control plane unreachable ({type(exc).__name__}: {exc})"})
+            return None, 0
+        received = 0
+        try:
+            out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.multi_items()
+                           if k.lower() not in _HOP_BY_HOP or k.lower() == "content-length"]
+            await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+        return response.status_code, received
+
+
+async def _reply(send: Any, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    # Exactly "application/json": the Task SDK only parses error bodies with that content type.
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class Egress:
+    """Policy + ledger + gateway of one worker. ``start()``/``aclose()`` are idempotent."""
+
+    def __init__(self, settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self.policy = Policy.from_settings(settings)
+        self.ledger = Ledger(settings.state_folder / "egress.sqlite")
+        self._tasks: dict[str, str] = {}
+        self._client = httpx.AsyncClient(
+            verify=control_plane_ssl(settings), transport=upstream_transport,
+            timeout=httpx.Timeout(settings.request_timeout_s, connect=min(10.0, settings.request_timeout_s)),
+            limits=httpx.Limits(max_connections=max(8, settings.concurrency * 2), max_keepalive_connections=8),
+        )
+        self.gateway = Gateway(self, settings.execution_api, client=self._client)
+
+    @property
+    def url(self) -> str | None:
+        return self.gateway.url
+
+    @functools.cached_property
+    def redactor(self) -> LogRedactor:
+        """Masks and caps task logs for ``logs = "redacted"`` (built on first use)."""
+        return LogRedactor(self.settings.redact_patterns, self.settings.redacted_log_max_bytes)
+
+    async def start(self) -> str:
+        self.ledger.start()
+        return await self.gateway.start()
+
+    async def aclose(self) -> None:
+        await self.gateway.aclose()
+        await self._client.aclose()
+        self.ledger.close()
+
+    def apply_task_env(self, env: dict[str, str]) -> None:
+        """Set the region and XCom backend for task processes; drop the worker's own credentials."""
+        s = self.settings
+        for name in WORKER_ONLY_ENV:
+            env.pop(name, None)
+        env.update({"OUTPOST_REGION": s.region, "OUTPOST_STORE_ROOT": str(s.region_store.resolve()),
+                    "OUTPOST_XCOM_THRESHOLD_BYTES": str(s.xcom_threshold_bytes)})
+        if s.region_local_xcom:
+            env["AIRFLOW__CORE__XCOM_BACKEND"] = "worker.xcom_backend.RegionLocalXCom"
+
+    def task_server(self, job: Job) -> str:
+        """Register ``job`` (so ledger rows name it) and return the URL its task process must use."""
+        self._tasks[job.workload["ti"]["id"]] = str(job.key)
+        return self.url or self.settings.execution_api
+
+    def task_label(self, ti_id: str | None) -> str | None:
+        return self._tasks.get(ti_id, ti_id) if ti_id else None
+
+    def refused(self, refusal: Refusal, task: str | None, endpoint: str, method: str, digest: str | None) -> None:
+        log.warning("egress refused for %s: %s %s (%s)", task or "worker", method, endpoint, refusal.message)
+        self.ledger.record(Entry(ts=time.time(), task=task, endpoint=endpoint, method=method, kind=refusal.kind,
+                                 bytes=refusal.size, status=refusal.status, outcome="refused", rule=refusal.rule,
+                                 digest=digest))
+
+    def record_edge(self, method: str, path: str, body: bytes | None, status: int | None, bytes_in: int,
+                    task: str | None = None) -> None:
+        """Record one Edge API request of the worker itself (``status=None``: it never got an answer)."""
+        rel = path.split("/edge_worker/v1/", 1)[-1]
+        self.ledger.record(Entry(
+            ts=time.time(), task=task, endpoint=path, method=method, kind=classify(rel, method) if rel != path else "api",
+            bytes=len(body or b""), bytes_in=bytes_in, status=status, outcome="sent" if status else "error",
+            digest=hashlib.sha256(body).hexdigest() if body else None))
+
+    def record_rejected_job(self, reason: str, task: str | None, size: int = 0) -> None:
+        """Record an incoming job the worker refused (hostile or malformed)."""
+        self.ledger.record(Entry(ts=time.time(), task=task, endpoint="/edge_worker/v1/jobs/fetch", method="POST",
+                                 kind="job-rejected", bytes=0, bytes_in=size, outcome="rejected", rule=reason[:300]))

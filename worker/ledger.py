@@ -1,0 +1,230 @@
+"""The egress ledger: a local, append-only, tamper-evident record of what left the region.
+
+One SQLite file in the state folder (``egress.sqlite``). Each row says when, which task, which
+endpoint and method, the egress kind, how many bytes were sent (and received), the status, whether
+the policy refused it (and by which rule), and the SHA-256 of the body. Each row also stores
+``hash = sha256(previous row's hash + the row's fields)``, so editing, deleting or reordering a row
+breaks the chain from that row on; :func:`verify` finds the first bad row. Truncating the tail
+cannot be seen from the file alone: keep the head hash ``verify`` prints somewhere else if that
+matters. Triggers refuse UPDATE and DELETE through SQLite itself.
+
+Writes are batched so the ledger does not slow tasks: :meth:`Ledger.record` only puts the row on
+a queue; a writer thread commits every ``flush_interval_s`` or ``batch_rows`` rows, whichever
+comes first. :meth:`Ledger.close` writes what is queued; it is safe before ``start`` and twice.
+The chain continues across restarts (the writer starts from the last stored hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+FIELDS = ("ts", "task", "endpoint", "method", "kind", "bytes", "bytes_in", "status", "outcome", "rule", "digest")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS egress (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL, task TEXT, endpoint TEXT NOT NULL, method TEXT NOT NULL, kind TEXT NOT NULL,
+    bytes INTEGER NOT NULL, bytes_in INTEGER NOT NULL, status INTEGER, outcome TEXT NOT NULL,
+    rule TEXT, digest TEXT, hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS egress_ts ON egress(ts);
+CREATE TRIGGER IF NOT EXISTS egress_no_update BEFORE UPDATE ON egress
+BEGIN SELECT RAISE(ABORT, 'the egress ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS egress_no_delete BEFORE DELETE ON egress
+BEGIN SELECT RAISE(ABORT, 'the egress ledger is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One request that left (``outcome="sent"``), was refused, or failed in transit."""
+
+    ts: float
+    task: str | None
+    endpoint: str
+    method: str
+    kind: str
+    bytes: int
+    bytes_in: int = 0
+    status: int | None = None
+    outcome: str = "sent"  # sent | refused | error | rejected (an incoming job we refused)
+    rule: str | None = None
+    digest: str | None = None
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in FIELDS)
+
+
+def chain_hash(previous: str, values: tuple[Any, ...]) -> str:
+    """The row hash: SHA-256 over the previous hash and the canonical JSON of the row's fields."""
+    payload = json.dumps(list(values), separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(f"{previous}|{payload}".encode()).hexdigest()
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(_SCHEMA)
+    return db
+
+
+class Ledger:
+    """Batched, hash-chained writer. ``record()`` never blocks on disk."""
+
+    def __init__(self, path: Path, *, flush_interval_s: float = 0.1, batch_rows: int = 500) -> None:
+        self.path = Path(path)
+        self.flush_interval_s = flush_interval_s
+        self.batch_rows = batch_rows
+        self._queue: queue.SimpleQueue[Entry | threading.Event | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.written = 0
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        """Open the file and start the writer thread (idempotent)."""
+        if self._thread is not None:
+            return
+        db = connect(self.path)
+        row = db.execute("SELECT hash FROM egress ORDER BY id DESC LIMIT 1").fetchone()
+        self._thread = threading.Thread(target=self._writer, args=(db, row[0] if row else GENESIS),
+                                        name="egress-ledger", daemon=True)
+        self._thread.start()
+
+    def record(self, entry: Entry) -> None:
+        """Queue one row; it is written within ``flush_interval_s``."""
+        if not self._closed:
+            self._queue.put(entry)
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Block until every row recorded before this call is committed."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout_s)
+
+    def close(self) -> None:
+        """Write what is queued and stop the writer. Safe before ``start()`` and twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(30)
+
+    def _writer(self, db: sqlite3.Connection, head: str) -> None:
+        stop = False
+        try:
+            while not stop:
+                batch: list[Entry] = []
+                waiters: list[threading.Event] = []
+                try:
+                    item = self._queue.get(timeout=self.flush_interval_s)
+                except queue.Empty:
+                    continue
+                deadline = time.monotonic() + self.flush_interval_s
+                while True:
+                    if item is None:
+                        stop = True
+                    elif isinstance(item, threading.Event):
+                        waiters.append(item)
+                    else:
+                        batch.append(item)
+                    if stop or waiters or len(batch) >= self.batch_rows:
+                        break
+                    try:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                if batch:
+                    rows = []
+                    for e in batch:
+                        values = e.values()
+                        head = chain_hash(head, values)
+                        rows.append((*values, head))
+                    with db:
+                        db.executemany(f"INSERT INTO egress ({', '.join(FIELDS)}, hash) "
+                                       f"VALUES ({', '.join('?' * (len(FIELDS) + 1))})", rows)
+                    self.written += len(rows)
+                for w in waiters:
+                    w.set()
+        except BaseException as exc:  # surfaced by the worker's status and by tests
+            self.error = exc
+            raise
+        finally:
+            db.close()
+
+
+# -- reading: verify and report --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    rows: int
+    head: str
+    bad_row: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+def _rows(db: sqlite3.Connection, where: str = "", params: tuple[Any, ...] = (),
+          tail: str = "ORDER BY id") -> Iterator[dict[str, Any]]:
+    cur = db.execute(f"SELECT id, {', '.join(FIELDS)}, hash FROM egress {where} {tail}", params)
+    names = [d[0] for d in cur.description]
+    for row in cur:
+        yield dict(zip(names, row))
+
+
+def verify(path: Path) -> VerifyResult:
+    """Walk the chain; return the first row whose hash does not follow from its predecessor."""
+    db = connect(path)
+    try:
+        head, count, last_id = GENESIS, 0, 0
+        for row in _rows(db):
+            expected = chain_hash(head, tuple(row[f] for f in FIELDS))
+            if row["hash"] != expected:
+                reason = ("row content or order changed, or a row before it was removed"
+                          if row["id"] == last_id + 1 else f"rows {last_id + 1}..{row['id'] - 1} are missing")
+                return VerifyResult(False, count, head, row, reason)
+            head, count, last_id = row["hash"], count + 1, row["id"]
+        return VerifyResult(True, count, head)
+    finally:
+        db.close()
+
+
+def report(path: Path, *, since_s: float | None = None, task: str | None = None, top: int = 10) -> dict[str, Any]:
+    """Totals by kind and the largest items, for rows newer than ``since_s`` seconds matching ``task``."""
+    clauses, params = [], []
+    if since_s is not None:
+        clauses.append("ts >= ?")
+        params.append(time.time() - since_s)
+    if task:
+        clauses.append("task LIKE ?")
+        params.append(f"%{task}%")
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    db = connect(path)
+    try:
+        kinds = [
+            {"kind": k, "requests": n, "bytes_sent": int(b or 0), "bytes_received": int(bi or 0), "refused": int(r or 0)}
+            for k, n, b, bi, r in db.execute(
+                f"SELECT kind, COUNT(*), SUM(CASE WHEN outcome='sent' THEN bytes ELSE 0 END), SUM(bytes_in), "
+                f"SUM(outcome='refused') FROM egress {where} GROUP BY kind ORDER BY 3 DESC", params)
+        ]
+        largest = list(_rows(db, where, tuple(params), f"ORDER BY bytes DESC LIMIT {int(top)}"))
+        refused = list(_rows(db, f"{where} {'AND' if where else 'WHERE'} outcome IN ('refused', 'rejected')",
+                             tuple(params), f"ORDER BY id DESC LIMIT {int(top)}"))
+    finally:
+        db.close()
+    return {"kinds": kinds, "largest": largest, "refused": refused,
+            "bytes_sent": sum(k["bytes_sent"] for k in kinds), "requests": sum(k["requests"] for k in kinds)}
