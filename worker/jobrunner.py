@@ -78,6 +78,9 @@ class JobRunner:
             try:
                 raw = await self.w.client.jobs.fetch(s.name, list(group.queues) if group.queues is not None else None,
                                                      group.free, s.team_name)
+            except JobRejected as exc:  # e.g. an oversized reply: refused unread
+                await self._reject(exc, None)
+                return True
             except OutpostError as exc:
                 if exc.retryable:
                     self.w.disconnected_since = self.w.disconnected_since or time.monotonic()
@@ -111,6 +114,7 @@ class JobRunner:
         self.rejected += 1
         self.w.telemetry.job_event("unknown", "rejected")
         log.error("rejected job %s: %s", key or "<unreadable>", exc)
+        self.w.egress.record_rejected_job(str(exc), str(key) if key else None)
         if key is not None:
             await self._report_final(key, "failed")
 
@@ -121,7 +125,7 @@ class JobRunner:
             self.w.state_folder.journal_start(key, None)
             assert self.launcher is not None
             env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.w.gpus.total else None
-            run.proc = await self.launcher.launch(job.workload, self.w.settings.execution_api, env)
+            run.proc = await self.launcher.launch(job.workload, self.w.egress.task_server(job), env)
             self.w.state_folder.journal_start(key, run.proc.pid)
             log.info("started %s (pid %d)%s", key, run.proc.pid, f" on GPU {','.join(run.devices)}" if run.devices else "")
             await self._report(key, "running", deadline_s=60)
@@ -218,8 +222,9 @@ class JobRunner:
     # -- logs --------------------------------------------------------------------------------
     async def _push_logs(self, run: RunningJob, final: bool = False, failure: str | None = None) -> None:
         s = self.w.settings
-        if not s.push_logs:
+        if s.log_policy == "none":  # logs stay in the region (egress policy)
             return
+        redact = self.w.egress.redactor.redact if s.log_policy == "redacted" else None
         path = s.log_folder / run.job.log_path
         chunks: list[str] = []
         with contextlib.suppress(FileNotFoundError):
@@ -228,9 +233,11 @@ class JobRunner:
                 data = fh.read(s.push_log_chunk_size * 8)
                 run.log_offset += len(data)
             text = data.decode(errors="backslashreplace").replace("\x00", "\ufffd")
+            text = redact(run.job.key, text, final and not failure) if redact else text
             chunks = [text[i:i + s.push_log_chunk_size] for i in range(0, len(text), s.push_log_chunk_size)]
         if final and failure and run.proc is not None:
-            chunks.append(f"outpost: task process ended with {failure}; supervisor output:\n{run.proc.output_tail()}\n")
+            note = f"outpost: task process ended with {failure}; supervisor output:\n{run.proc.output_tail()}\n"
+            chunks.append(redact(run.job.key, note, True) if redact else note)
         for chunk in chunks:
             try:
                 await self.w.client.logs.push(run.job.key, chunk, datetime.now(timezone.utc).isoformat())

@@ -35,6 +35,7 @@ from worker.costs import BudgetGuard, CostLedger, live_tasks
 from worker.exporter import WorkerMetrics
 from worker.gpu import GpuAllocator, detect_gpus
 from worker.health import HealthServer
+from worker.gateway import Egress
 from worker.jobrunner import JobRunner
 from worker.lifecycle import Lifecycle
 from worker.metrics import RequestCounter
@@ -56,6 +57,8 @@ class Worker:
         self.settings = settings
         self.counter = RequestCounter()
         self.client = client or EdgeClient(settings, counter=self.counter)
+        self.egress = Egress(settings)  # policy, ledger and the task processes' gateway
+        self.client.recorder = self.egress.record_edge
         self.state_folder = StateFolder(settings.state_folder)
         self.concurrency = settings.concurrency
         self.queues: list[str] | None = list(settings.queues) if settings.queues else None
@@ -95,6 +98,11 @@ class Worker:
         self.state_folder.acquire()
         # Read before the first write: it tells whether the previous run crashed.
         self._previous_status = self.state_folder.read_status()
+        try:
+            await self.egress.start()  # before the launcher: task processes get the gateway's URL
+        except BaseException:
+            self.state_folder.release()
+            raise
         launcher = TaskLauncher(env=self._task_env(), output_dir=self.state_folder.output_dir,
                                 prewarm=self.settings.prewarm)
         self.jobs.launcher = launcher
@@ -120,6 +128,7 @@ class Worker:
             self.costs.close()
             await launcher.aclose()
             await self.client.aclose()
+            await self.egress.aclose()
             self._write_status(force=True, state="offline")
             self.state_folder.release()
 
@@ -136,7 +145,7 @@ class Worker:
             **os.environ,
         }
         env.update({
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": s.execution_api,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": self.egress.url or s.execution_api,
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(s.log_folder.resolve()),
             "OUTPOST_WORKER_NAME": s.name,
         })
@@ -144,6 +153,7 @@ class Worker:
             env["OUTPOST_METRICS_DIR"] = str(self.telemetry.runner.folder.resolve())
         if s.dags_folder is not None:
             env["AIRFLOW__CORE__DAGS_FOLDER"] = str(s.dags_folder.resolve())
+        self.egress.apply_task_env(env)
         return env
 
     # -- start-up ----------------------------------------------------------------------------
