@@ -247,8 +247,11 @@ def _convert(name: str, raw: Any) -> Any:
             return tuple(items) if items else tuple()
         if name == "budgets":
             return _parse_budgets(raw)
-        if name.endswith("_s") and kind.startswith("float"):
-            return parse_duration(raw)
+        if name.endswith("_s") and kind.startswith("float") and isinstance(raw, str):
+            try:
+                return float(raw)  # a plain number: range checks below say what is allowed
+            except ValueError:
+                return parse_duration(raw)  # "15m", "1h30m"
         if kind.startswith("bool"):
             if isinstance(raw, bool):
                 return raw
