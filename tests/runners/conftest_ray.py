@@ -148,7 +148,7 @@ class RayCluster:
             if proc.poll() is None:
                 with _suppress():
                     os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         for proc in self.procs:
             with _suppress():
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
