@@ -61,7 +61,9 @@ def chunk_text(tokenizer: Any, text: str, config: ChunkingConfig) -> list[Chunk]
     size, overlap = config.chunk_tokens, config.overlap_tokens
     if size is None:
         raise ValueError("chunk_text needs a resolved ChunkingConfig (chunk_tokens set)")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    # verbose=False: long documents are expected here; they are cut below, not truncated.
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False,
+                    verbose=False)
     offsets = enc["offset_mapping"]
     if not offsets:
         return []

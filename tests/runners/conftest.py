@@ -1,0 +1,73 @@
+"""Shared fixtures for the runner tests: the packaged model and loaded embedders.
+
+Models load once per session; the ONNX int8 build is cached in pytest's cache directory, so
+only the first run on a machine pays for the export and calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    from runners.embedder import packaged_model_path
+
+    return packaged_model_path()
+
+
+@pytest.fixture(scope="session")
+def torch_embedder(model_path):
+    """fp32 sentence-transformers backend on CPU: the quality reference and the fast-to-load one."""
+    from runners.embedder import Embedder
+
+    return Embedder(model_path, device="cpu", backend="torch", threads=2)
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(request, tmp_path_factory) -> Path:
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    return cache.mkdir("outpost-onnx") if cache else tmp_path_factory.mktemp("outpost-onnx")
+
+
+@pytest.fixture(scope="session")
+def int8_embedder(model_path, onnx_cache):
+    from runners.embedder import Embedder
+
+    cache = onnx_cache
+    return Embedder(model_path, device="cpu", backend="onnx-int8", threads=2, cache_dir=cache)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from runners.store import Store
+
+    return Store(tmp_path / "store")
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def make_docs(n: int, seed: int = 0) -> list[dict]:
+    """Mixed-length English-like documents (5-120 words), deterministic."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("river data model store region worker shard vector index query light ocean "
+             "mountain engine report market policy health travel kitchen garden music "
+             "history science energy network signal window memory budget summer winter").split()
+    return [{"id": f"doc-{i}", "text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 120)))}
+            for i in range(n)]
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file below ``path`` with its content (to prove nothing was written)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
