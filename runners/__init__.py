@@ -4,4 +4,38 @@ Nothing here imports ``worker``; the worker hands task processes their configura
 the environment (``OUTPOST_STORE_ROOT``, ``OUTPOST_REGION``, ...).
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public names -> defining module. Imported on first use, so ``import runners`` stays cheap
+# (FAISS, Ray and torch load only when a task uses them).
+_LAZY = {
+    "IndexConfig": "runners.index",
+    "IndexStateError": "runners.index",
+    "build_index": "runners.index",
+    "update_index": "runners.index",
+    "promote": "runners.index",
+    "rollback": "runners.index",
+    "current_version": "runners.index",
+    "list_versions": "runners.index",
+    "IndexSearcher": "runners.index_search",
+    "BatchConfig": "runners.batch",
+    "run_batch_inference": "runners.batch",
+    "run_plain_loop": "runners.batch",
+    "list_partitions": "runners.batch",
+    "RayConfig": "runners.ray_session",
+    "RayAuthError": "runners.ray_session",
+    "RayConnectError": "runners.ray_session",
+    "ray_session": "runners.ray_session",
+    "PrototypeClassifier": "runners.models",
+}
+
+__all__: list[str] = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'runners' has no attribute {name!r}")

@@ -8,7 +8,7 @@ If ``manifest.json`` lists ``shards`` (``[{"vectors": ..., "ids": ...}]``), that
 authority and stray files are ignored; otherwise every ``*.npy`` that is not an ids file is a shard.
 
 FAISS needs int64 ids. Integer ids are used as they are; string ids are mapped to a stable
-63-bit hash (blake2b) and the mapping is kept by the index, so searches can return the strings.
+63-bit hash (the embeddings catalog's ``key``) and the mapping is kept by the index, so searches can return the strings.
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ class Shard:
 
 
 def string_id_to_int(doc_id: str) -> int:
-    """Stable non-negative 63-bit integer for a string document id."""
-    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+    """Stable non-negative 63-bit integer for a string id.
+
+    The same formula as ``runners.embeddings.chunk_key`` (first 8 bytes of SHA-256, big-endian,
+    top bit cleared), so index ids equal the ``key`` column of the embeddings catalog.
+    """
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") & (2**63 - 1)
 
 
 def ids_to_int64(raw: np.ndarray, *, path: Path) -> tuple[np.ndarray, list[str] | None]:
@@ -153,15 +156,31 @@ def read_deleted_ids(directory: str | Path) -> np.ndarray:
     return np.unique(ids)
 
 
+def superseded_ids(shards: list[Shard]) -> list[np.ndarray]:
+    """Per shard, the ids that a later shard holds again (an updated document: the later row wins)."""
+    later = np.empty(0, dtype=np.int64)
+    out: list[np.ndarray] = []
+    for shard in reversed(shards):
+        ids, _ = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
+        out.append(np.intersect1d(ids, later))
+        later = np.union1d(later, ids)
+    return out[::-1]
+
+
 def iter_batches(
-    shards: Iterable[Shard], batch_rows: int, *, exclude: np.ndarray | None = None
+    shards: Iterable[Shard], batch_rows: int, *, exclude: np.ndarray | None = None, latest_only: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str] | None]]:
     """Yield ``(ids int64, vectors float32 C-contiguous, string ids or None)`` of at most ``batch_rows``.
 
     Shards are memory-mapped, so peak memory is one batch (plus its float32 copy), whatever
-    the shard sizes. Rows whose id is in ``exclude`` (sorted int64) are dropped.
+    the shard sizes. Rows whose id is in ``exclude`` (sorted int64) are dropped, and with
+    ``latest_only`` so are rows that a later shard replaces.
     """
-    for shard in shards:
+    shards = list(shards)
+    replaced = superseded_ids(shards) if latest_only else [np.empty(0, dtype=np.int64)] * len(shards)
+    base_exclude = exclude if exclude is not None else np.empty(0, dtype=np.int64)
+    for shard, superseded in zip(shards, replaced):
+        exclude = np.union1d(base_exclude, superseded) if superseded.size else base_exclude
         vectors = np.load(shard.vectors, mmap_mode="r", allow_pickle=False)
         ids, strings = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
         for start in range(0, shard.rows, batch_rows):

@@ -149,11 +149,11 @@ def _set_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) ->
         space.set_index_parameter(index, "efSearch", int(params["ef_search"]))
 
 
-def _shard_record(shard: Shard) -> dict[str, Any]:
+def _shard_record(shard: Shard, emb_dir: Path) -> dict[str, Any]:
     st = shard.vectors.stat()
     return {
-        "vectors": shard.vectors.name,
-        "ids": shard.ids.name,
+        "vectors": shard.vectors.relative_to(emb_dir).as_posix(),
+        "ids": shard.ids.relative_to(emb_dir).as_posix(),
         "rows": shard.rows,
         "sha256": hash_file(shard.vectors),
         "ids_sha256": hash_file(shard.ids),
@@ -291,7 +291,7 @@ def build_index(
         raise InputError("no vectors left to index (every id is deleted)", path=str(emb_dir))
     index = faiss.index_gpu_to_cpu(work) if gpu else work
     manifest = {
-        "mode": "rebuild", "base_version": None, "gpu": gpu, "shards": [_shard_record(s) for s in shards],
+        "mode": "rebuild", "base_version": None, "gpu": gpu, "shards": [_shard_record(s, emb_dir) for s in shards],
         "embeddings": _embeddings_lineage(emb_dir), "deleted_ids": int(deleted.size),
     }
     manifest["inputs"] = [{"path": str(s.vectors.resolve()), "sha256": r["sha256"], "bytes": r["size"]}
@@ -325,10 +325,10 @@ def update_index(
         if s.dim != vm["dim"]:
             raise DimensionMismatchError(f"{s.vectors}: vectors have dimension {s.dim}, the index has {vm['dim']}")
     known = {r["vectors"]: r for r in vm["shards"]}
-    present = {s.vectors.name: s for s in shards}
+    present = {s.vectors.relative_to(emb_dir).as_posix(): s for s in shards}
     changed = [n for n, r in known.items() if n not in present or
                (present[n].vectors.stat().st_size, present[n].vectors.stat().st_mtime_ns) != (r["size"], r["mtime_ns"])]
-    new = [s for s in shards if s.vectors.name not in known]
+    new = [s for s in shards if s.vectors.relative_to(emb_dir).as_posix() not in known]
     vdir = version_dir(index_dir, base)
     old_deleted = np.load(vdir / "deleted.npy")
     all_deleted = read_deleted_ids(emb_dir)
@@ -380,7 +380,7 @@ def update_index(
         truth = ExactTopK(truth.queries, truth.k, truth.metric)
         for ids, vectors, _ in iter_batches(shards, config.add_batch_rows, exclude=all_deleted):
             truth.add(ids, vectors)
-    records = list(vm["shards"]) + [_shard_record(s) for s in new]
+    records = list(vm["shards"]) + [_shard_record(s, emb_dir) for s in new]
     manifest = {
         "mode": "incremental", "base_version": base, "gpu": False, "shards": records,
         "embeddings": _embeddings_lineage(emb_dir), "deleted_ids": int(all_deleted.size),

@@ -221,3 +221,34 @@ def test_gpu_build_matches_cpu(emb: Path, tmp_path: Path) -> None:
     cpu = build_index(emb, tmp_path / "cpu", IndexConfig(kind="flat", device="cpu"))
     gpu = build_index(emb, tmp_path / "gpu", IndexConfig(kind="flat", device="gpu"))
     assert gpu["recall"] == pytest.approx(cpu["recall"], abs=1e-3)
+
+
+def test_embeddings_manifest_layout_later_shard_replaces_an_updated_row(tmp_path: Path) -> None:
+    # The layout runners.embeddings writes: shards/ listed in manifest.json, string chunk ids,
+    # deleted ids in the manifest; an updated chunk reappears in a later shard.
+    emb = tmp_path / "emb"
+    x = structured_vectors(300, DIM, seed=11)
+    ids = np.array([f"c{i}" for i in range(300)])
+    write_shard(emb / "shards", "shard-v000001", x[:200], ids[:200])
+    write_shard(emb / "shards", "shard-v000002", x[200:], ids[200:])
+    manifest = {"shards": [{"vectors": "shards/shard-v000001.npy", "ids": "shards/shard-v000001.ids.npy"},
+                           {"vectors": "shards/shard-v000002.npy", "ids": "shards/shard-v000002.ids.npy"}],
+                "deleted_ids": ["c1"]}
+    (emb / "manifest.json").write_text(json.dumps(manifest))
+    cfg = IndexConfig(kind="flat")
+    build_index(emb, tmp_path / "idx", cfg)
+
+    moved = structured_vectors(1, DIM, seed=99)  # c5 re-embedded to a new vector
+    write_shard(emb / "shards", "shard-v000003", moved, np.array(["c5"]))
+    manifest["shards"].append({"vectors": "shards/shard-v000003.npy", "ids": "shards/shard-v000003.ids.npy"})
+    (emb / "manifest.json").write_text(json.dumps(manifest))
+    inc = update_index(tmp_path / "idx", emb)
+    full = build_index(emb, tmp_path / "full", cfg)
+    assert inc["mode"] == "incremental" and inc["count"] == full["count"] == 299
+    for where in ("idx", "full"):
+        hit = IndexSearcher(tmp_path / where, k=1)({"vector": moved})
+        assert hit["neighbor_ids"][0][0] == "c5" and hit["neighbor_scores"][0][0] == pytest.approx(1.0, abs=1e-5)
+        old = IndexSearcher(tmp_path / where, k=1)({"vector": x[5:6]})
+        assert old["neighbor_ids"][0][0] != "c5" or old["neighbor_scores"][0][0] < 0.999
+    manifest_v = json.loads((Path(inc["path"]) / "manifest.json").read_text())
+    assert manifest_v["inputs"][-1]["path"] == str((emb / "shards/shard-v000003.npy").resolve())
