@@ -1,0 +1,70 @@
+"""Idle exit and preemption-notice drain, driven by a fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from worker.config import load_settings
+from worker.lifecycle import Lifecycle
+
+
+class FakeWorker:
+    def __init__(self, tmp: Path, **flags) -> None:
+        self.settings = load_settings({"api_url": "http://h:1", "drain_timeout_s": "300", **flags}, env={})
+        self.jobs = SimpleNamespace(running={})
+        self.shutdowns = 0
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+class Clock:
+    t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_exits_after_idle_period_but_not_while_busy(tmp_path: Path) -> None:
+    w, clock = FakeWorker(tmp_path, exit_when_idle_s="15m"), Clock()
+    life = Lifecycle(w, clock=clock)
+    clock.t += 899
+    life.tick()
+    assert w.shutdowns == 0
+    w.jobs.running = {"job": object()}
+    clock.t += 3600
+    life.tick()  # busy for an hour: not idle
+    assert w.shutdowns == 0
+    w.jobs.running = {}
+    clock.t += 899
+    life.tick()
+    assert w.shutdowns == 0
+    clock.t += 1
+    life.tick()
+    assert w.shutdowns == 1 and life.exited_idle
+    assert life.drain_timeout_s() == 300
+
+
+def test_never_exits_when_off(tmp_path: Path) -> None:
+    w, clock = FakeWorker(tmp_path), Clock()
+    life = Lifecycle(w, clock=clock)
+    clock.t += 10**6
+    life.tick()
+    assert w.shutdowns == 0
+
+
+def test_preemption_notice_drains_with_short_timeout(tmp_path: Path) -> None:
+    notice = tmp_path / "preempt"
+    w = FakeWorker(tmp_path, preemption_notice_file=str(notice), preemption_drain_timeout_s="20s")
+    life = Lifecycle(w)
+    life.tick()
+    assert w.shutdowns == 0 and life.drain_timeout_s() == 300
+    notice.write_text("terminating at 12:00")
+    # A plain SIGTERM arriving while the notice exists already gets the short timeout.
+    assert life.drain_timeout_s() == 20
+    life.tick()
+    life.tick()
+    assert w.shutdowns == 1 and life.preempted
+    notice.unlink()
+    assert life.drain_timeout_s() == 20
