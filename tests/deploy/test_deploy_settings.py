@@ -47,9 +47,14 @@ def test_cli_aliases_exit_when_idle_and_repeated_budget(monkeypatch) -> None:
     args = build_parser().parse_args(["worker", "--exit-when-idle", "15m", "--budget", "queue:a=1h",
                                       "--budget", "dag:x=30m", "--budgets", "queue:b=2h"])
     assert args.exit_when_idle_s == "15m" and args.budget_items == ["queue:a=1h", "dag:x=30m"]
-    seen = {}
-    monkeypatch.setattr("worker.cli.load_settings", lambda flags: seen.update(flags) or (_ for _ in ()).throw(SystemExit))
-    with pytest.raises(SystemExit):
+    seen: dict = {}
+
+    def fake_load(flags: dict) -> None:
+        seen.update(flags)
+        raise ConfigError("api_url", None, "stop here")
+
+    monkeypatch.setattr("worker.cli.load_settings", fake_load)
+    with pytest.raises(ConfigError):
         args.func(args)
     assert seen["budgets"] == "queue:b=2h,queue:a=1h,dag:x=30m"
 
