@@ -21,6 +21,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from worker.supervisor import _WORKER_ONLY_ENV
 from worker.units import format_duration
 
 if TYPE_CHECKING:
@@ -31,10 +32,10 @@ log = logging.getLogger(__name__)
 # Runs in a child process. runners.embedder.warm(model) is used when the runners provide it;
 # otherwise constructing an Embedder builds and caches what the first task would.
 _WARM_SCRIPT = """
-import sys
-import runners.embedder as e
+import importlib, sys
+e = importlib.import_module(sys.argv[1])
 warm = getattr(e, "warm", None)
-for name in sys.argv[1:]:
+for name in sys.argv[2:]:
     model = None if name in ("default", "packaged") else name
     if warm is not None:
         warm(model)
@@ -46,6 +47,8 @@ for name in sys.argv[1:]:
 
 class Lifecycle:
     """Per-iteration checks of the worker's main loop plus model warming. ``aclose()`` is safe twice."""
+
+    warm_module = "runners.embedder"
 
     def __init__(self, worker: Worker, clock=time.monotonic) -> None:
         self.w = worker
@@ -91,7 +94,7 @@ class Lifecycle:
         log.info("warming models in the background: %s", ", ".join(models))
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _WARM_SCRIPT, *models, env=self.w._task_env(),
+                sys.executable, "-c", _WARM_SCRIPT, self.warm_module, *models, env=_without_credentials(self.w._task_env()),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             log.error("could not start model warming: %s", exc)
@@ -117,3 +120,7 @@ class Lifecycle:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _without_credentials(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in _WORKER_ONLY_ENV}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 from types import SimpleNamespace
 
 from worker.config import load_settings
@@ -68,3 +70,48 @@ def test_preemption_notice_drains_with_short_timeout(tmp_path: Path) -> None:
     assert w.shutdowns == 1 and life.preempted
     notice.unlink()
     assert life.drain_timeout_s() == 20
+
+
+def test_warm_models_calls_the_runners_hook_in_a_child_process(tmp_path: Path, monkeypatch) -> None:
+    import asyncio
+    import os
+
+    # A stand-in for runners.embedder: records what was warmed and with which env.
+    fake = tmp_path / "fake"
+    fake.mkdir(parents=True)
+    (fake / "fake_embedder.py").write_text(
+        "import os\n"
+        "def warm(model):\n"
+        f"    open({str(tmp_path / 'warmed')!r}, 'a').write(f'{{model}} {{os.environ.get(\"OUTPOST_JWT_SECRET\")}}\\n')\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    monkeypatch.setattr(Lifecycle, "warm_module", "fake_embedder")
+    monkeypatch.setenv("OUTPOST_JWT_SECRET", "s3cret")
+    w = FakeWorker(tmp_path, warm_models="default,/models/e5")
+    w._task_env = lambda: dict(os.environ)
+    life = Lifecycle(w)
+
+    async def scenario() -> None:
+        life.start_warming()
+        await life._warm
+        await life.aclose()
+
+    asyncio.run(scenario())
+    assert (tmp_path / "warmed").read_text() == "None None\n/models/e5 None\n"  # no credentials either
+    assert life.warm_result == {"default": "warm", "/models/e5": "warm"}
+
+
+@pytest.mark.slow
+def test_warm_the_packaged_model_for_real(tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    w = FakeWorker(tmp_path, warm_models="default,/no/such/model")
+    w._task_env = lambda: dict(os.environ)
+    life = Lifecycle(w)
+
+    async def scenario() -> None:
+        life.start_warming()
+        await life._warm
+
+    asyncio.run(scenario())
+    assert life.warm_result == {"default": "warm", "/no/such/model": "failed"}
