@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dag", default="outpost_example", help="example DAG to run")
     d.add_argument("--keep", action="store_true", help="keep the temporary AIRFLOW_HOME")
     d.set_defaults(func=_cmd_demo)
+    from worker.egress_cli import add_egress_parser
+
+    add_egress_parser(sub)
     return parser
 
 

@@ -123,7 +123,8 @@ class EdgeClient:
                       max_bytes: int | None = None) -> Any:
         """Send one request; return the decoded JSON (``None`` for an empty body) or raise.
 
-        ``max_bytes`` caps the (decoded) reply: a longer one raises :class:`JobRejected` unread.
+        ``max_bytes`` marks an untrusted reply (a fetched job): one longer than that (decoded) is
+        refused unread, and one that is not JSON is refused, both with :class:`JobRejected`.
         """
         path = f"/edge_worker/v1/{edge_path}" if edge else edge_path
         headers = {}
@@ -153,6 +154,8 @@ class EdgeClient:
         try:
             return resp.json()
         except ValueError as exc:
+            if max_bytes is not None:  # an untrusted reply (a fetched job): refuse it as such
+                raise JobRejected(f"{method} {path}: reply is not JSON: {resp.text[:120]!r}") from exc
             raise ServerError(resp.status_code, method, path, f"response is not JSON: {resp.text[:200]!r}") from exc
 
     async def _send(self, method: str, path: str, content: bytes | None, headers: dict[str, str],

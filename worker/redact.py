@@ -18,11 +18,19 @@ import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
-from airflow.sdk._shared.secrets_masker.secrets_masker import SecretsMasker, should_hide_value_for_key
+from airflow.sdk._shared.secrets_masker.secrets_masker import (
+    DEFAULT_SENSITIVE_FIELDS,
+    SecretsMasker,
+    should_hide_value_for_key,
+)
 
 MASK = "***"
 _MIN_SECRET_LEN = 5  # shorter values would mask ordinary words
-_PAIR = re.compile(r"""(?P<key>[A-Za-z_][\w.-]*)(?P<sep>["']?\s*[:=]\s*["']?)(?P<value>[^\s"',;&]+)""")
+# key=value / "key": "value" where the key holds one of Airflow's sensitive words.
+_SENSITIVE = "|".join(sorted((re.escape(f) for f in DEFAULT_SENSITIVE_FIELDS), key=len, reverse=True))
+_PAIR = re.compile(
+    rf"""(?P<key>[\w.-]*(?:{_SENSITIVE})[\w.-]*)(?P<sep>\\?["']?\s*[:=]\s*\\?["']?)(?P<value>[^\s"'\\,;&]+)""",
+    re.IGNORECASE)
 
 
 def local_secrets(environ: Mapping[str, str]) -> Iterable[str]:
@@ -72,10 +80,9 @@ class LogRedactor:
             text = pattern.sub(MASK, text)
         return text
 
-    def _mask_pair(self, m: re.Match[str]) -> str:
-        if m.group("value") != MASK and should_hide_value_for_key(m.group("key")):
-            return f"{m.group('key')}{m.group('sep')}{MASK}"
-        return m.group(0)
+    @staticmethod
+    def _mask_pair(m: re.Match[str]) -> str:
+        return f"{m.group('key')}{m.group('sep')}{MASK}"
 
     def redact(self, key: object, text: str, final: bool) -> str:
         """Masked, capped text to push for ``key``; holds back a partial last line unless ``final``."""

@@ -1,0 +1,145 @@
+"""The egress gateway over real loopback HTTP (uvicorn), with a fake Execution API upstream
+(``httpx.MockTransport``): pass-through of methods, headers, bodies and status codes; refusals
+with the rule in the body the Task SDK reads; every request in the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from worker import ledger
+from worker.config import load_settings
+from worker.egress import Policy, classify
+from worker.gateway import Egress
+
+
+def _token(sub: str) -> str:
+    part = base64.urlsafe_b64encode(json.dumps({"sub": sub}).encode()).decode().rstrip("=")
+    return f"eyJhbGciOiJIUzI1NiJ9.{part}.sig"
+
+
+def _settings(tmp_path: Path, **flags):
+    return load_settings({"api_url": "http://cp.invalid:8080", "state_folder": str(tmp_path / "state"), **flags}, env={})
+
+
+class FakeExecutionApi:
+    def __init__(self) -> None:
+        self.seen: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request)
+        path = request.url.path
+        if path.endswith("/heartbeat"):
+            return httpx.Response(409, json={"detail": {"reason": "not_running"}})
+        if "/xcoms/" in path and request.method == "GET":
+            return httpx.Response(404, json={"detail": "XCom not found"})
+        return httpx.Response(201, json={"echo": request.content.decode(), "auth": request.headers.get("authorization")},
+                              headers={"Refreshed-API-Token": "new-token"})
+
+
+async def _with_gateway(tmp_path: Path, fn, **flags):
+    upstream = FakeExecutionApi()
+    egress = Egress(_settings(tmp_path, **flags), upstream_transport=httpx.MockTransport(upstream))
+    url = await egress.start()
+    try:
+        async with httpx.AsyncClient(base_url=url) as client:
+            return await fn(client, upstream, egress)
+    finally:
+        await egress.aclose()
+
+
+def test_passes_requests_and_answers_through_unchanged(tmp_path: Path) -> None:
+    async def fn(client: httpx.AsyncClient, upstream: FakeExecutionApi, egress: Egress):
+        token = _token("0190f0f0-0000-7000-8000-000000000001")
+        r = await client.post("xcoms/d/r%2B1/t/k", params={"map_index": "3"}, content=b'{"a":1}',
+                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        assert r.status_code == 201 and r.json() == {"echo": '{"a":1}', "auth": f"Bearer {token}"}
+        assert r.headers["refreshed-api-token"] == "new-token"
+        sent = upstream.seen[-1]
+        assert str(sent.url) == "http://cp.invalid:8080/execution/xcoms/d/r%2B1/t/k?map_index=3"
+        assert sent.method == "POST" and sent.content == b'{"a":1}'
+        # 404 and 409 from the server reach the Task SDK as they are.
+        r = await client.get("xcoms/d/r/t/missing", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 404 and r.json() == {"detail": "XCom not found"}
+        r = await client.put("task-instances/0190f0f0-0000-7000-8000-000000000001/heartbeat", json={"pid": 1})
+        assert r.status_code == 409 and r.json() == {"detail": {"reason": "not_running"}}
+        egress.ledger.flush()
+
+    asyncio.run(_with_gateway(tmp_path, fn))
+    rows = ledger.report(tmp_path / "state" / "egress.sqlite")
+    by_kind = {k["kind"]: k for k in rows["kinds"]}
+    assert by_kind["xcom"]["requests"] == 2 and by_kind["xcom"]["bytes_sent"] == 7
+    assert by_kind["heartbeat"]["requests"] == 1
+    assert {r["task"] for r in rows["largest"] if r["kind"] == "xcom"} == {"0190f0f0-0000-7000-8000-000000000001"}
+    assert ledger.verify(tmp_path / "state" / "egress.sqlite").ok
+
+
+def test_refuses_what_the_policy_forbids_and_records_it(tmp_path: Path) -> None:
+    async def fn(client: httpx.AsyncClient, upstream: FakeExecutionApi, egress: Egress):
+        r = await client.post("xcoms/d/r/t/return_value", content=b"x" * 70_000)
+        assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+        detail = r.json()["detail"]
+        assert "max_xcom_bytes" in detail and "70,000 bytes" in detail and "65,536" in detail and "eu-1" in detail
+        r = await client.get("connections/warehouse")
+        assert r.status_code == 403 and "secrets=local-only" in r.json()["detail"] and "'warehouse'" in r.json()["detail"]
+        r = await client.get("variables/api_key")
+        assert r.status_code == 403
+        assert upstream.seen == []  # nothing refused ever left
+        egress.ledger.flush()
+
+    asyncio.run(_with_gateway(tmp_path, fn, region="eu-1", max_xcom_bytes=65536, secrets="local-only"))
+    data = ledger.report(tmp_path / "state" / "egress.sqlite")
+    assert [(r["kind"], r["rule"]) for r in reversed(data["refused"])] == [
+        ("xcom", "max_xcom_bytes"), ("connection", "secrets=local-only"), ("variable", "secrets=local-only")]
+    assert data["bytes_sent"] == 0
+
+
+def test_unreachable_control_plane_is_a_retryable_502(tmp_path: Path) -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    async def main() -> None:
+        egress = Egress(_settings(tmp_path), upstream_transport=httpx.MockTransport(down))
+        url = await egress.start()
+        try:
+            async with httpx.AsyncClient(base_url=url) as client:
+                r = await client.put("task-instances/x/heartbeat", json={})
+            assert r.status_code == 502 and "unreachable" in r.json()["detail"]
+        finally:
+            await egress.aclose()
+
+    asyncio.run(main())
+    [row] = ledger.report(tmp_path / "state" / "egress.sqlite")["largest"]
+    assert row["outcome"] == "error" and row["status"] is None
+
+
+@pytest.mark.parametrize(("path", "method", "kind"), [
+    ("task-instances/abc/heartbeat", "PUT", "heartbeat"),
+    ("task-instances/abc/state", "PATCH", "state"),
+    ("task-instances/abc/run", "PATCH", "state"),
+    ("xcoms/d/r/t/k", "POST", "xcom"),
+    ("connections/c", "GET", "connection"),
+    ("variables/v", "GET", "variable"),
+    ("asset-events/by-asset", "GET", "asset"),
+    ("logs/push/d/t/r/1/-1", "POST", "logs"),
+    ("jobs/fetch/w1", "POST", "job-fetch"),
+    ("jobs/state/d/t/r/1/-1/success", "PATCH", "state"),
+    ("worker/w1", "PATCH", "worker"),
+])
+def test_classify(path: str, method: str, kind: str) -> None:
+    assert classify(path, method) == kind
+
+
+def test_policy_lets_state_and_small_xcom_through() -> None:
+    policy = Policy(max_xcom_bytes=100, secrets="local-only", logs="none")
+    assert policy.check("state", "PATCH", "task-instances/x/state", 10**9) is None
+    assert policy.check("heartbeat", "PUT", "task-instances/x/heartbeat", 10**6) is None
+    assert policy.check("xcom", "POST", "xcoms/d/r/t/k", 100) is None
+    assert policy.check("xcom", "GET", "xcoms/d/r/t/k", 0) is None
+    assert Policy(max_xcom_bytes=0).check("xcom", "POST", "xcoms/d/r/t/k", 10**9) is None  # 0 = no limit
+    assert Policy(secrets="local-first").check("connection", "GET", "connections/c", 0) is None
