@@ -174,13 +174,22 @@ class Gateway:
             out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.multi_items()
                            if k.lower() not in _HOP_BY_HOP or k.lower() == "content-length"]
             await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-            async for chunk in response.aiter_raw():
+            async for chunk in _raw(response):
                 received += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
         return response.status_code, received
+
+
+async def _raw(response: httpx.Response) -> Any:
+    """The body as sent (still encoded); a response built in memory (tests' MockTransport) has it read."""
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.StreamConsumed:
+        yield response.content
 
 
 async def _reply(send: Any, status: int, body: dict[str, Any]) -> None:
