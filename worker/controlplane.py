@@ -13,6 +13,7 @@ public ``/api/v2`` API, which the control plane opens to everyone via
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -42,6 +43,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launching process dies, so a killed test
+    run or demo never leaves a control plane behind (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _airflow_bin() -> str:
@@ -163,7 +171,8 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[str], log_dir: Path) -> None:
         log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self._procs[name] = subprocess.Popen(
-            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
 
@@ -313,6 +322,29 @@ class ControlPlane:
             resp = self.api.delete(path)
         if resp.status_code >= 400:
             raise ControlPlaneError(f"maintenance {on} for {worker_name} -> {resp.status_code}: {resp.text}")
+
+    def _ui(self, method: str, path: str, **kwargs: Any) -> None:
+        resp = self.api.request(method, f"{self.base_url}/edge_worker/ui{path}", **kwargs)
+        if resp.status_code >= 400:
+            raise ControlPlaneError(f"{method} {path} -> {resp.status_code}: {resp.text}")
+
+    def request_worker_shutdown(self, worker_name: str) -> None:
+        self._ui("POST", f"/worker/{worker_name}/shutdown")
+
+    def set_worker_concurrency(self, worker_name: str, concurrency: int) -> None:
+        self._ui("PATCH", f"/worker/{worker_name}/concurrency", json={"concurrency": concurrency})
+
+    def add_worker_queue(self, worker_name: str, queue: str) -> None:
+        self._ui("PUT", f"/worker/{worker_name}/queues/{queue}")
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1) -> str:
+        """The task log as the control plane serves it (empty if it has none)."""
+        resp = self.api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                            params={"full_content": True, "map_index": map_index}, headers={"Accept": "application/json"})
+        if resp.status_code == 404:
+            return ""
+        resp.raise_for_status()
+        return resp.text
 
     def workers(self) -> dict[str, dict[str, Any]]:
         resp = self.api.get(f"{self.base_url}/edge_worker/ui/worker")

@@ -140,7 +140,7 @@ class JobRunner:
             await self._report_final(key, state)
         except Exception as exc:  # a bug or OS error must fail this job only, never the worker
             log.exception("job %s crashed in the worker", key)
-            if run.proc is not None and run.proc.proc.returncode is None:
+            if run.proc is not None and run.proc.returncode is None:
                 run.proc.kill_task_tree()
                 run.proc.signal(signal.SIGKILL, group=True)
             await self._report_final(key, "failed", note=str(exc))

@@ -1,9 +1,14 @@
 """Starts and stops task processes: one OS process per task, each running the Task SDK.
 
-:class:`TaskLauncher` keeps ``prewarm`` idle task processes ready (``python -m
-worker.task_process`` that already imported the Task SDK), so a fetched job starts in
-milliseconds instead of paying the interpreter and import start-up. Each task process is its
-own session/process group, so stopping a task reaches everything it forked.
+:class:`TaskLauncher` keeps a *zygote* (``python -m worker.task_process --zygote``) that has
+already imported the Task SDK and the task runner; each task is a fork of it, so a fetched job
+starts in milliseconds and a burst of jobs doesn't pay interpreter start-up and imports per task
+(the stock worker gets the same effect by forking itself). With ``prewarm = 0`` every task gets a
+fresh interpreter instead. Each task process is its own session/process group.
+
+If the zygote dies, tasks it forked die with it (their parent-death signal kills the task tree and
+the Task SDK reports them failed); their exit is reported as SIGKILL and a new zygote starts on
+the next launch.
 """
 
 from __future__ import annotations
@@ -16,33 +21,37 @@ import os
 import signal
 import sys
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 # Secrets that authenticate the *worker*; a task process must never see them.
 _WORKER_ONLY_ENV = ("OUTPOST_JWT_SECRET", "AIRFLOW__API_AUTH__JWT_SECRET", "OUTPOST_JWT_SECRET_FILE")
 OUTPUT_TAIL_BYTES = 8192
+START_TIMEOUT_S = 120.0
 
 
-@dataclass
 class TaskProcess:
-    """A running task process. ``output`` holds the supervisor's own stdout/stderr."""
+    """A running task process (the Task SDK supervisor). ``output`` holds its stdout/stderr."""
 
-    proc: asyncio.subprocess.Process
-    output: Path
-    started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+    def __init__(self, pid: int, output: Path, exit_future: asyncio.Future[int]) -> None:
+        self.pid = pid
+        self.output = output
+        self._exit = exit_future
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def returncode(self) -> int | None:
+        return self._exit.result() if self._exit.done() else None
 
     async def wait(self) -> int:
-        return await self.proc.wait()
+        """The exit code: 0 success, >0 failure, <0 killed by that signal. Cancel-safe."""
+        return await asyncio.shield(self._exit)
 
     def signal(self, sig: int, *, group: bool = False) -> None:
         """Send ``sig`` to the supervisor (or its whole process group). Safe if it already exited."""
+        if self._exit.done():
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if group:
                 os.killpg(self.pid, sig)
@@ -74,79 +83,140 @@ class TaskProcess:
             return ""
 
 
+class _Zygote:
+    """One forking parent process and the bookkeeping of the tasks it forked."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.started: dict[str, asyncio.Future[int]] = {}
+        self.exits: dict[str, asyncio.Future[int]] = {}
+        self.reader = asyncio.create_task(self._read(), name="zygote reader")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self.reader.done()
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            while line := await self.proc.stdout.readline():
+                try:
+                    msg: dict[str, Any] = json.loads(line)
+                except ValueError:
+                    log.warning("zygote said something unexpected: %r", line[:200])
+                    continue
+                event = msg.get("event")
+                if event == "ready" and not self.ready.done():
+                    self.ready.set_result(None)
+                elif event == "started" and (fut := self.started.pop(msg["id"], None)) and not fut.done():
+                    fut.set_result(int(msg["pid"]))
+                elif event == "exit" and (fut := self.exits.pop(msg["id"], None)) and not fut.done():
+                    fut.set_result(int(msg["code"]))
+        finally:
+            # The zygote is gone: its children die with it (parent-death signal).
+            error = RuntimeError(f"task zygote exited with {await self.proc.wait()}: {self._log_tail()}")
+            if not self.ready.done():
+                self.ready.set_exception(error)
+            for fut in self.started.values():
+                if not fut.done():
+                    fut.set_exception(error)
+            for fut in self.exits.values():
+                if not fut.done():
+                    fut.set_result(-signal.SIGKILL)
+            self.started.clear()
+            self.exits.clear()
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-1500:]
+        except OSError:
+            return ""
+
+    async def fork(self, request: dict[str, Any]) -> tuple[int, asyncio.Future[int]]:
+        await asyncio.wait_for(asyncio.shield(self.ready), START_TIMEOUT_S)
+        loop = asyncio.get_running_loop()
+        rid = request["id"]
+        started: asyncio.Future[int] = loop.create_future()
+        exited: asyncio.Future[int] = loop.create_future()
+        self.started[rid], self.exits[rid] = started, exited
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        await self.proc.stdin.drain()
+        pid = await asyncio.wait_for(started, START_TIMEOUT_S)
+        return pid, exited
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+
+
 class TaskLauncher:
-    """Launches task processes; keeps ``prewarm`` spares. ``aclose()`` is safe twice."""
+    """Launches task processes. ``start()`` begins warming; ``aclose()`` is safe twice."""
 
     def __init__(self, *, env: dict[str, str], output_dir: Path, prewarm: int = 1) -> None:
         self._env = {k: v for k, v in env.items() if k not in _WORKER_ONLY_ENV}
         self._env["OUTPOST_PARENT_PID"] = str(os.getpid())
         self._output_dir = output_dir
-        self._prewarm = prewarm
-        self._spares: list[TaskProcess] = []
-        self._refill: asyncio.Task[None] | None = None
+        self._use_zygote = prewarm > 0
+        self._zygote: _Zygote | None = None
         self._closed = False
 
-    async def _spawn(self) -> TaskProcess:
-        self._output_dir.mkdir(parents=True, exist_ok=True)
-        output = self._output_dir / f"task-{uuid.uuid4().hex[:12]}.out"
-        with open(output, "wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "worker.task_process",
-                stdin=asyncio.subprocess.PIPE, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                env=self._env, start_new_session=True,
-            )
-        return TaskProcess(proc=proc, output=output)
+    async def _spawn(self, *args: str, stdout: Any, stderr: Any) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker.task_process", *args,
+            stdin=asyncio.subprocess.PIPE, stdout=stdout, stderr=stderr, env=self._env, start_new_session=True,
+        )
 
     async def start(self) -> None:
-        """Start the spares (does not wait for their imports to finish)."""
-        await self._fill()
+        """Start the zygote; it imports in the background (does not wait for it)."""
+        if self._use_zygote:
+            await self._ensure_zygote()
 
-    async def _fill(self) -> None:
-        while not self._closed and len(self._spares) < self._prewarm:
-            self._spares.append(await self._spawn())
+    async def _ensure_zygote(self) -> _Zygote:
+        if self._zygote is None or not self._zygote.alive:
+            if self._zygote is not None:
+                log.warning("task zygote died; starting a new one")
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            log_path = self._output_dir / "zygote.log"
+            with open(log_path, "ab") as err:
+                proc = await self._spawn("--zygote", stdout=asyncio.subprocess.PIPE, stderr=err)
+            self._zygote = _Zygote(proc, log_path)
+        return self._zygote
 
     async def launch(self, workload: dict, server: str, env: dict[str, str] | None = None) -> TaskProcess:
-        """Hand ``workload`` to a task process and return it (running). Replenishes spares."""
-        tp = None
-        while self._spares:
-            candidate = self._spares.pop(0)
-            if candidate.proc.returncode is None:
-                tp = candidate
-                break
-            log.warning("pre-warmed task process %d died (rc=%s): %s", candidate.pid,
-                        candidate.proc.returncode, candidate.output_tail()[-500:])
-            candidate.output.unlink(missing_ok=True)
-        if tp is None:
-            tp = await self._spawn()
-        assert tp.proc.stdin is not None
-        msg = json.dumps({"workload": workload, "server": server, "env": env or {}}) + "\n"
-        try:
-            tp.proc.stdin.write(msg.encode())
-            await tp.proc.stdin.drain()
-            tp.proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it died; the caller sees the exit code and reports the job failed
-        tp.started = asyncio.get_running_loop().time()
-        if self._prewarm and (self._refill is None or self._refill.done()):
-            self._refill = asyncio.create_task(self._fill())
-        return tp
+        """Start ``workload`` in a new task process and return it (running)."""
+        if self._closed:
+            raise RuntimeError("launcher is closed")
+        self._output_dir.mkdir(parents=True, exist_ok=True)
+        rid = uuid.uuid4().hex[:12]
+        output = self._output_dir / f"task-{rid}.out"
+        request = {"id": rid, "workload": workload, "server": server, "env": env or {}, "output": str(output)}
+        if self._use_zygote:
+            zygote = await self._ensure_zygote()
+            pid, exited = await zygote.fork(request)
+            return TaskProcess(pid, output, exited)
+        with open(output, "wb") as out:
+            proc = await self._spawn(stdout=out, stderr=asyncio.subprocess.STDOUT)
+        assert proc.stdin is not None
+        proc.stdin.write((json.dumps(request) + "\n").encode())
+        await proc.stdin.drain()
+        proc.stdin.close()
+        return TaskProcess(proc.pid, output, asyncio.ensure_future(proc.wait()))
 
     async def aclose(self) -> None:
-        """Stop the idle spares (EOF on stdin, then kill if needed)."""
+        """Stop the zygote (after the worker drained its tasks)."""
         self._closed = True
-        if self._refill is not None:
-            self._refill.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refill
-        spares, self._spares = self._spares, []
-        for tp in spares:
-            if tp.proc.stdin is not None:
-                with contextlib.suppress(Exception):
-                    tp.proc.stdin.close()
-        for tp in spares:
-            try:
-                await asyncio.wait_for(tp.wait(), 5)
-            except asyncio.TimeoutError:
-                tp.signal(signal.SIGKILL, group=True)
-                await tp.wait()
-            tp.output.unlink(missing_ok=True)
+        if self._zygote is not None:
+            zygote, self._zygote = self._zygote, None
+            await zygote.close()

@@ -1,15 +1,24 @@
-"""Entry point of a task process: ``python -m worker.task_process``.
+"""Task processes: ``python -m worker.task_process [--zygote]``.
 
-The worker starts these ahead of need ("pre-warmed"): the process imports the Task SDK, then
-blocks reading one JSON line from stdin ``{"workload": ..., "server": ..., "env": {...}}``. On
-receiving it, it applies the per-task environment and runs the task through the Task SDK's
-``supervise_task``, exiting with its exit code. EOF on stdin (the worker no longer needs the
-spare) exits 0 without running anything.
+Zygote mode (the default launcher): one long-lived process imports the Task SDK and what the task
+runner needs, then forks one child per task on request, so a fetched task starts in milliseconds
+with everything already imported. Protocol, one JSON object per line:
 
-If the worker dies, the kernel sends this process SIGUSR1 (``PR_SET_PDEATHSIG``); the handler
-SIGKILLs the task's process tree, and the Task SDK supervisor, still alive, reports the task
-failed to the control plane and exits. A task never runs on unsupervised (the Task SDK's own
-SIGTERM handling only calls ``on_kill()`` and lets the task go on, so SIGTERM is not enough).
+* worker -> zygote (stdin): ``{"id", "workload", "server", "env", "output"}``
+* zygote -> worker (stdout): ``{"event": "ready"}``, ``{"event": "started", "id", "pid"}``,
+  ``{"event": "exit", "id", "pid", "code"}`` (``code`` negative for a signal, as in ``subprocess``)
+
+Each child starts a new session (so signals can reach its whole tree), sends its output to the
+given file, applies the per-task environment and runs the task through the Task SDK's
+``supervise_task``. EOF on stdin makes the zygote exit once its children have.
+
+Single mode (no ``--zygote``, used with ``prewarm = 0``) reads one request line and runs it in
+this process: a fresh interpreter per task, for users who want no shared parent at all.
+
+If the worker dies, the kernel signals its direct children (``PR_SET_PDEATHSIG``): the zygote
+exits, and each task child, losing its parent, SIGKILLs its task's process tree, so the Task SDK
+supervisor, still alive, reports the task failed and exits. A task never runs on unsupervised
+(the Task SDK's own SIGTERM handling only calls ``on_kill()`` and lets the task go on).
 """
 
 from __future__ import annotations
@@ -17,12 +26,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import selectors
 import signal
 import sys
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
-
-
 _job_started = False
 
 
@@ -40,7 +49,7 @@ def kill_descendants(sig: int = signal.SIGKILL) -> int:
     return count
 
 
-def _on_worker_death(signum: int, frame: object) -> None:
+def _on_parent_death(signum: int, frame: object) -> None:
     kill_descendants()
     if not _job_started:
         os._exit(0)
@@ -48,26 +57,29 @@ def _on_worker_death(signum: int, frame: object) -> None:
 
 
 def _die_with_parent(expected_parent: int) -> None:
-    signal.signal(signal.SIGUSR1, _on_worker_death)
+    signal.signal(signal.SIGUSR1, _on_parent_death)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the worker's crash recovery stops leftovers
         return
-    if os.getppid() != expected_parent:  # the worker died before prctl took effect
-        sys.exit(1)
+    if os.getppid() != expected_parent:  # the parent died before prctl took effect
+        _on_parent_death(signal.SIGUSR1, None)
 
 
 def _preload() -> None:
-    """Import what the forked task runner needs, so each task's child inherits it ready-made."""
+    """Import what the forked task runner needs, so each task inherits it ready-made."""
     import importlib
 
     for module in (
+        "airflow.executors.workloads",
+        "airflow.sdk.execution_time.supervisor",
         "airflow.sdk.execution_time.task_runner",
         "airflow.dag_processing.bundles.manager",
         "airflow.dag_processing.dagbag",
         "airflow.providers.standard.decorators.python",
         "airflow.providers.standard.operators.python",
+        "psutil",
     ):
         try:
             importlib.import_module(module)
@@ -75,22 +87,14 @@ def _preload() -> None:
             pass
 
 
-def main() -> int:
-    parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
-    _die_with_parent(parent)
-    # Import the heavy parts now, while idle, so a fetched task starts without paying for them.
+def run_request(msg: dict[str, Any]) -> int:
+    """Run one task request in this process; return the Task SDK's exit code."""
+    global _job_started
+    _job_started = True
     from airflow.executors.workloads import ExecuteTask
     from airflow.sdk.execution_time.supervisor import supervise_task
 
-    _preload()
-
-    line = sys.stdin.readline()
-    if not line.strip():
-        return 0
-    global _job_started
-    _job_started = True
-    msg = json.loads(line)
-    os.environ.update({k: str(v) for k, v in msg.get("env", {}).items()})
+    os.environ.update({k: str(v) for k, v in (msg.get("env") or {}).items()})
     workload = ExecuteTask.model_validate(msg["workload"])
     try:
         from setproctitle import setproctitle
@@ -110,5 +114,100 @@ def main() -> int:
     )
 
 
+def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
+    """In a forked child: detach, redirect output, run the task, never return."""
+    code = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in close_fds:
+            os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        out = os.open(msg["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        _die_with_parent(zygote_pid)
+        code = run_request(msg)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def zygote_main() -> int:
+    _die_with_parent(int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid())))
+    _preload()
+    me = os.getpid()
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints from imported code must not corrupt the protocol stream
+
+    def send(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd fires
+    sel = selectors.DefaultSelector()
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
+    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    children: dict[int, str] = {}
+    buffer = b""
+    stdin_open = True
+    send({"event": "ready", "pid": os.getpid()})
+    while stdin_open or children:
+        for key, _ in sel.select(timeout=1.0):
+            if key.data == "wake":
+                os.read(wake_r, 4096)
+                continue
+            chunk = os.read(sys.stdin.fileno(), 65536)
+            if not chunk:
+                stdin_open = False
+                sel.unregister(sys.stdin.fileno())
+                continue
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if not line.strip():
+                    continue
+                msg = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    _child(msg, me, [wake_r, wake_w, out.fileno()])
+                children[pid] = msg["id"]
+                send({"event": "started", "id": msg["id"], "pid": pid})
+        while children:  # reap every child that has exited
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            send({"event": "exit", "id": children.pop(pid, None), "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+    return 0
+
+
+def single_main() -> int:
+    _die_with_parent(int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid())))
+    _preload()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0
+    return run_request(json.loads(line))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(zygote_main() if "--zygote" in sys.argv[1:] else single_main())

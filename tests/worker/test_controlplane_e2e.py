@@ -176,3 +176,26 @@ def test_maintenance_mode_from_server_stops_fetching(control_plane: ControlPlane
     control_plane.set_worker_maintenance(w.name, False)
     assert control_plane.wait_for_run("outpost_sleep", run_id, timeout_s=90) == "success"
     assert not w.status()["maintenance"]
+
+
+def test_server_side_concurrency_queue_and_shutdown_requests(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
+    w = start_worker(queues="q_nothing_here", concurrency=2)
+    control_plane.set_worker_concurrency(w.name, 3)
+    control_plane.add_worker_queue(w.name, "q_chain")
+    deadline = time.monotonic() + 30
+    while not ((w.status() or {}).get("concurrency") == 3 and "q_chain" in ((w.status() or {}).get("queues") or [])):
+        assert time.monotonic() < deadline, w.status()
+        time.sleep(0.3)
+    run_id, state = _run(control_plane, "outpost_chain")  # served only because the server added q_chain
+    assert state == "success"
+    control_plane.request_worker_shutdown(w.name)
+    assert w.wait(60) == 0
+    assert "shutdown requested by the control plane" in w.log()
+    assert control_plane.workers()[w.name]["state"] in ("offline", "unknown")
+
+
+def test_push_logs_ships_task_logs_to_the_control_plane(control_plane: ControlPlane, start_worker) -> None:
+    start_worker(queues="q_chain", extra_args=["--push-logs", "true"])
+    run_id, state = _run(control_plane, "outpost_chain")
+    assert state == "success"
+    assert "Returned value was" in control_plane.task_log("outpost_chain", run_id, "describe")
