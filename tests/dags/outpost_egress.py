@@ -34,7 +34,9 @@ def outpost_egress_secrets():
         from airflow.sdk import BaseHook
 
         conn = BaseHook.get_connection("outpost_local_db")
-        print("api_token=tok-" + "9" * 12 + " and key sk-" + "a1" * 8 + " for " + conn.host)
+        import logging
+
+        logging.getLogger("airflow.task").warning("api_token=tok-%s and key sk-%s for %s", "9" * 12, "a1" * 8, conn.host)
         return conn.host
 
     @task
