@@ -118,6 +118,9 @@ class EdgeClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        close = getattr(self.auth, "aclose", None)  # an OAuth2 authenticator holds its own client
+        if close is not None:
+            await close()
 
     async def request(self, method: str, edge_path: str, body: Any = None, *, edge: bool = True,
                       max_bytes: int | None = None) -> Any:

@@ -71,6 +71,16 @@ def _token_subject(authorization: str | None) -> str | None:
     return str(sub) if sub is not None else None
 
 
+def _edge_task_label(rel: str) -> str | None:
+    """``dag.task[map] run=... try=...`` (as ``JobKey`` prints) for Edge job-state and log-push paths."""
+    parts = [unquote(p) for p in rel.split("/")]
+    if len(parts) >= 7 and parts[:2] in (["jobs", "state"], ["logs", "push"]):
+        dag_id, task_id, run_id, try_number, map_index = parts[2:7]
+        mi = f"[{map_index}]" if map_index.lstrip("-").isdigit() and int(map_index) >= 0 else ""
+        return f"{dag_id}.{task_id}{mi} run={run_id} try={try_number}"
+    return None
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its signal handling: the CLI owns signals (it installs them once)."""
 
@@ -261,6 +271,7 @@ class Egress:
                     task: str | None = None) -> None:
         """Record one Edge API request of the worker itself (``status=None``: it never got an answer)."""
         rel = path.split("/edge_worker/v1/", 1)[-1]
+        task = task or _edge_task_label(rel)
         self.ledger.record(Entry(
             ts=time.time(), task=task, endpoint=path, method=method, kind=classify(rel, method) if rel != path else "api",
             bytes=len(body or b""), bytes_in=bytes_in, status=status, outcome="sent" if status else "error",

@@ -143,3 +143,15 @@ def test_policy_lets_state_and_small_xcom_through() -> None:
     assert policy.check("xcom", "GET", "xcoms/d/r/t/k", 0) is None
     assert Policy(max_xcom_bytes=0).check("xcom", "POST", "xcoms/d/r/t/k", 10**9) is None  # 0 = no limit
     assert Policy(secrets="local-first").check("connection", "GET", "connections/c", 0) is None
+
+
+def test_worker_edge_calls_are_recorded_and_attributed_to_their_task(tmp_path: Path) -> None:
+    egress = Egress(_settings(tmp_path))
+    egress.ledger.start()
+    egress.record_edge("PATCH", "/edge_worker/v1/jobs/state/d/t/manual__1%2B0/1/3/success", b'{"x":1}', 204, 0)
+    egress.record_edge("POST", "/edge_worker/v1/jobs/fetch/w1", b"{}", None, 0)
+    egress.ledger.close()
+    rows = ledger.report(tmp_path / "state" / "egress.sqlite")["largest"]
+    by_kind = {r["kind"]: r for r in rows}
+    assert by_kind["state"]["task"] == "d.t[3] run=manual__1+0 try=1" and by_kind["state"]["bytes"] == 7
+    assert by_kind["job-fetch"]["outcome"] == "error" and by_kind["job-fetch"]["task"] is None
