@@ -199,3 +199,23 @@ def test_push_logs_ships_task_logs_to_the_control_plane(control_plane: ControlPl
     run_id, state = _run(control_plane, "outpost_chain")
     assert state == "success"
     assert "Returned value was" in control_plane.task_log("outpost_chain", run_id, "describe")
+
+
+def test_second_signal_skips_the_drain_wait(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
+    w = start_worker(queues="q_sleep", concurrency=2)
+    marker = tmp_path / "markers"
+    run_id = control_plane.trigger("outpost_sleep", conf={"seconds": 120, "count": 1, "marker_dir": str(marker)})
+    deadline = time.monotonic() + 90
+    while not (marker / "0.start").exists():
+        assert time.monotonic() < deadline, w.log()
+        time.sleep(0.2)
+    w.send(signal.SIGTERM)
+    time.sleep(1)
+    assert w.proc is not None and w.proc.poll() is None  # first signal: draining (drain timeout is 60 s)
+    t0 = time.monotonic()
+    w.send(signal.SIGTERM)
+    assert w.wait(45) == 0  # second signal: SIGTERM, 5 s grace, SIGKILL, report, exit
+    assert time.monotonic() - t0 < 45
+    assert not (marker / "0.end").exists()
+    assert control_plane.wait_for_run("outpost_sleep", run_id, timeout_s=90) == "failed"
+    assert "SIGKILL" in w.log()
