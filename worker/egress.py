@@ -34,6 +34,7 @@ _EXECUTION_KINDS = {
 # Edge API paths (relative to .../edge_worker/v1/).
 _EDGE_KINDS = (("worker/", "worker"), ("jobs/fetch", "job-fetch"), ("jobs/state", "state"), ("logs/", "logs"))
 _TI_HEARTBEAT = re.compile(r"^task-instances/[^/]+/heartbeat$")
+_TI_RTIF = re.compile(r"^task-instances/[^/]+/rtif$")
 
 
 def classify(path: str, method: str) -> str:
@@ -44,6 +45,8 @@ def classify(path: str, method: str) -> str:
             return kind
     if _TI_HEARTBEAT.match(path):
         return "heartbeat"
+    if _TI_RTIF.match(path):
+        return "rendered-fields"  # rendered template fields: a task's arguments, cut at 4 KiB by Airflow
     head = path.split("/", 1)[0]
     if head == "task-instances":
         return "state"

@@ -107,7 +107,7 @@ class Gateway:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
-        config = uvicorn.Config(self, lifespan="off", log_config=None, access_log=False,
+        config = uvicorn.Config(self, lifespan="off", log_config=None, log_level="warning", access_log=False,
                                 timeout_keep_alive=60, timeout_graceful_shutdown=5)
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="egress gateway")

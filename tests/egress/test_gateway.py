@@ -122,6 +122,7 @@ def test_unreachable_control_plane_is_a_retryable_502(tmp_path: Path) -> None:
     ("task-instances/abc/heartbeat", "PUT", "heartbeat"),
     ("task-instances/abc/state", "PATCH", "state"),
     ("task-instances/abc/run", "PATCH", "state"),
+    ("task-instances/abc/rtif", "PUT", "rendered-fields"),
     ("xcoms/d/r/t/k", "POST", "xcom"),
     ("connections/c", "GET", "connection"),
     ("variables/v", "GET", "variable"),

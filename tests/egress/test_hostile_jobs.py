@@ -45,13 +45,13 @@ def _only_job_or_rejected(raw: Any) -> None:
     assert not result.dag_rel_path.startswith("/") and ".." not in result.dag_rel_path.split("/")
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(JSON)
 def test_fuzz_arbitrary_json(raw: Any) -> None:
     _only_job_or_rejected(raw)
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(PATHS), JSON | HOSTILE_TEXT), min_size=1, max_size=4))
 def test_fuzz_mutated_valid_jobs(mutations: list) -> None:
     job = copy.deepcopy(GOOD)
