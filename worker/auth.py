@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from worker.errors import AuthError, ConnectError, OutpostError
+from worker.errors import AuthError, ConfigError, ConnectError, OutpostError
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -42,9 +42,16 @@ def control_plane_ssl(settings: Settings) -> ssl.SSLContext | bool:
     """TLS settings for httpx ``verify=``: the system CAs unless ``ca_bundle``; ``client_cert`` for mTLS."""
     if settings.ca_bundle is None and settings.client_cert is None:
         return True
-    ctx = ssl.create_default_context(cafile=str(settings.ca_bundle) if settings.ca_bundle else None)
+    try:
+        ctx = ssl.create_default_context(cafile=str(settings.ca_bundle) if settings.ca_bundle else None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("ca_bundle", str(settings.ca_bundle), f"a PEM file of CA certificates ({exc})") from exc
     if settings.client_cert is not None:
-        ctx.load_cert_chain(str(settings.client_cert), str(settings.client_key) if settings.client_key else None)
+        try:
+            ctx.load_cert_chain(str(settings.client_cert), str(settings.client_key) if settings.client_key else None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("client_cert", str(settings.client_cert),
+                              f"a PEM certificate with its key (or client_key) ({exc})") from exc
     return ctx
 
 

@@ -21,7 +21,7 @@ import uvicorn
 from worker.auth import ClientCredentialsAuth, TokenFileAuth
 from worker.config import load_settings
 from worker.edge_client import EdgeClient
-from worker.errors import ConnectError
+from worker.errors import ConfigError, ConnectError
 from worker.gateway import Egress
 
 
@@ -77,6 +77,15 @@ def test_mtls_with_a_custom_ca(tls_server: dict, tmp_path: Path) -> None:
         asyncio.run(version(client_cert=str(tls_server["client"])))  # system CAs do not know ours
     with pytest.raises(ConnectError):
         asyncio.run(version(ca_bundle=str(tls_server["ca"])))  # the server demands a client certificate
+
+
+def test_unusable_pem_is_a_config_error(tls_server: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="invalid setting ca_bundle"):
+        EdgeClient(_settings(tls_server, tmp_path, ca_bundle=str(bad)))
+    with pytest.raises(ConfigError, match="invalid setting client_cert"):
+        EdgeClient(_settings(tls_server, tmp_path, client_cert=str(bad)))
 
 
 def test_gateway_forwards_over_mtls(tls_server: dict, tmp_path: Path) -> None:
