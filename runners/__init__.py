@@ -48,6 +48,14 @@ _LAZY = {
     "read_vectors": "runners.embeddings",
     "chunk_key": "runners.embeddings",
     "RunnerError": "runners.errors",
+    "ModelClient": "runners.model_client",
+    "ServiceEmbedder": "runners.model_client",
+    "make_embedder": "runners.model_client",
+    "ModelService": "runners.model_service",
+    "ModelServiceError": "runners._service_protocol",
+    "GpuMemoryError": "runners._service_protocol",
+    "QueryRetriever": "runners.retrieval",
+    "emit": "runners.airflow",
 }
 
 __all__: list[str] = sorted(_LAZY)

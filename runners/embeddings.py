@@ -108,6 +108,7 @@ def embed_corpus(
     embedder: Embedder | None = None,
     chunking: ChunkingConfig | None = None,
     dtype: str = "float32",
+    encoder: str = "auto",
     **embedder_kwargs: Any,
 ) -> dict[str, Any]:
     """Bring ``embeddings/<name>`` up to date with the corpus; return a small XCom summary.
@@ -115,6 +116,8 @@ def embed_corpus(
     ``store``: a Store, a root path, or None (``OUTPOST_STORE_ROOT``). ``name`` defaults to the
     corpus file stem. Pass a loaded ``embedder`` to reuse it (``model`` and
     ``embedder_kwargs`` are then ignored). ``dtype`` is the shard dtype (float32/float16).
+    ``encoder``: ``"local"`` loads the model in this process, ``"service"`` uses the worker's
+    warm model service, ``"auto"`` the service inside a worker task (see ``runners.model_client``).
 
     The summary holds counts, checksums, model, code version and ``file://`` URIs, never texts
     or vectors. Idempotent: an unchanged corpus does no model work and writes nothing
@@ -130,7 +133,9 @@ def embed_corpus(
     manifest_path = store.manifest_path(KIND, name)  # validates the name before any work
     docs = read_documents(corpus)
     if embedder is None:
-        embedder = Embedder(model, **embedder_kwargs)
+        from runners.model_client import make_embedder
+
+        embedder = make_embedder(model, encoder=encoder, **embedder_kwargs)
     chunking = (chunking or ChunkingConfig()).resolved(embedder.max_seq_length - 2)
     previous = store.read_manifest(KIND, name)
     if previous is not None and previous["dim"] != embedder.dim:
