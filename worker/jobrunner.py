@@ -131,6 +131,8 @@ class JobRunner:
             await self._report(key, "running", deadline_s=60)
             self.w.telemetry.job_started(job.queue, time.monotonic() - run.started)
             rc = await self._wait(run)
+            if (leftovers := run.proc.kill_session()):
+                log.warning("killed %d process(es) that %s left running after it ended", leftovers, key)
             state = "success" if rc == 0 else "failed"
             if rc != 0:
                 log.error("job %s failed with exit code %s; supervisor output:\n%s", key, rc, run.proc.output_tail()[-2000:])
@@ -176,6 +178,8 @@ class JobRunner:
             try:
                 return await asyncio.wait_for(asyncio.shield(run.proc.wait()), self.w.settings.poll_interval_s * 2)
             except asyncio.TimeoutError:
+                if (leftovers := run.proc.reap_after_task()):
+                    log.warning("killed %d process(es) that %s left running after it ended", leftovers, run.job.key)
                 await self._push_logs(run)
 
     # -- reporting ---------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class TaskProcess:
         self.pid = pid
         self.output = output
         self._exit = exit_future
+        self._runner_seen = False
 
     @property
     def returncode(self) -> int | None:
@@ -73,6 +74,44 @@ class TaskProcess:
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+
+    def reap_after_task(self) -> int:
+        """Once the task runner (the supervisor's child) has exited, kill what it left behind.
+
+        Leftovers inherit the task's output sockets, and the Task SDK supervisor waits for those
+        to close (up to ``[workers] socket_cleanup_timeout``) before it reports: killing them
+        lets it finish now. Returns how many were killed.
+        """
+        import psutil
+
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return 0
+        if children:
+            self._runner_seen = True
+            return 0
+        if not self._runner_seen:
+            return 0  # the supervisor has not forked its task yet
+        return self.kill_session(exclude=self.pid)
+
+    def kill_session(self, exclude: int | None = None) -> int:
+        """SIGKILL processes still in this task's session (left behind after it ended).
+
+        The task process started a new session, so its session id is its pid; anything a task
+        forked and left running is found by that id. Returns how many were killed.
+        """
+        import psutil
+
+        killed = 0
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if proc.pid != exclude and os.getsid(proc.pid) == self.pid:
+                    proc.kill()
+                    killed += 1
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                pass
+        return killed
 
     def output_tail(self) -> str:
         try:

@@ -56,15 +56,21 @@ def _on_parent_death(signum: int, frame: object) -> None:
     # Otherwise return: the supervisor sees its task die and reports the failure before exiting.
 
 
-def _die_with_parent(expected_parent: int) -> None:
-    signal.signal(signal.SIGUSR1, _on_parent_death)
+def _zygote_on_parent_death(signum: int, frame: object) -> None:
+    # Exit only: each task child then gets its own parent-death signal and stops its task tree
+    # while its supervisor survives to report the failure.
+    os._exit(0)
+
+
+def _die_with_parent(expected_parent: int, handler: Any = _on_parent_death) -> None:
+    signal.signal(signal.SIGUSR1, handler)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the worker's crash recovery stops leftovers
         return
     if os.getppid() != expected_parent:  # the parent died before prctl took effect
-        _on_parent_death(signal.SIGUSR1, None)
+        handler(signal.SIGUSR1, None)
 
 
 def _preload() -> None:
@@ -126,10 +132,11 @@ def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         out = os.open(msg["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        # Re-point the descriptors only: new file objects on fd 1/2 would close them when
+        # garbage-collected, after the Task SDK has re-pointed those fds at its own sockets.
         os.dup2(out, 1)
         os.dup2(out, 2)
-        sys.stdout = os.fdopen(1, "w", buffering=1)
-        sys.stderr = os.fdopen(2, "w", buffering=1)
+        os.close(out)
         _die_with_parent(zygote_pid)
         code = run_request(msg)
     except SystemExit as exc:
@@ -147,8 +154,34 @@ def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
             os._exit(code)
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _sweep_orphans(running: dict[int, str]) -> None:
+    """Kill adopted orphans that belong to no running task.
+
+    As a child subreaper the zygote inherits processes whose parent died inside a task's tree.
+    One whose session is a running task's (session id == that task's pid) is left alone (a
+    double-forked helper of a live task); any other is left over from a finished task.
+    """
+    import psutil
+
+    for proc in psutil.Process().children():
+        if proc.pid in running:
+            continue
+        try:
+            if os.getsid(proc.pid) not in running:
+                proc.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+
+
 def zygote_main() -> int:
-    _die_with_parent(int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid())))
+    _die_with_parent(int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid())), _zygote_on_parent_death)
+    try:  # orphans of task trees are re-parented to us (and reaped) instead of init
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
     _preload()
     me = os.getpid()
     out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -184,19 +217,23 @@ def zygote_main() -> int:
                 if not line.strip():
                     continue
                 msg = json.loads(line)
+                sys.stdout.flush()
+                sys.stderr.flush()
                 pid = os.fork()
                 if pid == 0:
                     _child(msg, me, [wake_r, wake_w, out.fileno()])
                 children[pid] = msg["id"]
                 send({"event": "started", "id": msg["id"], "pid": pid})
-        while children:  # reap every child that has exited
+        _sweep_orphans(children)
+        while True:  # reap every child that has exited: our tasks and adopted orphans
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
-            send({"event": "exit", "id": children.pop(pid, None), "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+            if pid in children:
+                send({"event": "exit", "id": children.pop(pid), "pid": pid, "code": os.waitstatus_to_exitcode(status)})
     return 0
 
 
