@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.bench_index import machine  # noqa: E402
+from benchmarks._machine import summary as machine  # noqa: E402
 from runners.batch import BatchConfig, run_batch_inference, run_plain_loop  # noqa: E402
 from runners.models import PrototypeClassifier  # noqa: E402
 from runners.ray_session import RayConfig, ray_session  # noqa: E402

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -32,22 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._machine import summary as machine  # noqa: E402
 from worker.controlplane import ControlPlane  # noqa: E402
 
 DAGS = Path(__file__).parent / "dags"
 ACCESS_RE = re.compile(r"^(\S+) .*\[http\.access\].*path=(/edge_worker/v1/\S+)")
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
 def _ts(value: str | None) -> float | None:

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._machine import summary as machine  # noqa: E402
 from runners.index import IndexConfig, build_index, update_index  # noqa: E402
 
 
@@ -47,16 +45,6 @@ def write(emb: Path, stem: str, x: np.ndarray, first_id: int) -> None:
     np.save(emb / f"{stem}.ids.npy", np.arange(first_id, first_id + len(x), dtype=np.int64))
 
 
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def run(n: int, dim: int, kinds: list[str], work: Path) -> list[dict]:

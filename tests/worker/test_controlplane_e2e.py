@@ -17,6 +17,14 @@ from worker.controlplane import ControlPlane
 pytestmark = pytest.mark.controlplane
 
 
+def _wait_for(path: Path, w, timeout_s: float = 90) -> None:
+    """Wait until a task created ``path`` (the worker's log in the failure message)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, w.log()
+        time.sleep(0.2)
+
+
 def _run(cp: ControlPlane, dag_id: str, conf: dict | None = None, timeout_s: float = 180) -> tuple[str, str]:
     run_id = cp.trigger(dag_id, conf=conf)
     return run_id, cp.wait_for_run(dag_id, run_id, timeout_s=timeout_s)
@@ -106,10 +114,7 @@ def test_drain_on_sigterm_lets_running_task_finish(control_plane: ControlPlane, 
     w = start_worker(queues="q_sleep", concurrency=2)
     marker = tmp_path / "markers"
     run_id = control_plane.trigger("outpost_sleep", conf={"seconds": 6, "count": 1, "marker_dir": str(marker)})
-    deadline = time.monotonic() + 90
-    while not (marker / "0.start").exists():
-        assert time.monotonic() < deadline, w.log()
-        time.sleep(0.2)
+    _wait_for(marker / "0.start", w)
     assert w.stop(signal.SIGTERM) == 0
     assert (marker / "0.end").exists()  # the task ran to completion during the drain
     assert control_plane.wait_for_run("outpost_sleep", run_id, timeout_s=60) == "success"
@@ -121,10 +126,7 @@ def test_sigkill_mid_task_never_reports_success_and_restart_serves(control_plane
     w = start_worker(queues="q_sleep", concurrency=2)
     marker = tmp_path / "markers"
     run_id = control_plane.trigger("outpost_sleep", conf={"seconds": 20, "count": 1, "marker_dir": str(marker)})
-    deadline = time.monotonic() + 90
-    while not (marker / "0.start").exists():
-        assert time.monotonic() < deadline, w.log()
-        time.sleep(0.2)
+    _wait_for(marker / "0.start", w)
     task_pid = int((marker / "0.start").read_text().split()[1])
     w.send(signal.SIGKILL)
     w.wait(10)
@@ -205,10 +207,7 @@ def test_second_signal_skips_the_drain_wait(control_plane: ControlPlane, start_w
     w = start_worker(queues="q_sleep", concurrency=2)
     marker = tmp_path / "markers"
     run_id = control_plane.trigger("outpost_sleep", conf={"seconds": 120, "count": 1, "marker_dir": str(marker)})
-    deadline = time.monotonic() + 90
-    while not (marker / "0.start").exists():
-        assert time.monotonic() < deadline, w.log()
-        time.sleep(0.2)
+    _wait_for(marker / "0.start", w)
     w.send(signal.SIGTERM)
     time.sleep(1)
     assert w.proc is not None and w.proc.poll() is None  # first signal: draining (drain timeout is 60 s)

@@ -6,7 +6,6 @@ log) are marked ``slow``; smaller variants of the same checks run by default.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
