@@ -5,7 +5,8 @@
 ``model_calls``, ``texts_encoded``) but the model lives in the service, so constructing it in a
 new task process costs a socket round trip once the service holds the model. It never imports
 torch: the tokenizer (needed for chunking only) is read from the model's ``tokenizer.json``.
-Vectors are bit-identical to a local ``Embedder`` with the same model, device and backend.
+Vectors are those of a local ``Embedder`` with the same model, device and backend (the service
+runs that ``Embedder``; only float rounding from how texts share a batch can differ).
 
 ``make_embedder(model, encoder=...)`` picks: ``"local"`` (an in-process ``Embedder``),
 ``"service"`` (``ServiceEmbedder``; starts the service if needed) or ``"auto"``: the service
@@ -269,7 +270,7 @@ class ServiceEmbedder:
         return out
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """Float32 (n, dim) vectors, L2-normalised when ``normalize``; identical to ``Embedder.embed``."""
+        """Float32 (n, dim) vectors, L2-normalised when ``normalize``; as ``Embedder.embed`` returns them."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         out, resp = self.client.encode(list(texts), self.model_path, **self._request)

@@ -129,12 +129,19 @@ class ModelService:
             self.bind()
         log.info("model service pid %d on %s (idle release after %.0fs)", os.getpid(), self.path, self.idle_s)
         assert self._sock is not None
+        last_reap = self.clock()
         try:
             while not self._stop.is_set():
+                # Reap on a clock, not only when accept() times out: steady pings must not keep
+                # idle models loaded.
+                if self.clock() - last_reap >= 0.5:
+                    last_reap = self.clock()
+                    self._reap()
+                    if self._stop.is_set():
+                        break
                 try:
                     conn, _ = self._sock.accept()
                 except TimeoutError:
-                    self._reap()
                     continue
                 with self._lock:
                     self._connections += 1

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
     d = sub.add_parser("demo", help="start a local control plane and a worker, run an example DAG")
-    d.add_argument("--dag", default="outpost_example", help="example DAG to run")
+    d.add_argument("--dag", default="outpost_rag_pipeline", help="example DAG to run (outpost_example: the minimal tour)")
     d.add_argument("--keep", action="store_true", help="keep the temporary AIRFLOW_HOME")
     d.set_defaults(func=_cmd_demo)
     from worker.egress_cli import add_egress_parser

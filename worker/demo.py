@@ -25,7 +25,19 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run_demo(*, keep: bool = False, dag_id: str = "outpost_example", timeout_s: float = 900) -> int:
+def _stop_model_service(store: Path) -> None:
+    # Tasks started the runners' model service next to the store; it would otherwise outlive the
+    # demo until its idle timeout.
+    from runners.errors import RunnerError
+    from runners.model_client import ModelClient
+
+    try:
+        ModelClient(store / ".model-service.sock", autostart=False).shutdown_service()
+    except (RunnerError, OSError) as exc:
+        _say(f"could not stop the model service: {exc}")
+
+
+def run_demo(*, keep: bool = False, dag_id: str = "outpost_rag_pipeline", timeout_s: float = 900) -> int:
     """Run the demo; return 0 if the DAG run succeeded, 1 otherwise."""
     workdir = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
     cp = ControlPlane(dags_folder=EXAMPLE_DAGS, home=workdir / "airflow")
@@ -72,6 +84,7 @@ def run_demo(*, keep: bool = False, dag_id: str = "outpost_example", timeout_s: 
                 worker.wait(120)
             except subprocess.TimeoutExpired:
                 worker.kill()
+        _stop_model_service(workdir / "store")
         cp.stop()
         _say("control plane stopped" + (f"; files kept in {workdir}" if keep else ""))
         if not keep:
