@@ -55,6 +55,8 @@ class Settings:
     kill_grace_s: float = 10.0
     startup_timeout_s: float = 15.0
     request_timeout_s: float = 30.0
+    # How long the gateway holds a task's request while the control plane is unreachable.
+    outage_hold_s: float = 900.0
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_secret_file: Path | None = None
     jwt_issuer: str | None = None
@@ -116,6 +118,9 @@ class Settings:
             raise ConfigError("prewarm", self.prewarm, "an integer from 0 to 64")
         for name in ("poll_interval_s", "poll_min_interval_s", "heartbeat_interval_s", "request_timeout_s", "startup_timeout_s"):
             _positive_float(name, getattr(self, name))
+        if not isinstance(self.outage_hold_s, (int, float)) or isinstance(self.outage_hold_s, bool) \
+                or not 0 <= self.outage_hold_s <= 86_400:
+            raise ConfigError("outage_hold_s", self.outage_hold_s, "a duration from 0 (fail at once) to 24h, e.g. 900 or 15m")
         for name in ("drain_timeout_s", "kill_grace_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:

@@ -38,6 +38,7 @@ import uvicorn
 from worker.auth import control_plane_ssl
 from worker.egress import Policy, Refusal, classify
 from worker.ledger import Entry, Ledger
+from worker.outage import OUTAGE_STATUSES, Outage
 from worker.redact import LogRedactor
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class Gateway:
         self._egress = egress
         self._upstream = upstream if upstream.endswith("/") else upstream + "/"
         self._http = client
+        self._outage = Outage(egress.settings.outage_hold_s)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.url: str | None = None
@@ -170,15 +172,55 @@ class Gateway:
 
     async def _forward(self, send: Any, method: str, url: str, headers: list[tuple[str, str]],
                        body: bytes) -> tuple[int | None, int]:
-        """Send upstream and stream the answer back unchanged. Returns (status or None, bytes received)."""
-        request = self._http.build_request(method, url, headers=headers, content=body)
+        """Send upstream and stream the answer back unchanged. Returns (status or None, bytes received).
+
+        While the control plane is unreachable (transport errors, timeouts, 502/503/504) the request
+        is held and retried (:class:`worker.outage.Outage`) for up to ``outage_hold_s``, then
+        answered 502. The Task SDK sends one request at a time per task, so holding keeps each
+        task's requests in order. A heartbeat is answered 204 here while the upstream is down; the
+        next one goes upstream, so a 404/409 (task no longer running) reaches the supervisor as is.
+        """
+        outage = self._outage
+        heartbeat = outage.is_heartbeat(method, url)
+        started, attempt = time.monotonic(), 0
         try:
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            # 502 is retried by the Task SDK client (it retries 5xx and transport errors).
-            log.warning("gateway: %s %s failed: %s", method, url, exc)
-            await _reply(send, 502, {"detail": f"outpost gateway: control plane unreachable ({type(exc).__name__}: {exc})"})
-            return None, 0
+            while True:
+                timeout = {"timeout": outage.heartbeat_timeout_s} if heartbeat else {}
+                request = self._http.build_request(method, url, headers=headers, content=body, **timeout)
+                response: httpx.Response | None = None
+                try:
+                    response = await self._http.send(request, stream=True)
+                    failure = f"HTTP {response.status_code}" if response.status_code in OUTAGE_STATUSES else None
+                except httpx.TransportError as exc:
+                    failure = f"{type(exc).__name__}: {exc}"
+                except httpx.HTTPError as exc:  # not an outage: retrying cannot help
+                    log.warning("gateway: %s %s failed: %s", method, url, exc)
+                    await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
+                    return None, 0
+                if failure is None and response is not None:
+                    outage.up()
+                    break
+                if response is not None:
+                    await response.aclose()
+                outage.down(failure)
+                if heartbeat:  # the task is alive, which is all a heartbeat says; nothing left the worker
+                    outage.local_heartbeats += 1
+                    await send({"type": "http.response.start", "status": 204, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
+                    return None, 0
+                waited = time.monotonic() - started
+                if waited >= outage.hold_s:
+                    log.warning("gateway: gave up on %s %s after holding it %.0fs (%s)", method, url, waited, failure)
+                    await _reply(send, 502, {"detail": f"outpost gateway: control plane unreachable for {waited:.0f}s ({failure})"})
+                    return None, 0
+                attempt += 1
+                if attempt == 1:
+                    outage.holding += 1
+                    outage.held_total += 1
+                await outage.wait(attempt, outage.hold_s - waited)
+        finally:
+            if attempt:
+                outage.holding -= 1
         received = 0
         try:
             out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.multi_items()

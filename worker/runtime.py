@@ -149,6 +149,10 @@ class Worker:
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(s.log_folder.resolve()),
             "OUTPOST_WORKER_NAME": s.name,
         })
+        if s.outage_hold_s > 0:
+            # The gateway holds a request through an outage; the Task SDK client (5 s timeout,
+            # 5 tries by default) must wait for it rather than give up and send it again.
+            env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"] = str(int(s.outage_hold_s + s.request_timeout_s + 30))
         if self.telemetry.runner is not None:
             env["OUTPOST_METRICS_DIR"] = str(self.telemetry.runner.folder.resolve())
         if s.dags_folder is not None:

@@ -104,11 +104,12 @@ def test_unreachable_control_plane_is_a_retryable_502(tmp_path: Path) -> None:
         raise httpx.ConnectError("connection refused")
 
     async def main() -> None:
-        egress = Egress(_settings(tmp_path), upstream_transport=httpx.MockTransport(down))
+        # outage_hold_s=0: no holding (tests/worker/test_outage_hold.py covers the hold).
+        egress = Egress(_settings(tmp_path, outage_hold_s=0), upstream_transport=httpx.MockTransport(down))
         url = await egress.start()
         try:
             async with httpx.AsyncClient(base_url=url) as client:
-                r = await client.put("task-instances/x/heartbeat", json={})
+                r = await client.patch("task-instances/x/state", json={})
             assert r.status_code == 502 and "unreachable" in r.json()["detail"]
         finally:
             await egress.aclose()
