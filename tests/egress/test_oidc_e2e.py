@@ -21,7 +21,7 @@ from jwt.algorithms import RSAAlgorithm
 from tests.helpers import DAGS, WorkerProc
 from worker.controlplane import ControlPlane
 
-pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
+pytestmark = pytest.mark.controlplane  # ~40 s with its own control plane: in the default run
 
 ISSUER = "https://idp.region.test"
 AUDIENCE = "outpost-workers"
