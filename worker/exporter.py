@@ -83,8 +83,8 @@ class _StateCollector(Collector):
         slots.add_metric(["gpu", "total"], w.gpus.total)
         slots.add_metric(["gpu", "free"], w.gpus.free)
         yield slots
-        yield GaugeMetricFamily("outpost_pending_reports", "Final task states not yet delivered to the control plane",
-                                value=len(w.jobs._pending_reports))
+        yield GaugeMetricFamily("outpost_pending_reports", "State reports in the outbox, not yet acknowledged by the control plane",
+                                value=w.jobs.outbox_depth)
         yield CounterMetricFamily("outpost_control_plane_requests", "Requests sent to the control plane",
                                   value=w.counter.total)
         rates = w.counter.rates()

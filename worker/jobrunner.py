@@ -1,9 +1,14 @@
 """Runs fetched jobs: validate, launch a task process, report running, wait, report the outcome.
 
-Every claimed job is journaled in the state folder before it starts; its final state is
-journaled before it is reported and the entry is removed only once the server acknowledged it.
-A report that cannot be delivered stays pending and is retried (when the control plane is back,
-or at the next start), so a finished task's state is never dropped.
+Every claimed job is journaled in the state folder (with its task process's pid) before it
+starts. Every report the worker owes the control plane goes to the durable outbox
+(:mod:`worker.outbox`) first; one sender delivers it in order and removes it only once the server
+acknowledged it, retrying through outages and replaying what is left at the next start, so a
+finished task's state is never dropped. The journal entry is removed once the job's final state
+is in the outbox.
+
+A job whose workload token expired while it waited in the queue is not started: it is reported
+failed (Airflow retries it), with the reason in the worker log, the task log and the ledger.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import sqlite3
 import time
@@ -21,16 +27,16 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from worker.costs import live_tasks
-from worker.edge_client import retry
 from worker.errors import JobRejected, OutpostError
 from worker.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
+from worker.outbox import Outbox, Report
 from worker.supervisor import TaskLauncher, TaskProcess
+from worker.tokens import expired_for
 
 if TYPE_CHECKING:
     from worker.runtime import Worker
 
 log = logging.getLogger(__name__)
-REPORT_DEADLINE_S = 15 * 60
 
 
 @dataclass
@@ -50,7 +56,10 @@ class JobRunner:
         self.w = worker
         self.launcher: TaskLauncher | None = None
         self.running: dict[JobKey, RunningJob] = {}
-        self._pending_reports: dict[JobKey, str] = {}
+        self.outbox = Outbox(worker.settings.state_folder / "outbox.sqlite")
+        self._outbox_wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self.expired = 0  # jobs whose token expired in the queue
         self._background: set[asyncio.Task[Any]] = set()
         self.rejected = 0
         self._fetch_turn = 0
@@ -122,12 +131,15 @@ class JobRunner:
         state = "failed"
         try:
             self.w.state_folder.journal_start(key, None)
+            if (expired_s := expired_for(job.workload.get("token"))) is not None:
+                await self._expired(run, expired_s)
+                return
             assert self.launcher is not None
             env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.w.gpus.total else None
             run.proc = await self.launcher.launch(job.workload, self.w.egress.task_server(job), env)
             self.w.state_folder.journal_start(key, run.proc.pid)
             log.info("started %s (pid %d)%s", key, run.proc.pid, f" on GPU {','.join(run.devices)}" if run.devices else "")
-            await self._report(key, "running", deadline_s=60)
+            self._enqueue(key, "running")
             self.w.telemetry.job_started(job.queue, time.monotonic() - run.started)
             rc = await self._wait(run)
             if (leftovers := run.proc.kill_session()):
@@ -182,37 +194,94 @@ class JobRunner:
                 await self._push_logs(run)
 
     # -- reporting ---------------------------------------------------------------------------
-    async def _report(self, key: JobKey, state: str, deadline_s: float | None) -> bool:
-        try:
-            await retry(lambda: self.w.client.jobs.set_state(key, state), what=f"report {key} {state}",
-                        deadline_s=deadline_s, base_s=0.5, cap_s=15)
-            return True
-        except OutpostError as exc:
-            log.error("could not report %s as %s: %s", key, state, exc)
-            return False
+    @property
+    def outbox_depth(self) -> int:
+        """Reports not yet acknowledged by the control plane."""
+        return self.outbox.depth
+
+    def _enqueue(self, key: JobKey, state: str, note: str | None = None) -> None:
+        self.outbox.put(key, state, note)
+        self._outbox_wake.set()
 
     async def _report_final(self, key: JobKey, state: str, note: str | None = None) -> None:
-        """Journal, then deliver the final state; keep it pending if the server can't be reached."""
-        self.w.state_folder.journal_final(key, state)
+        """Queue the final state durably (the sender delivers it); the journal entry is then done."""
         if note:
             log.error("job %s reported %s: %s", key, state, note)
-        if await self._report(key, state, deadline_s=REPORT_DEADLINE_S if not self.w.draining else 30):
-            self.w.state_folder.journal_done(key)
-            self._pending_reports.pop(key, None)
-        else:
-            self._pending_reports[key] = state
+        self._enqueue(key, state, note)
+        self.w.state_folder.journal_done(key)
 
     def retry_pending_reports(self) -> None:
-        for key, state in list(self._pending_reports.items()):
-            t = asyncio.create_task(self._report_final(key, state))
-            self._background.add(t)
-            t.add_done_callback(self._background.discard)
+        """The control plane is back: send what the outbox holds now, not after the backoff."""
+        self._outbox_wake.set()
+
+    def report_worker_state(self, state: str, note: str | None = None) -> None:
+        self.outbox.put_worker(self.w.settings.name, state, note)
+        self._outbox_wake.set()
+
+    async def flush_outbox(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the outbox to empty; True if it did."""
+        deadline = time.monotonic() + timeout_s
+        self._outbox_wake.set()
+        while self.outbox.depth and time.monotonic() < deadline and self._sender is not None and not self._sender.done():
+            await asyncio.sleep(0.05)
+        return self.outbox.depth == 0
+
+    async def aclose(self) -> None:
+        """Stop the sender and close the outbox; what is undelivered stays for the next start. Idempotent."""
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
+        self.outbox.close()
+
+    async def _send_outbox(self) -> None:
+        """Deliver the outbox oldest first, forever; back off (jittered, capped) while unreachable."""
+        failures = 0
+        while True:
+            self._outbox_wake.clear()
+            blocked = False
+            for report in self.outbox.pending():
+                try:
+                    await self._deliver(report)
+                except OutpostError as exc:
+                    if exc.retryable:
+                        failures += 1
+                        if failures == 1 or failures % 10 == 0:
+                            log.warning("%d report(s) wait for the control plane (%s)", self.outbox.depth, exc)
+                        blocked = True
+                        break
+                    log.error("the control plane refused the report %s %s: %s", report.subject, report.state, exc)
+                except Exception:  # a bug must not stop reporting; the row stays for the next try
+                    log.exception("sending report %s %s failed", report.subject, report.state)
+                    blocked = True
+                    break
+                self.outbox.ack(report.seq)
+                failures = 0
+            timeout = random.uniform(0.25, min(15.0, 0.5 * 2 ** min(failures, 5))) if blocked else None
+            if not blocked and self.outbox.depth:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._outbox_wake.wait(), timeout)
+
+    async def _deliver(self, report: Report) -> None:
+        s = self.w.settings
+        if report.kind == "job":
+            assert report.key is not None
+            await self.w.client.jobs.set_state(report.key, report.state)
+        else:
+            await self.w.client.worker.set_state(s.name, report.state, 0, self.w.queues, self.w._sysinfo(),
+                                                 report.note, s.team_name)
 
     async def recover_leftovers(self) -> None:
-        """Handle journal entries of a previous worker process (crash, SIGKILL, OOM)."""
+        """Handle journal entries of a previous worker process (crash, SIGKILL, OOM), then start
+        sending the outbox (reports the previous process could not deliver go first)."""
+        self.outbox.open()
+        if (dropped := self.outbox.drop_worker_reports()):
+            log.info("dropped %d worker-state report(s) of a previous run (registration supersedes them)", dropped)
         for entry in self.w.state_folder.journal_leftovers():
             key: JobKey = entry["key"]
-            state = entry.get("final_state")
+            state = entry.get("final_state") or self.outbox.final_state(key)
             pid = entry.get("pid")
             if state is None:
                 if pid and _is_our_task_process(pid):
@@ -221,6 +290,24 @@ class JobRunner:
                 state = "failed"  # the outcome is unknown: never claim success
             log.warning("reporting job %s from a previous worker run as %s", key, state)
             await self._report_final(key, state)
+        if (depth := self.outbox.depth):
+            log.info("replaying %d undelivered report(s) from the outbox", depth)
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_outbox(), name="outbox sender")
+
+    async def _expired(self, run: RunningJob, expired_s: float) -> None:
+        """The workload's token expired while the job was queued: fail it with the reason, don't run it."""
+        key = run.job.key
+        self.expired += 1
+        reason = (f"the job's execution token expired {expired_s:.0f}s before this worker fetched it (it waited in the "
+                  "queue longer than the control plane's [scheduler] task_queued_timeout); not started, reported "
+                  "failed so Airflow can retry it")
+        log.error("job %s: %s", key, reason)
+        self.w.egress.record_rejected_job(f"token expired in queue: {reason}", str(key))
+        if self.w.settings.log_policy != "none":
+            with contextlib.suppress(OutpostError):
+                await self.w.client.logs.push(key, f"outpost: {reason}\n", datetime.now(timezone.utc).isoformat())
+        await self._report_final(key, "failed", note="token expired in queue")
 
     # -- logs --------------------------------------------------------------------------------
     async def _push_logs(self, run: RunningJob, final: bool = False, failure: str | None = None) -> None:

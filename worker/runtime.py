@@ -122,6 +122,7 @@ class Worker:
             await self._go_offline()
             return 0
         finally:
+            await self.jobs.aclose()  # undelivered reports stay in the outbox for the next start
             await self.lifecycle.aclose()
             if self.health is not None:
                 await self.health.aclose()
@@ -344,13 +345,14 @@ class Worker:
             self.shutdown()
 
     async def _go_offline(self) -> None:
-        s = self.settings
         state = "offline maintenance" if self.maintenance else "offline"
-        try:
-            await self.client.worker.set_state(s.name, state, 0, self.queues, self._sysinfo(), self.maintenance_comments, s.team_name)
+        # Through the outbox, behind the jobs' final states, so those reach the server first.
+        self.jobs.report_worker_state(state, self.maintenance_comments)
+        if await self.jobs.flush_outbox(30):
             log.info("reported offline to the control plane")
-        except OutpostError as exc:
-            log.warning("could not report offline (%s); the server will mark this worker lost", exc)
+        else:
+            log.warning("could not deliver %d report(s) before exiting; they stay in the outbox and are sent at "
+                        "the next start (the server will mark this worker lost meanwhile)", self.jobs.outbox_depth)
 
     # -- status ------------------------------------------------------------------------------
     def _write_status(self, *, force: bool = False, state: str | None = None) -> None:

@@ -3,9 +3,10 @@
 * ``worker.lock``: held (``flock``) for the worker's lifetime, so two workers never share a
   state folder.
 * ``jobs/<id>.json``: one journal entry per job the worker has claimed, written before the job
-  starts and removed only after its final state was acknowledged by the server. An entry left
-  behind by a crash tells the next start which jobs to stop and report (never as success
-  unless that outcome had already been recorded).
+  starts (then with its task process's pid) and removed once its final state is in the outbox
+  (``outbox.sqlite``, :mod:`worker.outbox`, which owns delivery). An entry left behind by a crash
+  tells the next start which jobs to stop and report failed (never as success: a known outcome
+  is already in the outbox).
 * ``status.json``: a snapshot for ``outpost status``, replaced atomically.
 """
 
