@@ -52,6 +52,7 @@ PREFIX = "/execution/"
 WORKER_ONLY_ENV = ("OUTPOST_TOKEN_FILE", "OUTPOST_OIDC_CLIENT_SECRET_FILE", "OUTPOST_CLIENT_KEY",
                    "OUTPOST_JWT_SECRET", "OUTPOST_JWT_SECRET_FILE", "AIRFLOW__API_AUTH__JWT_SECRET")
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
+MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
 _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
@@ -298,6 +299,8 @@ class Egress:
     def task_server(self, job: Job) -> str:
         """Register ``job`` (so ledger rows name it) and return the URL its task process must use."""
         self._tasks[job.workload["ti"]["id"]] = str(job.key)
+        while len(self._tasks) > MAX_TASK_LABELS:  # oldest first (dicts keep insertion order)
+            self._tasks.pop(next(iter(self._tasks)))
         return self.url or self.settings.execution_api
 
     def task_label(self, ti_id: str | None) -> str | None:

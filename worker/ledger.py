@@ -90,6 +90,7 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.written = 0
+        self.dropped = 0
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -103,9 +104,17 @@ class Ledger:
         self._thread.start()
 
     def record(self, entry: Entry) -> None:
-        """Queue one row; it is written within ``flush_interval_s``."""
-        if not self._closed:
-            self._queue.put(entry)
+        """Queue one row; it is written within ``flush_interval_s``.
+
+        If the writer thread died (``error`` says why, e.g. a full disk), rows are counted in
+        ``dropped`` instead of piling up in memory; the gap shows in ``written``.
+        """
+        if self._closed:
+            return
+        if self._thread is not None and not self._thread.is_alive():
+            self.dropped += 1
+            return
+        self._queue.put(entry)
 
     def flush(self, timeout_s: float = 10.0) -> None:
         """Block until every row recorded before this call is committed."""

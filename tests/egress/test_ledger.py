@@ -106,3 +106,23 @@ def test_cli_report_and_verify(tmp_path: Path) -> None:
     _tamper(state / "egress.sqlite", "UPDATE egress SET bytes = 0 WHERE id = 2")
     bad = run_outpost("egress", "verify", "--state-folder", str(state))
     assert bad.returncode == 1 and "TAMPERED: row 2" in bad.stderr
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_writer_drops_rows_instead_of_piling_them_up(tmp_path: Path) -> None:
+    path = tmp_path / "egress.sqlite"
+    led = Ledger(path, flush_interval_s=0.02)
+    led.start()
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE egress;")  # e.g. the file was replaced under the worker
+    db.close()
+    led.record(_entry(1))
+    deadline = time.monotonic() + 10
+    while led.error is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert isinstance(led.error, sqlite3.OperationalError)
+    led._thread.join(5)
+    led.record(_entry(2))
+    led.record(_entry(3))
+    assert led.dropped == 2 and led.written == 0
+    led.close()
