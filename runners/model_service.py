@@ -17,6 +17,12 @@ later tasks on the same worker get vectors from the already loaded model.
 * The socket is created 0600 and a peer with another uid is refused (``SO_PEERCRED``). The wire
   format is JSON headers plus raw float bytes (``runners._service_protocol``), never pickle.
 
+Where task processes cannot leave a process behind (the worker's pre-forked task launcher kills
+processes a finished task left), start the service next to the worker instead and give tasks
+its socket: ``python -m runners.model_service --persistent --socket PATH`` with
+``OUTPOST_MODEL_SOCKET=PATH`` in the worker's environment. ``--persistent`` keeps it serving
+when it holds no model; it still exits when its socket file is removed.
+
 ``ModelService(socket_path).run()`` serves until ``shutdown()`` or idle exit (``shutdown`` is safe
 before ``run`` and twice). ``python -m runners.model_service --socket PATH`` runs it; with
 ``--spawn`` it starts a detached service and exits once that answers (what clients use).
@@ -84,12 +90,14 @@ class ModelService:
     """Serves ``load``/``encode``/``stats``/``release``/``shutdown`` requests on a UNIX socket."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, idle_s: float | None = None,
-                 gpu_reserve_mb: int | None = None, threads: int | None = None, clock=time.monotonic) -> None:
+                 gpu_reserve_mb: int | None = None, threads: int | None = None, persistent: bool = False,
+                 clock=time.monotonic) -> None:
         self.path = socket_path(path)
         self.idle_s = idle_seconds(idle_s)
         self.gpu_reserve_mb = int(os.environ.get(ENV_GPU_RESERVE, DEFAULT_GPU_RESERVE_MB)
                                   if gpu_reserve_mb is None else gpu_reserve_mb)
         self.threads = threads
+        self.persistent = persistent
         self.clock = clock
         self.loads = 0
         self.requests = 0
@@ -175,11 +183,19 @@ class ModelService:
         for key in idle:
             log.info("releasing %s on %s/%s: unused for %.0fs", *key, now - self._models[key].last_used)
             self._release(key)
+        try:
+            gone = self.path.stat().st_ino != self._inode
+        except FileNotFoundError:
+            gone = True
+        if gone:  # the socket was removed or taken over: nobody can reach this service any more
+            log.info("socket %s is gone: exiting", self.path)
+            self.shutdown()
+            return
         with self._lock:
             empty = not self._models and not self._connections
             quiet = now - self.last_activity >= self.idle_s
         # Exit once the last model is released, or when nothing was ever loaded for idle_s.
-        if empty and (idle or quiet):
+        if empty and (idle or quiet) and not self.persistent:
             log.info("no models held and no clients: exiting")
             self.shutdown()
 
@@ -391,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", help="socket path (default: OUTPOST_MODEL_SOCKET, then the store root)")
     parser.add_argument("--idle-s", type=float, default=None, help="release models unused this long (seconds)")
     parser.add_argument("--threads", type=int, default=None, help="torch/ONNX threads for CPU models")
+    parser.add_argument("--persistent", action="store_true",
+                        help="release idle models but keep serving (for a service started next to the worker)")
     parser.add_argument("--spawn", action="store_true", help="start a detached service and wait until it answers")
     parser.add_argument("--spawn-timeout-s", type=float, default=60.0)
     args = parser.parse_args(argv)
@@ -403,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.spawn:
         return _spawn(path, idle_s, args.spawn_timeout_s)
-    service = ModelService(path, idle_s=idle_s, threads=args.threads)
+    service = ModelService(path, idle_s=idle_s, threads=args.threads, persistent=args.persistent)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.shutdown())
     return service.run()

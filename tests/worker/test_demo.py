@@ -13,5 +13,12 @@ def test_demo_runs_example_dag_to_success() -> None:
     result = run_outpost("demo", timeout_s=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "run finished: SUCCESS" in result.stdout
-    assert "summarize" in result.stdout and "'region': 'demo-local'" in result.stdout
+    assert "batch_inference" in result.stdout and "promote" in result.stdout  # the RAG pipeline by default
     assert "control plane stopped" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_the_minimal_example_on_request() -> None:
+    result = run_outpost("demo", "--dag", "outpost_example", timeout_s=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "summarize" in result.stdout and "'region': 'demo-local'" in result.stdout

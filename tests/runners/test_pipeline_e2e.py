@@ -1,0 +1,99 @@
+"""The example RAG pipeline end to end: real control plane, real worker, real model, FAISS and Ray.
+
+The promotion's asset event (with the summary as extra) is read back from the control plane's
+REST API and must have triggered the consumer DAG; the embedding tasks of the run share one
+model load in the worker's model service.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from runners import ModelClient
+from runners.model_client import ping
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(900)]
+
+DAG = "outpost_rag_pipeline"
+CONSUMER = "outpost_rag_consumer"
+
+
+@pytest.fixture
+def store_root() -> Path:
+    # Short: the model service's socket lives here and UNIX socket paths are limited to 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="rag-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def model_service(store_root: Path) -> Path:
+    """A persistent model service next to the worker, as ``outpost demo`` and deployments run it
+    (the worker's task launcher stops processes a finished task leaves behind)."""
+    sock = store_root / ".model-service.sock"
+    with open(store_root / "model-service.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "runners.model_service", "--persistent", "--socket", str(sock)],
+                                stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 60
+    while ping(sock) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, (store_root / "model-service.log").read_text()
+        time.sleep(0.1)
+    yield sock
+    proc.terminate()
+    proc.wait(30)
+
+
+def _consumer_runs(cp) -> list[dict]:
+    return cp._json("GET", f"/dags/{CONSUMER}/dagRuns", params={"limit": 100})["dag_runs"]
+
+
+def test_rag_pipeline_runs_end_to_end_and_promotion_triggers_the_consumer(control_plane, start_worker, store_root,
+                                                                         model_service):
+    cp = control_plane
+    worker = start_worker(queues="default", env={"OUTPOST_STORE_ROOT": str(store_root), "HF_HUB_OFFLINE": "1",
+                                                 "OUTPOST_MODEL_SOCKET": str(model_service)})
+    cp.wait_for_dag(CONSUMER)
+    consumers_before = {r["dag_run_id"] for r in _consumer_runs(cp)}
+    run_id = cp.trigger(DAG, conf={"documents": 120})
+    state = cp.wait_for_run(DAG, run_id, timeout_s=600)
+    assert state == "success", f"{cp.task_states(DAG, run_id)}\n{worker.log()[-4000:]}"
+
+    arrived = cp.xcom(DAG, run_id, "documents_arrive")
+    embedded = cp.xcom(DAG, run_id, "embed")
+    promoted = cp.xcom(DAG, run_id, "promote")
+    inferred = cp.xcom(DAG, run_id, "batch_inference")
+    assert arrived["documents"] == 120 and arrived["corpus_uri"].startswith(f"file://{store_root}")
+    assert embedded["changed"] and embedded["chunks"] >= 120 and embedded["encoder"] == "service"
+    assert promoted["version"] == "v000001" and promoted["recall"] >= 0.9
+    assert inferred["engine"] == "ray" and inferred["rows"] == 10 and inferred["top1_topic_accuracy"] >= 0.8
+    assert (store_root / "indexes" / "rag_docs" / "current").resolve().name == promoted["version"]
+    # XCom holds metadata only: no texts, no vectors.
+    assert all(len(repr(x)) < 2000 for x in (arrived, embedded, promoted, inferred))
+
+    events = cp._json("GET", "/assets/events", params={"source_dag_id": DAG, "source_run_id": run_id})["asset_events"]
+    assert [e["uri"] for e in events] == ["outpost://index/rag_docs"]
+    assert events[0]["source_task_id"] == "promote" and events[0]["extra"] == promoted
+
+    # The event schedules the consumer DAG, which reads the summary from the event.
+    deadline = time.monotonic() + 240
+    new: list[dict] = []
+    while time.monotonic() < deadline:
+        new = [r for r in _consumer_runs(cp) if r["dag_run_id"] not in consumers_before]
+        if new and new[0]["state"] in ("success", "failed"):
+            break
+        time.sleep(1)
+    assert new and new[0]["state"] == "success", new
+    assert cp.xcom(CONSUMER, new[0]["dag_run_id"], "announce")["version"] == promoted["version"]
+
+    # embed and batch_inference ran in different processes; the model was loaded once.
+    stats = ModelClient(model_service, autostart=False).stats()
+    assert stats["loads"] == 1
+    [held] = stats["models"]
+    assert held["calls"] >= 2 and held["texts"] >= embedded["embedded"] + 10
