@@ -39,10 +39,10 @@ from worker.auth import control_plane_ssl
 from worker.egress import Policy, Refusal, classify
 from worker.ledger import Entry, Ledger
 from worker.outage import OUTAGE_STATUSES, Outage
-from worker.redact import LogRedactor
 
 if TYPE_CHECKING:
     from worker.config import Settings
+    from worker.redact import LogRedactor
     from worker.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,10 @@ class Egress:
     @functools.cached_property
     def redactor(self) -> LogRedactor:
         """Masks and caps task logs for ``logs = "redacted"`` (built on first use)."""
+        # Imported here: Airflow's secrets masker initialises Airflow's configuration and
+        # logging on import, which only a worker that redacts logs should pay for.
+        from worker.redact import LogRedactor
+
         return LogRedactor(self.settings.redact_patterns, self.settings.redacted_log_max_bytes)
 
     async def start(self) -> str:
