@@ -43,7 +43,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "drain_timeout_s": "on shutdown, how long running tasks may finish (default 300)",
         "kill_grace_s": "after the drain timeout, SIGTERM->SIGKILL grace (default 10)",
         "jwt_secret_file": "file holding the control plane's [api_auth] jwt_secret",
-        "prewarm": "idle task processes kept ready for fast start (default 1)",
+        "prewarm": "1: fork tasks from a pre-imported zygote (fast start); 0: fresh interpreter per task",
         "metrics_host": "address of the /healthz, /readyz, /metrics server (default 127.0.0.1)",
         "metrics_port": "port of the health/metrics server; 0 = off (default 9464)",
         "gpu_queues": "queue names/globs whose tasks take GPUs, one per pool slot (default gpu*)",

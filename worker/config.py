@@ -114,8 +114,8 @@ class Settings:
                     raise ConfigError("queues", q, "queue names are 1-256 characters of letters, digits, '_', '.', ':' or '-'")
         _positive_int("concurrency", self.concurrency, maximum=1024)
         _positive_int("push_log_chunk_size", self.push_log_chunk_size, maximum=10_000_000)
-        if not isinstance(self.prewarm, int) or not 0 <= self.prewarm <= 64:
-            raise ConfigError("prewarm", self.prewarm, "an integer from 0 to 64")
+        if self.prewarm not in (0, 1) or isinstance(self.prewarm, bool):
+            raise ConfigError("prewarm", self.prewarm, "1 (fork tasks from a pre-imported zygote) or 0 (fresh interpreter per task)")
         for name in ("poll_interval_s", "poll_min_interval_s", "heartbeat_interval_s", "request_timeout_s", "startup_timeout_s"):
             _positive_float(name, getattr(self, name))
         if not isinstance(self.outage_hold_s, (int, float)) or isinstance(self.outage_hold_s, bool) \
