@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from runners.errors import BackendUnavailableError, ModelError, ModelNotFoundError, RunnerError
+from runners.errors import (
+    BackendUnavailableError,
+    ModelError,
+    ModelNotFoundError,
+    RunnerError,
+)
 
 ENV_SOCKET = "OUTPOST_MODEL_SOCKET"
 ENV_IDLE = "OUTPOST_MODEL_IDLE_S"

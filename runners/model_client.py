@@ -96,7 +96,7 @@ def start_service(path: Path, *, idle_s: float, timeout_s: float = 120.0) -> Non
             proc = subprocess.run(
                 [sys.executable, "-m", "runners.model_service", "--spawn", "--socket", str(path),
                  "--idle-s", str(idle_s), "--spawn-timeout-s", str(timeout_s)],
-                env=_service_env(), capture_output=True, text=True, timeout=timeout_s + 30, cwd="/",
+                env=_service_env(), capture_output=True, text=True, timeout=timeout_s + 30, cwd="/", check=False,
             )
         except subprocess.TimeoutExpired as exc:
             raise ModelServiceError(f"starting the model service on {path} timed out") from exc

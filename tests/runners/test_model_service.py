@@ -39,7 +39,7 @@ def sock() -> Path:
 def _in_new_process(code: str, *args: str) -> dict:
     """Run ``code`` in a fresh interpreter (a stand-in for the next task process); returns its JSON line."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          timeout=180, cwd=REPO)
+                          timeout=180, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -72,8 +72,7 @@ def _write_jsonl(path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -129,9 +128,8 @@ def outpost_rag_pipeline():
 
     @task
     def build_index(embedded: dict, **context) -> dict:
-        from runners import IndexConfig, Store, current_version
+        from runners import IndexConfig, Store, current_version, update_index
         from runners import build_index as build
-        from runners import update_index
 
         store = Store()
         emb_dir, index_dir = store.path("embeddings", NAME), store.path("indexes", NAME)
@@ -155,7 +153,8 @@ def outpost_rag_pipeline():
 
     @task(outlets=[INDEX_ASSET])
     def promote(gated: dict) -> dict:
-        from runners import emit, promote as promote_version
+        from runners import emit
+        from runners import promote as promote_version
         from runners.store import Store
 
         result = promote_version(gated["index_dir"], gated["version"], min_recall=gated["min_recall"])
@@ -168,7 +167,14 @@ def outpost_rag_pipeline():
     def batch_inference(promoted: dict, **context) -> dict:
         import pyarrow.parquet as pq
 
-        from runners import BatchConfig, QueryRetriever, RayConfig, Store, run_batch_inference, run_plain_loop
+        from runners import (
+            BatchConfig,
+            QueryRetriever,
+            RayConfig,
+            Store,
+            run_batch_inference,
+            run_plain_loop,
+        )
 
         params = context["params"]
         store = Store()
