@@ -38,6 +38,14 @@ def test_chain_passes_xcom(control_plane: ControlPlane, start_worker) -> None:
     assert control_plane.xcom("outpost_chain", run_id, "describe") == "outpost:40"
 
 
+def test_fresh_interpreter_per_task_mode(control_plane: ControlPlane, start_worker) -> None:
+    w = start_worker(queues="q_chain", extra_args=["--prewarm", "0"])
+    run_id, state = _run(control_plane, "outpost_chain")
+    assert state == "success", control_plane.task_states("outpost_chain", run_id)
+    assert control_plane.xcom("outpost_chain", run_id, "describe") == "outpost:40"
+    assert not (w.state_folder / "task-output" / "zygote.log").exists()
+
+
 def test_dynamic_mapping_over_dozens_of_items(control_plane: ControlPlane, start_worker) -> None:
     start_worker(queues="q_mapped", concurrency=4)
     run_id, state = _run(control_plane, "outpost_mapped", timeout_s=300)
