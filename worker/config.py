@@ -28,6 +28,16 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
 
 
+# Environment variables that authenticate the *worker*; task processes and helpers never see them.
+WORKER_CREDENTIAL_ENV = ("OUTPOST_JWT_SECRET", "OUTPOST_JWT_SECRET_FILE", "AIRFLOW__API_AUTH__JWT_SECRET",
+                         "OUTPOST_TOKEN_FILE", "OUTPOST_OIDC_CLIENT_SECRET_FILE", "OUTPOST_CLIENT_KEY")
+
+
+def without_credentials(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``env`` without the worker's own credentials."""
+    return {k: v for k, v in env.items() if k not in WORKER_CREDENTIAL_ENV}
+
+
 def _default_home() -> Path:
     return Path(os.environ.get("OUTPOST_HOME", Path.home() / ".outpost"))
 
@@ -72,6 +82,9 @@ class Settings:
     preemption_notice_file: Path | None = None
     preemption_drain_timeout_s: float = 30.0
     warm_models: tuple[str, ...] = ()
+    # Keep embedding models loaded across tasks in a worker-owned model service (runners extra).
+    model_service: bool = True
+    model_idle_s: float = 600.0
     budgets: tuple[tuple[str, float], ...] = ()  # (("queue:gpu", 7200.0), ("dag:train", 1800.0))
     # Data sovereignty (README "Data sovereignty"): what may leave the region, and how we authenticate.
     region: str = "default"
@@ -171,6 +184,8 @@ def _validate_deploy(s: Settings) -> None:
             raise ConfigError("gpus", dev, "comma-separated device indexes (0,1,2,3) or GPU-/MIG- UUIDs")
     if s.gpus is not None and len(set(s.gpus)) != len(s.gpus):
         raise ConfigError("gpus", ",".join(s.gpus), "each device once")
+    if not isinstance(s.model_idle_s, (int, float)) or isinstance(s.model_idle_s, bool) or s.model_idle_s <= 0:
+        raise ConfigError("model_idle_s", s.model_idle_s, "a duration > 0 such as 600 or 10m")
     for name in ("exit_when_idle_s", "preemption_drain_timeout_s"):
         value = getattr(s, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:

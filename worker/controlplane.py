@@ -13,7 +13,6 @@ public ``/api/v2`` API, which the control plane opens to everyone via
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 import httpx
 
 from worker.errors import OutpostError
+from worker.procutil import die_with_parent
 
 TERMINAL_RUN_STATES = frozenset({"success", "failed"})
 
@@ -43,13 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the launching process dies, so a killed test
-    run or demo never leaves a control plane behind (Linux; a no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _airflow_bin() -> str:
@@ -172,7 +165,7 @@ class ControlPlane:
         log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self._procs[name] = subprocess.Popen(
             argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # a killed test run leaves no control plane behind
         )
         log.close()
 

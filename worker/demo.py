@@ -30,7 +30,6 @@ def run_demo(*, keep: bool = False, dag_id: str = "outpost_rag_pipeline", timeou
     workdir = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
     cp = ControlPlane(dags_folder=EXAMPLE_DAGS, home=workdir / "airflow")
     worker: subprocess.Popen[bytes] | None = None
-    models: subprocess.Popen[bytes] | None = None
     t0 = time.monotonic()
     try:
         _say(f"starting a local Airflow control plane in {workdir / 'airflow'} ...")
@@ -41,15 +40,6 @@ def run_demo(*, keep: bool = False, dag_id: str = "outpost_rag_pipeline", timeou
             "OUTPOST_JWT_SECRET": cp.jwt_secret, "AIRFLOW_VAR_OUTPOST_REGION": "demo-local",
             "OUTPOST_STORE_ROOT": str(workdir / "store"), "HF_HUB_OFFLINE": "1",
         })
-        # The runners' model service keeps the embedding model loaded between tasks; it runs next
-        # to the worker because the worker stops processes that a finished task leaves behind.
-        sock = workdir / "store" / ".model-service.sock"
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        with open(workdir / "model-service.log", "wb") as out:
-            models = subprocess.Popen([sys.executable, "-m", "runners.model_service", "--persistent", "--socket", str(sock)],
-                                      env={k: v for k, v in env.items() if k != "OUTPOST_JWT_SECRET"},
-                                      stdout=out, stderr=subprocess.STDOUT)
-        env["OUTPOST_MODEL_SOCKET"] = str(sock)
         argv = [sys.executable, "-m", "worker.cli", "worker", "--api-url", cp.base_url, "--name", "outpost-demo",
                 "--concurrency", "2", "--state-folder", str(workdir / "state"), "--log-folder", str(workdir / "logs"),
                 "--dags-folder", str(EXAMPLE_DAGS), "--poll-interval-s", "1"]
@@ -82,9 +72,6 @@ def run_demo(*, keep: bool = False, dag_id: str = "outpost_rag_pipeline", timeou
                 worker.wait(120)
             except subprocess.TimeoutExpired:
                 worker.kill()
-        if models is not None and models.poll() is None:
-            models.terminate()
-            models.wait(30)
         cp.stop()
         _say("control plane stopped" + (f"; files kept in {workdir}" if keep else ""))
         if not keep:

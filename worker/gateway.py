@@ -36,6 +36,7 @@ import httpx
 import uvicorn
 
 from worker.auth import control_plane_ssl
+from worker.config import WORKER_CREDENTIAL_ENV
 from worker.egress import Policy, Refusal, classify
 from worker.ledger import Entry, Ledger
 from worker.outage import OUTAGE_STATUSES, Outage
@@ -48,9 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "/execution/"
-# Credentials of the worker itself: a task process must never see them.
-WORKER_ONLY_ENV = ("OUTPOST_TOKEN_FILE", "OUTPOST_OIDC_CLIENT_SECRET_FILE", "OUTPOST_CLIENT_KEY",
-                   "OUTPOST_JWT_SECRET", "OUTPOST_JWT_SECRET_FILE", "AIRFLOW__API_AUTH__JWT_SECRET")
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
 _HOP_BY_HOP = frozenset({
@@ -293,7 +291,7 @@ class Egress:
     def apply_task_env(self, env: dict[str, str]) -> None:
         """Set the region and XCom backend for task processes; drop the worker's own credentials."""
         s = self.settings
-        for name in WORKER_ONLY_ENV:
+        for name in WORKER_CREDENTIAL_ENV:
             env.pop(name, None)
         env.update({"OUTPOST_REGION": s.region, "OUTPOST_STORE_ROOT": str(s.region_store.resolve()),
                     "OUTPOST_XCOM_THRESHOLD_BYTES": str(s.xcom_threshold_bytes)})

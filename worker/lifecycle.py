@@ -21,7 +21,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from worker.supervisor import _WORKER_ONLY_ENV
+from worker.config import without_credentials
 from worker.units import format_duration
 
 if TYPE_CHECKING:
@@ -32,7 +32,14 @@ log = logging.getLogger(__name__)
 # Runs in a child process. runners.embedder.warm(model) is used when the runners provide it;
 # otherwise constructing an Embedder builds and caches what the first task would.
 _WARM_SCRIPT = """
-import importlib, sys
+import importlib, os, sys
+if os.environ.get("OUTPOST_MODEL_SOCKET"):  # load into the worker's model service: stays warm for tasks
+    from runners.model_client import ModelClient
+    with ModelClient(autostart=False) as client:
+        for name in sys.argv[2:]:
+            client.load(None if name in ("default", "packaged") else name)
+            print("warmed", name, flush=True)
+    sys.exit(0)
 e = importlib.import_module(sys.argv[1])
 warm = getattr(e, "warm", None)
 for name in sys.argv[2:]:
@@ -94,7 +101,7 @@ class Lifecycle:
         log.info("warming models in the background: %s", ", ".join(models))
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _WARM_SCRIPT, self.warm_module, *models, env=_without_credentials(self.w._task_env()),
+                sys.executable, "-c", _WARM_SCRIPT, self.warm_module, *models, env=without_credentials(self.w._task_env()),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             log.error("could not start model warming: %s", exc)
@@ -121,6 +128,3 @@ class Lifecycle:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-
-def _without_credentials(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in _WORKER_ONLY_ENV}

@@ -39,6 +39,7 @@ from worker.gateway import Egress
 from worker.jobrunner import JobRunner
 from worker.lifecycle import Lifecycle
 from worker.metrics import RequestCounter
+from worker.model_host import ModelHost, service_available
 from worker.state import StateFolder
 from worker.supervisor import TaskLauncher
 from worker.sysinfo import airflow_version, sysinfo
@@ -78,6 +79,10 @@ class Worker:
         self.costs: CostLedger | None = None
         self.budgets: BudgetGuard | None = None
         self.lifecycle = Lifecycle(self)
+        # A model service the worker owns, unless the runners are absent or one is configured.
+        self.models: ModelHost | None = (
+            ModelHost(settings.state_folder, idle_s=settings.model_idle_s)
+            if settings.model_service and service_available() and not os.environ.get("OUTPOST_MODEL_SOCKET") else None)
         self.telemetry = WorkerMetrics(self, runner_dir=settings.state_folder / "runner-metrics"
                                        if settings.metrics_port else None)
         self.health: HealthServer | None = None
@@ -114,7 +119,11 @@ class Worker:
             if self.health is not None:
                 await self.health.start()
             await launcher.start()
+            if self.models is not None:
+                await self.models.start(self._task_env())
             await self._startup()
+            if self.models is not None:
+                await self.models.wait_ready()  # imports torch while the zygote imports Airflow
             self.lifecycle.start_warming()
             await self.jobs.recover_leftovers()
             await self._main_loop()
@@ -128,6 +137,8 @@ class Worker:
                 await self.health.aclose()
             self.costs.close()
             await launcher.aclose()
+            if self.models is not None:
+                await self.models.aclose()
             await self.client.aclose()
             await self.egress.aclose()
             self._write_status(force=True, state="offline")
@@ -158,6 +169,8 @@ class Worker:
             env["OUTPOST_METRICS_DIR"] = str(self.telemetry.runner.folder.resolve())
         if s.dags_folder is not None:
             env["AIRFLOW__CORE__DAGS_FOLDER"] = str(s.dags_folder.resolve())
+        if self.models is not None:
+            env["OUTPOST_MODEL_SOCKET"] = str(self.models.socket)
         self.egress.apply_task_env(env)
         return env
 

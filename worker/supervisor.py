@@ -24,10 +24,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from worker.config import without_credentials
+
 log = logging.getLogger(__name__)
 
-# Secrets that authenticate the *worker*; a task process must never see them.
-_WORKER_ONLY_ENV = ("OUTPOST_JWT_SECRET", "AIRFLOW__API_AUTH__JWT_SECRET", "OUTPOST_JWT_SECRET_FILE")
 OUTPUT_TAIL_BYTES = 8192
 START_TIMEOUT_S = 120.0
 
@@ -204,7 +204,7 @@ class TaskLauncher:
     """Launches task processes. ``start()`` begins warming; ``aclose()`` is safe twice."""
 
     def __init__(self, *, env: dict[str, str], output_dir: Path, prewarm: int = 1) -> None:
-        self._env = {k: v for k, v in env.items() if k not in _WORKER_ONLY_ENV}
+        self._env = without_credentials(env)
         self._env["OUTPOST_PARENT_PID"] = str(os.getpid())
         self._output_dir = output_dir
         self._use_zygote = prewarm > 0

@@ -8,8 +8,6 @@ model load in the worker's model service.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 
 from runners import ModelClient
 from runners.model_client import ping
+from worker.model_host import socket_path_for
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(900)]
 
@@ -33,32 +32,15 @@ def store_root() -> Path:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def model_service(store_root: Path) -> Path:
-    """A persistent model service next to the worker, as ``outpost demo`` and deployments run it
-    (the worker's task launcher stops processes a finished task leaves behind)."""
-    sock = store_root / ".model-service.sock"
-    with open(store_root / "model-service.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "runners.model_service", "--persistent", "--socket", str(sock)],
-                                stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 60
-    while ping(sock) is None:
-        assert proc.poll() is None and time.monotonic() < deadline, (store_root / "model-service.log").read_text()
-        time.sleep(0.1)
-    yield sock
-    proc.terminate()
-    proc.wait(30)
-
-
 def _consumer_runs(cp) -> list[dict]:
     return cp._json("GET", f"/dags/{CONSUMER}/dagRuns", params={"limit": 100})["dag_runs"]
 
 
-def test_rag_pipeline_runs_end_to_end_and_promotion_triggers_the_consumer(control_plane, start_worker, store_root,
-                                                                         model_service):
+def test_rag_pipeline_runs_end_to_end_and_promotion_triggers_the_consumer(control_plane, start_worker, store_root):
     cp = control_plane
-    worker = start_worker(queues="default", env={"OUTPOST_STORE_ROOT": str(store_root), "HF_HUB_OFFLINE": "1",
-                                                 "OUTPOST_MODEL_SOCKET": str(model_service)})
+    worker = start_worker(queues="default", env={"HF_HUB_OFFLINE": "1"},
+                          extra_args=["--store-root", str(store_root)])
+    model_service = socket_path_for(worker.state_folder)  # the worker's own model service
     cp.wait_for_dag(CONSUMER)
     consumers_before = {r["dag_run_id"] for r in _consumer_runs(cp)}
     run_id = cp.trigger(DAG, conf={"documents": 120})
@@ -92,8 +74,12 @@ def test_rag_pipeline_runs_end_to_end_and_promotion_triggers_the_consumer(contro
     assert new and new[0]["state"] == "success", new
     assert cp.xcom(CONSUMER, new[0]["dag_run_id"], "announce")["version"] == promoted["version"]
 
-    # embed and batch_inference ran in different processes; the model was loaded once.
+    # embed and batch_inference ran in different processes; the model was loaded once, in the
+    # service the worker started (and stops: see below).
     stats = ModelClient(model_service, autostart=False).stats()
     assert stats["loads"] == 1
     [held] = stats["models"]
     assert held["calls"] >= 2 and held["texts"] >= embedded["embedded"] + 10
+
+    assert worker.stop() == 0
+    assert ping(model_service) is None and not model_service.exists()
