@@ -171,6 +171,9 @@ class Worker:
             env["AIRFLOW__CORE__DAGS_FOLDER"] = str(s.dags_folder.resolve())
         if self.models is not None:
             env["OUTPOST_MODEL_SOCKET"] = str(self.models.socket)
+        elif not s.model_service:
+            # A service a task started would be stopped with the task's leftovers: load in-task.
+            env["OUTPOST_MODEL_SERVICE"] = "0"
         self.egress.apply_task_env(env)
         return env
 
