@@ -282,7 +282,8 @@ class Worker:
 
     def _outage_delay(self) -> float:
         down = time.monotonic() - (self.disconnected_since or time.monotonic())
-        return min(30.0, 1.0 + down / 4) * random.uniform(0.5, 1.0)
+        # Probe at most every 5 s: one cheap request, and a recovery is noticed within seconds.
+        return min(5.0, 0.5 + down / 10) * random.uniform(0.5, 1.0)
 
     # -- heartbeat ---------------------------------------------------------------------------
     def worker_state(self) -> str:
