@@ -21,31 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks._machine import summary as machine  # noqa: E402
 from runners.batch import BatchConfig, run_batch_inference, run_plain_loop  # noqa: E402
+from runners.bench import BATCH_LABELS as LABELS  # noqa: E402
+from runners.bench import write_batch_corpus as corpus  # noqa: E402
 from runners.models import PrototypeClassifier  # noqa: E402
 from runners.ray_session import RayConfig, ray_session  # noqa: E402
-
-WORDS = ("market shares bank rates earnings team match goal league season recipe soup bread oven "
-         "pasta election vote parliament minister policy guitar album concert band tour").split()
-LABELS = {"finance": ["financial news"], "sport": ["sports news"], "food": ["cooking"],
-          "politics": ["politics"], "music": ["music"]}
-
-
-def corpus(directory: Path, rows: int, partitions: int) -> None:
-    rng = np.random.default_rng(0)
-    directory.mkdir(parents=True)
-    per = rows // partitions
-    for p in range(partitions):
-        texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(12, 28)))) for _ in range(per)]
-        pq.write_table(pa.table({"id": np.arange(p * per, (p + 1) * per), "text": texts}), directory / f"p{p:04d}.parquet")
 
 
 def model_path() -> str:

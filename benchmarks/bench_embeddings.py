@@ -29,22 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from benchmarks._machine import describe as machine  # noqa: E402
-
-
-
-
-def make_texts(n: int, seed: int, vocab: list[str]) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(5, 120))) for _ in range(n)]
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from runners.bench import best_of as best  # noqa: E402
+from runners.bench import make_texts, text_vocabulary  # noqa: E402
 
 
 def main() -> int:
@@ -69,7 +55,7 @@ def main() -> int:
     n_texts = args.texts or (400 if args.quick else 2000) * (10 if gpu else 1)
     n_docs = args.docs or (400 if args.quick else 2000) * (10 if gpu else 1)
     naive = SentenceTransformer(str(model), device="cuda" if gpu else "cpu")
-    vocab = sorted(w for w in naive.tokenizer.get_vocab() if w.isalpha() and len(w) > 2)
+    vocab = text_vocabulary(naive.tokenizer)
     texts = make_texts(n_texts, 1, vocab)
 
     t0 = time.perf_counter()

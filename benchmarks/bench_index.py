@@ -22,27 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import summary as machine  # noqa: E402
+from runners.bench import structured_vectors as structured  # noqa: E402
+from runners.bench import write_vector_shard as write  # noqa: E402
 from runners.index import IndexConfig, build_index, update_index  # noqa: E402
-
-
-def structured(n: int, dim: int, seed: int, latent: int = 32, clusters: int = 200) -> np.ndarray:
-    srng = np.random.default_rng(1234)
-    proj = srng.standard_normal((latent, dim)).astype(np.float32)
-    centres = srng.standard_normal((clusters, latent)).astype(np.float32) * 2.0
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 100_000):  # bounded memory for --full
-        m = min(100_000, n - start)
-        z = centres[rng.integers(0, clusters, m)] + 0.5 * rng.standard_normal((m, latent)).astype(np.float32)
-        x = z @ proj + 0.1 * rng.standard_normal((m, dim)).astype(np.float32)
-        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
-
-
-def write(emb: Path, stem: str, x: np.ndarray, first_id: int) -> None:
-    emb.mkdir(parents=True, exist_ok=True)
-    np.save(emb / f"{stem}.npy", x)
-    np.save(emb / f"{stem}.ids.npy", np.arange(first_id, first_id + len(x), dtype=np.int64))
 
 
 

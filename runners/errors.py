@@ -16,6 +16,7 @@ fail and be reported, not retried.
     |   +-- ModelNotFoundError          the model path does not exist / is not a model directory
     +-- DimensionMismatchError          new vectors do not match the dimension of existing shards
     +-- BackendUnavailableError         a requested device/backend is not present on this host
+    +-- SettingError                    a setting has a value that is not allowed (names both)
 
 Nothing in this module imports ``worker``; the worker package has its own root exception.
 """
@@ -80,3 +81,7 @@ class DimensionMismatchError(RunnerError):
 
 class BackendUnavailableError(RunnerError):
     """A requested device or inference backend is not available on this host."""
+
+
+class SettingError(RunnerError):
+    """A setting (e.g. of ``runners.bench``) has a value that is not allowed; the message names both."""

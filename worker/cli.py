@@ -1,4 +1,4 @@
-"""``outpost`` command line: ``worker``, ``status`` and ``demo``.
+"""``outpost`` command line: ``worker``, ``status``, ``demo``, ``egress`` and ``bench``.
 
 Signals are installed here and nowhere else: the first SIGTERM/SIGINT drains, the second skips
 the drain wait. Known failures print one line to stderr and exit non-zero, never a traceback:
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.egress_cli import add_egress_parser
 
     add_egress_parser(sub)
+    from worker.bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
