@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -26,6 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._machine import summary  # noqa: E402
+
 TASK = """
 import json, sys, time
 t0 = float(sys.argv[1])
@@ -49,15 +52,7 @@ def task(mode: str, backend: str, sock: Path, env: dict[str, str]) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    return f"{summary()}, load average {os.getloadavg()[0]:.1f}"
 
 
 def main() -> int:

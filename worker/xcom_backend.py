@@ -22,12 +22,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from airflow.sdk.bases.xcom import BaseXCom
+
+from worker.state import write_atomic
 
 SCHEME = "outpost://"
 LONG_LIST_ITEMS = 10_000
@@ -45,27 +46,6 @@ class MissingValueError(RuntimeError):
 def _seg(value: Any) -> str:
     seg = quote(str(value), safe="")
     return seg.replace(".", "%2E") if seg in (".", "..", "") else seg
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _region() -> str:
