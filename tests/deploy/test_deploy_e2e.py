@@ -62,7 +62,7 @@ def test_metrics_scraped_during_a_real_run(control_plane: ControlPlane, start_wo
 
 def test_gpu_tasks_get_their_own_devices(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
     marker = tmp_path / "gpu"
-    w = start_worker(queues="gpu_e2e", concurrency=1, extra_args=["--gpus", "0,1,2,3", "--prewarm", "2"])
+    w = start_worker(queues="gpu_e2e", concurrency=1, extra_args=["--gpus", "0,1,2,3"])
     run_id = control_plane.trigger("outpost_gpu", conf={"marker_dir": str(marker), "seconds": 5})
     assert control_plane.wait_for_run("outpost_gpu", run_id, timeout_s=300) == "success", \
         control_plane.task_states("outpost_gpu", run_id)
