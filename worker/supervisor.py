@@ -39,7 +39,6 @@ class TaskProcess:
         self.pid = pid
         self.output = output
         self._exit = exit_future
-        self._runner_seen = False
 
     @property
     def returncode(self) -> int | None:
@@ -80,19 +79,17 @@ class TaskProcess:
 
         Leftovers inherit the task's output sockets, and the Task SDK supervisor waits for those
         to close (up to ``[workers] socket_cleanup_timeout``) before it reports: killing them
-        lets it finish now. Returns how many were killed.
+        lets it finish now. The runner is the supervisor's only child, and orphans are
+        re-parented to the zygote, so "no child, but others in the session" means the runner is
+        gone and the others are leftovers. Returns how many were killed.
         """
         import psutil
 
         try:
-            children = psutil.Process(self.pid).children()
+            if psutil.Process(self.pid).children():
+                return 0
         except psutil.NoSuchProcess:
             return 0
-        if children:
-            self._runner_seen = True
-            return 0
-        if not self._runner_seen:
-            return 0  # the supervisor has not forked its task yet
         return self.kill_session(exclude=self.pid)
 
     def kill_session(self, exclude: int | None = None) -> int:
