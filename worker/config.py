@@ -95,6 +95,7 @@ class Settings:
     redacted_log_max_bytes: int = 262_144
     redact_patterns: tuple[str, ...] = ()
     secrets: str = "local-first"  # local-only | local-first | central
+    rendered_fields: str = "local"  # local: a task's rendered arguments stay in the region | full
     store_root: Path | None = None
     token_file: Path | None = None
     oidc_token_url: str | None = None
@@ -211,6 +212,8 @@ def _validate_sovereignty(s: Settings) -> None:
     _positive_int("redacted_log_max_bytes", s.redacted_log_max_bytes, maximum=1 << 30)
     if not isinstance(s.max_xcom_bytes, int) or isinstance(s.max_xcom_bytes, bool) or not 0 <= s.max_xcom_bytes <= 1 << 31:
         raise ConfigError("max_xcom_bytes", s.max_xcom_bytes, "bytes from 0 (no limit) to 2147483648")
+    if s.rendered_fields not in ("local", "full"):
+        raise ConfigError("rendered_fields", s.rendered_fields, "local (kept in the region) or full (sent, as Airflow does)")
     if s.logs not in (None, "none", "redacted", "full"):
         raise ConfigError("logs", s.logs, "one of none, redacted, full")
     if s.secrets not in ("local-only", "local-first", "central"):

@@ -5,7 +5,8 @@ Every request to the control plane is classified into a *kind* (``heartbeat``, `
 against the worker's policy (region, ``max_xcom_bytes``, ``secrets``, ``logs``). Task state and
 heartbeats always pass. A refusal is a :class:`Refusal`: the rule, the kind and the size, and a
 message for the task, which the gateway returns as an HTTP error the Task SDK surfaces in the
-task's log (and records in the ledger).
+task's log (and records in the ledger). Rendered template fields (``rendered_fields=local``, the
+default) are *kept*: answered with success and not sent, since only the UI displays them.
 
 Pure: no I/O; the gateway and the Edge client call :meth:`Policy.check`.
 """
@@ -62,6 +63,8 @@ class Refusal:
     size: int
     message: str
     status: int = 403
+    # Answer the task with success but keep the data: for payloads Airflow only displays.
+    keep_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,12 @@ class Policy:
     secrets: str = "local-first"
     logs: str = "none"
     region_local_xcom: bool = True
+    rendered_fields: str = "local"
 
     @classmethod
     def from_settings(cls, s: Settings) -> Policy:
         return cls(region=s.region, max_xcom_bytes=s.max_xcom_bytes, secrets=s.secrets, logs=s.log_policy,
-                   region_local_xcom=s.region_local_xcom)
+                   region_local_xcom=s.region_local_xcom, rendered_fields=s.rendered_fields)
 
     def check(self, kind: str, method: str, path: str, size: int) -> Refusal | None:
         """Return a :class:`Refusal` if the request may not leave the region, else ``None``."""
@@ -100,6 +104,11 @@ class Policy:
                          f"{kind} {name!r} from the control plane; define it on the worker (AIRFLOW_CONN_*/"
                          f"AIRFLOW_VAR_* or a local secrets backend)"),
             )
+        if kind == "rendered-fields" and self.rendered_fields == "local":
+            # A task's rendered arguments (real data, up to 4 KiB per field) are only shown in the
+            # UI's "Rendered Template" tab: keep them and tell the Task SDK they were stored.
+            return Refusal(rule="rendered_fields=local", kind=kind, size=size, status=201, keep_local=True,
+                           message=f"outpost egress policy (region {self.region}): rendered template fields stay in the region")
         if kind == "logs" and self.logs == "none":
             return Refusal(rule="logs=none", kind=kind, size=size,
                            message=f"outpost egress policy (region {self.region}): rule logs=none keeps task logs local")

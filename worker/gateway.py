@@ -159,7 +159,8 @@ class Gateway:
         endpoint = PREFIX + path
         if refusal is not None:
             self._egress.refused(refusal, task, endpoint, method, digest)
-            await _reply(send, refusal.status, {"detail": refusal.message})
+            body_out = {"message": refusal.message} if refusal.keep_local else {"detail": refusal.message}
+            await _reply(send, refusal.status, body_out)
             return
         query = scope.get("query_string", b"").decode("latin-1")
         url = self._upstream + rest + (f"?{query}" if query else "")
@@ -309,10 +310,13 @@ class Egress:
         return self._tasks.get(ti_id, ti_id) if ti_id else None
 
     def refused(self, refusal: Refusal, task: str | None, endpoint: str, method: str, digest: str | None) -> None:
-        log.warning("egress refused for %s: %s %s (%s)", task or "worker", method, endpoint, refusal.message)
+        if refusal.keep_local:
+            log.debug("kept in region for %s: %s %s (%s)", task or "worker", method, endpoint, refusal.rule)
+        else:
+            log.warning("egress refused for %s: %s %s (%s)", task or "worker", method, endpoint, refusal.message)
         self.ledger.record(Entry(ts=time.time(), task=task, endpoint=endpoint, method=method, kind=refusal.kind,
-                                 bytes=refusal.size, status=refusal.status, outcome="refused", rule=refusal.rule,
-                                 digest=digest))
+                                 bytes=refusal.size, status=refusal.status,
+                                 outcome="kept" if refusal.keep_local else "refused", rule=refusal.rule, digest=digest))
 
     def record_edge(self, method: str, path: str, body: bytes | None, status: int | None, bytes_in: int,
                     task: str | None = None) -> None:

@@ -56,7 +56,7 @@ class Entry:
     bytes: int
     bytes_in: int = 0
     status: int | None = None
-    outcome: str = "sent"  # sent | refused | error | rejected (an incoming job we refused)
+    outcome: str = "sent"  # sent | refused | kept (answered locally) | error | rejected (an incoming job we refused)
     rule: str | None = None
     digest: str | None = None
 

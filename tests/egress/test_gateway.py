@@ -157,3 +157,24 @@ def test_worker_edge_calls_are_recorded_and_attributed_to_their_task(tmp_path: P
     by_kind = {r["kind"]: r for r in rows}
     assert by_kind["state"]["task"] == "d.t[3] run=manual__1+0 try=1" and by_kind["state"]["bytes"] == 7
     assert by_kind["job-fetch"]["outcome"] == "error" and by_kind["job-fetch"]["task"] is None
+
+
+def test_rendered_fields_stay_in_the_region_by_default(tmp_path: Path) -> None:
+    rtif = b'{"sql": "SELECT * FROM patients WHERE ssn = \'123-45-6789\'"}'
+
+    async def kept(client: httpx.AsyncClient, upstream: FakeExecutionApi, egress: Egress):
+        r = await client.put("task-instances/0190f0f0-0000-7000-8000-000000000001/rtif", content=rtif)
+        assert r.status_code == 201  # the Task SDK sees success: the task is not failed for it
+        assert "stay in the region" in r.json()["message"]
+        assert upstream.seen == []
+        egress.ledger.flush()
+
+    asyncio.run(_with_gateway(tmp_path / "a", kept))
+    data = ledger.report(tmp_path / "a" / "state" / "egress.sqlite")
+    assert data["bytes_sent"] == 0
+
+    async def sent(client: httpx.AsyncClient, upstream: FakeExecutionApi, egress: Egress):
+        r = await client.put("task-instances/0190f0f0-0000-7000-8000-000000000001/rtif", content=rtif)
+        assert r.status_code == 201 and [req.content for req in upstream.seen] == [rtif]
+
+    asyncio.run(_with_gateway(tmp_path / "b", sent, rendered_fields="full"))
