@@ -25,6 +25,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import re
 import logging
 import socket
 import time
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "/execution/"
+_TI_RUN = re.compile(r"^task-instances/([^/]+)/run$")
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
 _HOP_BY_HOP = frozenset({
@@ -166,6 +168,8 @@ class Gateway:
         url = self._upstream + rest + (f"?{query}" if query else "")
         fwd_headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
         status, bytes_in = await self._forward(send, method, url, fwd_headers, bytes(body))
+        if status == 409 and method == "PATCH" and (m := _TI_RUN.match(path)):
+            self._egress.start_refused.add(m.group(1))
         self._egress.ledger.record(Entry(
             ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
             bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
@@ -260,6 +264,8 @@ class Egress:
         self.policy = Policy.from_settings(settings)
         self.ledger = Ledger(settings.state_folder / "egress.sqlite")
         self._tasks: dict[str, str] = {}
+        # Task instances whose start the server refused (409 on .../run): already running elsewhere.
+        self.start_refused: set[str] = set()
         self._client = httpx.AsyncClient(
             verify=control_plane_ssl(settings), transport=upstream_transport,
             timeout=httpx.Timeout(settings.request_timeout_s, connect=min(10.0, settings.request_timeout_s)),

@@ -145,6 +145,10 @@ class JobRunner:
             if (leftovers := run.proc.kill_session()):
                 log.warning("killed %d process(es) that %s left running after it ended", leftovers, key)
             state = "success" if rc == 0 else "failed"
+            if rc != 0 and job.workload["ti"]["id"] in self.w.egress.start_refused:
+                self.w.egress.start_refused.discard(job.workload["ti"]["id"])
+                self._claimed_elsewhere(run)
+                return
             if rc != 0:
                 log.error("job %s failed with exit code %s; supervisor output:\n%s", key, rc, run.proc.output_tail()[-2000:])
             else:
@@ -182,6 +186,19 @@ class JobRunner:
             log.error("could not record the cost of %s: %s", job.key, exc)
         if self.w.budgets is not None:
             self.w.budgets.refresh(live_tasks(r for r in self.running.values() if r is not run), force=True)
+
+    def _claimed_elsewhere(self, run: RunningJob) -> None:
+        """The server refused to start this try because it already runs elsewhere.
+
+        The edge3 fetch claims a job with ``SELECT ... FOR UPDATE SKIP LOCKED``, which is a no-op on
+        SQLite: two workers can receive the same job. The Task SDK then refuses the second start
+        (409 on ``.../run``) before any task code runs. That try belongs to the other worker, so
+        this one reports nothing: a "failed" from here would fail a task that is running fine.
+        """
+        log.warning("job %s was handed to another worker as well and is running there (the server refused this "
+                    "start); leaving its state to that worker", run.job.key)
+        self.outbox.drop_job_reports(run.job.key)  # an undelivered "running" must not follow its success
+        self.w.state_folder.journal_done(run.job.key)
 
     async def _wait(self, run: RunningJob) -> int:
         assert run.proc is not None

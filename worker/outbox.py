@@ -114,6 +114,10 @@ class Outbox:
                               "ORDER BY seq DESC LIMIT 1", (_subject(key), *FINAL_STATES)).fetchone()
         return row[0] if row else None
 
+    def drop_job_reports(self, key: JobKey) -> int:
+        """Discard undelivered reports for ``key`` (a job this worker turned out not to own)."""
+        return self.db.execute("DELETE FROM outbox WHERE kind = 'job' AND subject = ?", (_subject(key),)).rowcount
+
     def drop_worker_reports(self) -> int:
         """Discard worker-state reports of a previous process (registration supersedes them)."""
         return self.db.execute("DELETE FROM outbox WHERE kind = 'worker'").rowcount

@@ -178,3 +178,31 @@ def test_rendered_fields_stay_in_the_region_by_default(tmp_path: Path) -> None:
         assert r.status_code == 201 and [req.content for req in upstream.seen] == [rtif]
 
     asyncio.run(_with_gateway(tmp_path / "b", sent, rendered_fields="full"))
+
+
+def test_a_start_refused_by_the_server_is_remembered(tmp_path: Path) -> None:
+    """The server answers 409 to ``.../run`` when the try already runs elsewhere (a job handed to two
+    workers); the job runner then leaves that try's state to the other worker."""
+
+    async def fn(client: httpx.AsyncClient, upstream: FakeExecutionApi, egress: Egress):
+        r = await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000aa/run", content=b"{}")
+        assert r.status_code == 201 and egress.start_refused == set()  # the fake upstream accepts it
+
+    asyncio.run(_with_gateway(tmp_path / "a", fn))
+
+    def refuse_run(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(409, json={"detail": {"reason": "invalid_state", "previous_state": "running"}})
+
+    async def refused() -> None:
+        egress = Egress(_settings(tmp_path / "b"), upstream_transport=httpx.MockTransport(refuse_run))
+        url = await egress.start()
+        try:
+            async with httpx.AsyncClient(base_url=url) as client:
+                r = await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000bb/run", content=b"{}")
+                assert r.status_code == 409 and r.json()["detail"]["reason"] == "invalid_state"  # passed through
+                await client.put("task-instances/0190f0f0-0000-7000-8000-0000000000cc/heartbeat", content=b"{}")
+            assert egress.start_refused == {"0190f0f0-0000-7000-8000-0000000000bb"}
+        finally:
+            await egress.aclose()
+
+    asyncio.run(refused())

@@ -55,3 +55,17 @@ def test_expired_for_reads_exp_without_the_signing_key() -> None:
     assert expired_for(fresh, now) is None
     assert expired_for("not-a-jwt") is None and expired_for(None) is None and expired_for("") is None
     assert expired_for(jwt.encode({"sub": "ti"}, "x" * 64, algorithm="HS512")) is None  # no exp: not ours to judge
+
+
+def test_reports_of_a_job_claimed_elsewhere_can_be_dropped(tmp_path) -> None:
+    from worker.jobs import JobKey
+    from worker.outbox import Outbox
+
+    box = Outbox(tmp_path / "outbox.sqlite").open()
+    mine = JobKey("d", "t", "r", 1, 3, None)
+    other = JobKey("d", "t", "r", 1, 4, None)
+    box.put(mine, "running")
+    box.put(other, "running")
+    assert box.drop_job_reports(mine) == 1
+    assert [r.key for r in box.pending()] == [other]
+    box.close()
