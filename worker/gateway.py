@@ -51,6 +51,25 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/execution/"
 _TI_RUN = re.compile(r"^task-instances/([^/]+)/run$")
+_TI_HEARTBEAT = re.compile(r"^task-instances/([^/]+)/heartbeat$")
+
+
+def _elsewhere(method: str, path: str, answer: bytes) -> str | None:
+    """The task instance id if a 409 says this try belongs to another worker, else ``None``.
+
+    Either the server refused to start it (``PATCH .../run``), or a heartbeat was answered
+    ``running_elsewhere``: the same job was handed to two workers and the other one runs it.
+    """
+    if method == "PATCH" and (m := _TI_RUN.match(path)):
+        return m.group(1)
+    if method == "PUT" and (m := _TI_HEARTBEAT.match(path)):
+        try:
+            detail = json.loads(answer).get("detail")
+        except (ValueError, AttributeError):
+            return None
+        if isinstance(detail, dict) and detail.get("reason") == "running_elsewhere":
+            return m.group(1)
+    return None
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
 _HOP_BY_HOP = frozenset({
@@ -167,16 +186,18 @@ class Gateway:
         query = scope.get("query_string", b"").decode("latin-1")
         url = self._upstream + rest + (f"?{query}" if query else "")
         fwd_headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
-        status, bytes_in = await self._forward(send, method, url, fwd_headers, bytes(body))
-        if status == 409 and method == "PATCH" and (m := _TI_RUN.match(path)):
-            self._egress.start_refused.add(m.group(1))
+        status, bytes_in, head = await self._forward(send, method, url, fwd_headers, bytes(body))
+        if status == 409 and (ti_id := _elsewhere(method, path, head)):
+            self._egress.start_refused.add(ti_id)
         self._egress.ledger.record(Entry(
             ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
             bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
 
     async def _forward(self, send: Any, method: str, url: str, headers: list[tuple[str, str]],
-                       body: bytes) -> tuple[int | None, int]:
-        """Send upstream and stream the answer back unchanged. Returns (status or None, bytes received).
+                       body: bytes) -> tuple[int | None, int, bytes]:
+        """Send upstream and stream the answer back unchanged.
+
+        Returns (status or None, bytes received, the first bytes of the answer for inspection).
 
         While the control plane is unreachable (transport errors, timeouts, 502/503/504) the request
         is held and retried (:class:`worker.outage.Outage`) for up to ``outage_hold_s``, then
@@ -200,7 +221,7 @@ class Gateway:
                 except httpx.HTTPError as exc:  # not an outage: retrying cannot help
                     log.warning("gateway: %s %s failed: %s", method, url, exc)
                     await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
-                    return None, 0
+                    return None, 0, b""
                 if failure is None and response is not None:
                     outage.up()
                     break
@@ -211,12 +232,12 @@ class Gateway:
                     outage.local_heartbeats += 1
                     await send({"type": "http.response.start", "status": 204, "headers": []})
                     await send({"type": "http.response.body", "body": b""})
-                    return None, 0
+                    return None, 0, b""
                 waited = time.monotonic() - started
                 if waited >= outage.hold_s:
                     log.warning("gateway: gave up on %s %s after holding it %.0fs (%s)", method, url, waited, failure)
                     await _reply(send, 502, {"detail": f"outpost gateway: control plane unreachable for {waited:.0f}s ({failure})"})
-                    return None, 0
+                    return None, 0, b""
                 attempt += 1
                 if attempt == 1:
                     outage.holding += 1
@@ -226,17 +247,20 @@ class Gateway:
             if attempt:
                 outage.holding -= 1
         received = 0
+        head = b""
         try:
             out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.multi_items()
                            if k.lower() not in _HOP_BY_HOP or k.lower() == "content-length"]
             await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
             async for chunk in _raw(response):
+                if len(head) < 2048:
+                    head += chunk[:2048 - len(head)]
                 received += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
-        return response.status_code, received
+        return response.status_code, received, head
 
 
 async def _raw(response: httpx.Response) -> Any:

@@ -191,8 +191,9 @@ class JobRunner:
         """The server refused to start this try because it already runs elsewhere.
 
         The edge3 fetch claims a job with ``SELECT ... FOR UPDATE SKIP LOCKED``, which is a no-op on
-        SQLite: two workers can receive the same job. The Task SDK then refuses the second start
-        (409 on ``.../run``) before any task code runs. That try belongs to the other worker, so
+        SQLite: two workers can receive the same job. The server then refuses the second start (409
+        on ``.../run``) or answers its first heartbeat ``running_elsewhere`` and the Task SDK stops
+        it, before its task code runs or while it starts. That try belongs to the other worker, so
         this one reports nothing: a "failed" from here would fail a task that is running fine.
         """
         log.warning("job %s was handed to another worker as well and is running there (the server refused this "

@@ -191,6 +191,9 @@ def test_a_start_refused_by_the_server_is_remembered(tmp_path: Path) -> None:
     asyncio.run(_with_gateway(tmp_path / "a", fn))
 
     def refuse_run(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/heartbeat"):
+            reason = "running_elsewhere" if "00dd" in request.url.path else "not_running"
+            return httpx.Response(409, json={"detail": {"reason": reason}})
         return httpx.Response(409, json={"detail": {"reason": "invalid_state", "previous_state": "running"}})
 
     async def refused() -> None:
@@ -200,8 +203,11 @@ def test_a_start_refused_by_the_server_is_remembered(tmp_path: Path) -> None:
             async with httpx.AsyncClient(base_url=url) as client:
                 r = await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000bb/run", content=b"{}")
                 assert r.status_code == 409 and r.json()["detail"]["reason"] == "invalid_state"  # passed through
+                # A heartbeat refused because the try runs elsewhere counts; one for a task that
+                # simply should stop (marked failed by a user, say) does not.
                 await client.put("task-instances/0190f0f0-0000-7000-8000-0000000000cc/heartbeat", content=b"{}")
-            assert egress.start_refused == {"0190f0f0-0000-7000-8000-0000000000bb"}
+                await client.put("task-instances/0190f0f0-0000-7000-8000-0000000000dd/heartbeat", content=b"{}")
+            assert egress.start_refused == {"0190f0f0-0000-7000-8000-0000000000bb", "0190f0f0-0000-7000-8000-0000000000dd"}
         finally:
             await egress.aclose()
 
