@@ -67,6 +67,9 @@ class Settings:
     request_timeout_s: float = 30.0
     # How long the gateway holds a task's request while the control plane is unreachable.
     outage_hold_s: float = 900.0
+    # Settle time before a task start is confirmed (0 = off). Only needed when the control plane's
+    # metadata DB is SQLite, where the server can hand one job to several workers (README).
+    confirm_start_s: float = 0.0
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_secret_file: Path | None = None
     jwt_issuer: str | None = None
@@ -132,6 +135,9 @@ class Settings:
             raise ConfigError("prewarm", self.prewarm, "1 (fork tasks from a pre-imported zygote) or 0 (fresh interpreter per task)")
         for name in ("poll_interval_s", "poll_min_interval_s", "heartbeat_interval_s", "request_timeout_s", "startup_timeout_s"):
             _positive_float(name, getattr(self, name))
+        if not isinstance(self.confirm_start_s, (int, float)) or isinstance(self.confirm_start_s, bool) \
+                or not 0 <= self.confirm_start_s <= 10:
+            raise ConfigError("confirm_start_s", self.confirm_start_s, "a number of seconds from 0 (off) to 10")
         if not isinstance(self.outage_hold_s, (int, float)) or isinstance(self.outage_hold_s, bool) \
                 or not 0 <= self.outage_hold_s <= 86_400:
             raise ConfigError("outage_hold_s", self.outage_hold_s, "a duration from 0 (fail at once) to 24h, e.g. 900 or 15m")

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import re
+import zlib
 import logging
 import socket
 import time
@@ -64,8 +65,10 @@ def _elsewhere(method: str, path: str, answer: bytes) -> str | None:
         return m.group(1)
     if method == "PUT" and (m := _TI_HEARTBEAT.match(path)):
         try:
+            if answer[:2] == b"\x1f\x8b":  # the API server gzips even small answers when asked to
+                answer = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(answer)
             detail = json.loads(answer).get("detail")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, zlib.error):
             return None
         if isinstance(detail, dict) and detail.get("reason") == "running_elsewhere":
             return m.group(1)
@@ -186,12 +189,52 @@ class Gateway:
         query = scope.get("query_string", b"").decode("latin-1")
         url = self._upstream + rest + (f"?{query}" if query else "")
         fwd_headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
-        status, bytes_in, head = await self._forward(send, method, url, fwd_headers, bytes(body))
+        confirm = self._egress.settings.confirm_start_s
+        if confirm and method == "PATCH" and (run := _TI_RUN.match(path)):
+            status, bytes_in, head = await self._start_confirmed(send, url, fwd_headers, bytes(body), run.group(1), confirm)
+        else:
+            status, bytes_in, head = await self._forward(send, method, url, fwd_headers, bytes(body))
         if status == 409 and (ti_id := _elsewhere(method, path, head)):
             self._egress.start_refused.add(ti_id)
         self._egress.ledger.record(Entry(
             ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
             bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
+
+    async def _start_confirmed(self, send: Any, url: str, headers: list[tuple[str, str]], body: bytes,
+                               ti_id: str, settle_s: float) -> tuple[int | None, int, bytes]:
+        """Forward a task start, then confirm this worker owns the try before the task may run.
+
+        On a SQLite metadata DB the server can hand one job to several workers and accept each of
+        their starts. The start recorded last (hostname, pid) owns the try; after ``settle_s`` a
+        heartbeat with this start's identity tells whether that is us. If it is not, the task is
+        answered 409 (as a refused start), so its code never runs here.
+        """
+        try:
+            resp = await self._http.request("PATCH", url, headers=headers, content=body)
+            if resp.is_success:
+                await asyncio.sleep(settle_s)
+                who = json.loads(body or b"{}")
+                beat = json.dumps({"hostname": who.get("hostname"), "pid": who.get("pid")})
+                auth = [(k, v) for k, v in headers if k.lower() == "authorization"]
+                check = await self._http.request("PUT", url[: -len("/run")] + "/heartbeat", content=beat,
+                                                 headers=[*auth, ("content-type", "application/json")])
+                if check.status_code == 409:
+                    self._egress.start_refused.add(ti_id)
+                    log.warning("task instance %s was handed to another worker too, which started it last; "
+                                "not running it here", ti_id)
+                    await _reply(send, 409, {"detail": {
+                        "reason": "invalid_state", "previous_state": "running",
+                        "message": "outpost: this try was handed to another worker as well and runs there"}})
+                    return 409, len(resp.content) + len(check.content), b""
+        except httpx.HTTPError as exc:  # the Task SDK retries a 502
+            await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
+            return None, 0, b""
+        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items()
+               if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"]  # httpx decoded it
+        out.append((b"content-length", str(len(resp.content)).encode()))
+        await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+        await send({"type": "http.response.body", "body": resp.content})
+        return resp.status_code, len(resp.content), resp.content[:2048]
 
     async def _forward(self, send: Any, method: str, url: str, headers: list[tuple[str, str]],
                        body: bytes) -> tuple[int | None, int, bytes]:

@@ -145,7 +145,10 @@ class JobRunner:
             if (leftovers := run.proc.kill_session()):
                 log.warning("killed %d process(es) that %s left running after it ended", leftovers, key)
             state = "success" if rc == 0 else "failed"
-            if rc != 0 and job.workload["ti"]["id"] in self.w.egress.start_refused:
+            # Whatever the exit code (the Task SDK may exit 0 after the server told it the try runs
+            # elsewhere): a success report from here would fail the task too, as "finished while
+            # still running".
+            if job.workload["ti"]["id"] in self.w.egress.start_refused:
                 self.w.egress.start_refused.discard(job.workload["ti"]["id"])
                 self._claimed_elsewhere(run)
                 return

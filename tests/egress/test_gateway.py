@@ -180,6 +180,16 @@ def test_rendered_fields_stay_in_the_region_by_default(tmp_path: Path) -> None:
     asyncio.run(_with_gateway(tmp_path / "b", sent, rendered_fields="full"))
 
 
+def test_gzipped_running_elsewhere_answer_is_understood() -> None:
+    import gzip
+
+    from worker.gateway import _elsewhere
+
+    answer = gzip.compress(json.dumps({"detail": {"reason": "running_elsewhere"}}).encode())
+    assert _elsewhere("PUT", "task-instances/abc/heartbeat", answer[:2048]) == "abc"
+    assert _elsewhere("PUT", "task-instances/abc/heartbeat", b"\x1f\x8bnot gzip") is None
+
+
 def test_a_start_refused_by_the_server_is_remembered(tmp_path: Path) -> None:
     """The server answers 409 to ``.../run`` when the try already runs elsewhere (a job handed to two
     workers); the job runner then leaves that try's state to the other worker."""
@@ -212,3 +222,36 @@ def test_a_start_refused_by_the_server_is_remembered(tmp_path: Path) -> None:
             await egress.aclose()
 
     asyncio.run(refused())
+
+
+@pytest.mark.parametrize(("owner", "expected"), [(True, 200), (False, 409)])
+def test_confirm_start_runs_a_try_only_where_the_server_recorded_it(tmp_path: Path, owner: bool, expected: int) -> None:
+    """With confirm_start_s, an accepted start is checked by a heartbeat carrying the start's own
+    identity; a 409 means another worker started the same try last, and this task must not run."""
+    seen: list[tuple[str, str]] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path.rsplit("/", 1)[-1]))
+        if request.url.path.endswith("/heartbeat"):
+            assert json.loads(request.content) == {"hostname": "h1", "pid": 4242}
+            return httpx.Response(204) if owner else httpx.Response(409, json={"detail": {"reason": "running_elsewhere"}})
+        return httpx.Response(200, json={"dag_run": {"dag_id": "d"}, "max_tries": 0})
+
+    async def fn() -> None:
+        egress = Egress(_settings(tmp_path, confirm_start_s="0.05"), upstream_transport=httpx.MockTransport(upstream))
+        url = await egress.start()
+        try:
+            async with httpx.AsyncClient(base_url=url) as client:
+                r = await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000ee/run",
+                                       json={"hostname": "h1", "pid": 4242, "unixname": "u"})
+                assert r.status_code == expected
+                if owner:
+                    assert r.json()["max_tries"] == 0
+                else:
+                    assert r.json()["detail"]["reason"] == "invalid_state"
+            assert egress.start_refused == (set() if owner else {"0190f0f0-0000-7000-8000-0000000000ee"})
+        finally:
+            await egress.aclose()
+
+    asyncio.run(fn())
+    assert seen == [("PATCH", "run"), ("PUT", "heartbeat")]

@@ -21,7 +21,10 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 def _exactly_once(cp: ControlPlane, start_worker, tmp_path: Path, workers: int, count: int) -> None:
     marker = tmp_path / "once"
     marker.mkdir()
-    started = [start_worker(queues="q_once", concurrency=2) for _ in range(workers)]
+    # The test control plane uses SQLite, where the server can hand one job to several workers:
+    # confirm_start_s makes a worker check it owns a try before running it (see README).
+    started = [start_worker(queues="q_once", concurrency=2, extra_args=["--confirm-start-s", "0.3"])
+               for _ in range(workers)]
     run_id = cp.trigger("outpost_exactly_once", conf={"count": count, "marker_dir": str(marker)})
     assert cp.wait_for_run("outpost_exactly_once", run_id, timeout_s=60 + 6 * count) == "success"
     states = cp.task_states("outpost_exactly_once", run_id)
