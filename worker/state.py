@@ -91,13 +91,6 @@ class StateFolder:
     def journal_start(self, key: JobKey, pid: int | None) -> None:
         write_json_atomic(self._entry(key), {"key": key.as_dict(), "pid": pid, "started": time.time(), "final_state": None})
 
-    def journal_final(self, key: JobKey, state: str) -> None:
-        """Record the outcome before it is reported, so a crash cannot lose it."""
-        path = self._entry(key)
-        data = json.loads(path.read_text()) if path.exists() else {"key": key.as_dict(), "pid": None}
-        data["final_state"] = state
-        write_json_atomic(path, data)
-
     def journal_done(self, key: JobKey) -> None:
         self._entry(key).unlink(missing_ok=True)
 
