@@ -26,6 +26,7 @@ from worker.units import parse_duration
 ENV_PREFIX = "OUTPOST_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
+CRASH_POLICIES = ("stop", "adopt")
 
 
 # Environment variables that authenticate the *worker*; task processes and helpers never see them.
@@ -70,6 +71,9 @@ class Settings:
     # Settle time before a task start is confirmed (0 = off). Only needed when the control plane's
     # metadata DB is SQLite, where the server can hand one job to several workers (README).
     confirm_start_s: float = 0.0
+    # What a crashed worker's task processes do: "stop" (they die with it; a restart reports their
+    # jobs failed) or "adopt" (they run on; a restart with the same state folder takes them over).
+    crash_policy: str = "stop"
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_secret_file: Path | None = None
     jwt_issuer: str | None = None
@@ -141,6 +145,10 @@ class Settings:
         if not isinstance(self.outage_hold_s, (int, float)) or isinstance(self.outage_hold_s, bool) \
                 or not 0 <= self.outage_hold_s <= 86_400:
             raise ConfigError("outage_hold_s", self.outage_hold_s, "a duration from 0 (fail at once) to 24h, e.g. 900 or 15m")
+        if self.crash_policy not in CRASH_POLICIES:
+            raise ConfigError("crash_policy", self.crash_policy,
+                              "stop (task processes die with a crashed worker and are reported failed) or adopt "
+                              "(they run on and a restart with the same state folder takes them over)")
         for name in ("drain_timeout_s", "kill_grace_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:

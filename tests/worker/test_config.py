@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_outpost
 from worker.config import load_settings
 from worker.errors import ConfigError
 
@@ -46,6 +47,8 @@ def test_stock_edge_api_url_form_is_accepted() -> None:
         ({"push_logs": "maybe"}, "push_logs", "true or false"),
         ({"poll_min_interval_s": "5", "poll_interval_s": "1"}, "poll_min_interval_s", "must not exceed"),
         ({"jwt_secret_file": "/nonexistent/secret"}, "jwt_secret_file", "readable file"),
+        ({"crash_policy": "keep"}, "crash_policy", "stop (task processes die with a crashed worker"),
+        ({"crash_policy": "Adopt"}, "crash_policy", "or adopt"),
     ],
 )
 def test_bad_values_name_setting_value_and_allowed(flags: dict, setting: str, fragment: str) -> None:
@@ -83,3 +86,21 @@ def test_secret_file_is_read_fresh(tmp_path: Path) -> None:
     secret.write_text("two\n")  # rotated by an agent: picked up without restart
     assert s.secret() == "two"
     assert "s3cr3t" not in repr(s) and "jwt_secret=" not in repr(s)
+
+
+def test_crash_policy_defaults_to_stop_and_is_set_like_every_setting(tmp_path: Path) -> None:
+    assert load_settings({"api_url": "http://h"}, env={}).crash_policy == "stop"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('api_url = "http://h"\ncrash_policy = "adopt"\n')
+    assert load_settings({"config": str(cfg)}, env={}).crash_policy == "adopt"
+    assert load_settings({"api_url": "http://h"}, env={"OUTPOST_CRASH_POLICY": "adopt"}).crash_policy == "adopt"
+    # The flag wins over the environment, which wins over the file.
+    assert load_settings({"config": str(cfg), "crash_policy": "stop"}, env={}).crash_policy == "stop"
+    assert load_settings({"config": str(cfg)}, env={"OUTPOST_CRASH_POLICY": "stop"}).crash_policy == "stop"
+
+
+def test_bad_crash_policy_flag_stops_the_cli_with_exit_code_2() -> None:
+    result = run_outpost("worker", "--api-url", "http://127.0.0.1:9", "--crash-policy", "resume")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "crash_policy='resume'" in last and "adopt" in last and "Traceback" not in result.stderr
