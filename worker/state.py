@@ -3,10 +3,16 @@
 * ``worker.lock``: held (``flock``) for the worker's lifetime, so two workers never share a
   state folder.
 * ``jobs/<id>.json``: one journal entry per job the worker has claimed, written before the job
-  starts (then with its task process's pid) and removed once its final state is in the outbox
-  (``outbox.sqlite``, :mod:`worker.outbox`, which owns delivery). An entry left behind by a crash
-  tells the next start which jobs to stop and report failed (never as success: a known outcome
-  is already in the outbox).
+  starts (then with its task process's pid and what a restart needs to take the process over)
+  and removed once its final state is in the outbox (``outbox.sqlite``, :mod:`worker.outbox`,
+  which owns delivery). An entry left behind by a crash tells the next start which jobs to stop
+  or adopt (``crash_policy``) and which to report failed.
+* ``exits/<id>.json``: the exit code a task process recorded itself when its ``supervise_task``
+  returned (:func:`record_exit`), so the outcome of a task that ended while no worker was
+  running is known; removed with the journal entry. No exit file means no known outcome, which
+  is reported failed, never success.
+* ``gateway.json``: the egress gateway's loopback port, so a restart can bind the same one and
+  adopted task processes (which were given that URL) keep reaching the control plane.
 * ``status.json``: a snapshot for ``outpost status``, replaced atomically.
 """
 
@@ -52,6 +58,23 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=1, default=str).encode())
 
 
+def record_exit(path: str | os.PathLike[str], code: int) -> None:
+    """Record a task process's exit code durably (called by the task process itself).
+
+    Written atomically, so a reader sees the whole record or none; a retry simply replaces it.
+    """
+    write_json_atomic(Path(path), {"code": int(code), "pid": os.getpid(), "ended": time.time()})
+
+
+def read_exit(path: Path) -> int | None:
+    """The exit code recorded at ``path``, or ``None`` if there is none (or it is unreadable)."""
+    try:
+        code = json.loads(path.read_text())["code"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
 class StateFolder:
     """Owns the state folder for one worker process."""
 
@@ -59,12 +82,14 @@ class StateFolder:
         self.root = Path(root)
         self.jobs_dir = self.root / "jobs"
         self.output_dir = self.root / "task-output"
+        self.exits_dir = self.root / "exits"
         self._lock_fd: int | None = None
 
     def acquire(self) -> None:
         """Create the folder and take its lock, or raise if another worker holds it."""
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.exits_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / "worker.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,15 +109,48 @@ class StateFolder:
             self._lock_fd = None
 
     # -- journal -----------------------------------------------------------------------------
-    def _entry(self, key: JobKey) -> Path:
-        digest = hashlib.sha256(json.dumps(key.as_dict(), sort_keys=True).encode()).hexdigest()[:24]
-        return self.jobs_dir / f"{digest}.json"
+    @staticmethod
+    def _digest(key: JobKey) -> str:
+        return hashlib.sha256(json.dumps(key.as_dict(), sort_keys=True).encode()).hexdigest()[:24]
 
-    def journal_start(self, key: JobKey, pid: int | None) -> None:
-        write_json_atomic(self._entry(key), {"key": key.as_dict(), "pid": pid, "started": time.time(), "final_state": None})
+    def _entry(self, key: JobKey) -> Path:
+        return self.jobs_dir / f"{self._digest(key)}.json"
+
+    def exit_file(self, key: JobKey) -> Path:
+        """Where the task process of ``key`` records its exit code (:func:`record_exit`)."""
+        return self.exits_dir / f"{self._digest(key)}.json"
+
+    def journal_start(self, key: JobKey, pid: int | None, details: dict[str, Any] | None = None) -> None:
+        """Journal ``key`` as claimed (``pid`` once its task process runs). ``details``: what a
+        restart needs to adopt the process (see :mod:`worker.recovery`)."""
+        if pid is None:  # a fresh claim: an exit record of an earlier attempt is not this one's
+            self.exit_file(key).unlink(missing_ok=True)
+        write_json_atomic(self._entry(key), {"key": key.as_dict(), "pid": pid, "started": time.time(),
+                                             "final_state": None, **(details or {})})
+
+    def journal_update(self, key: JobKey, **fields: Any) -> bool:
+        """Merge ``fields`` into the entry of ``key``; False (and nothing written) if it is done."""
+        path = self._entry(key)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        write_json_atomic(path, {**data, **fields})
+        return True
 
     def journal_done(self, key: JobKey) -> None:
         self._entry(key).unlink(missing_ok=True)
+        self.exit_file(key).unlink(missing_ok=True)
+
+    def prune_exits(self) -> int:
+        """Remove exit records that belong to no journal entry (their job is done); return how many."""
+        live = {p.stem for p in self.jobs_dir.glob("*.json")}
+        pruned = 0
+        for path in self.exits_dir.glob("*.json"):
+            if path.stem not in live:
+                path.unlink(missing_ok=True)
+                pruned += 1
+        return pruned
 
     def journal_leftovers(self) -> list[dict[str, Any]]:
         """Entries from a previous worker process, each with ``key`` as a :class:`JobKey`."""
@@ -106,6 +164,18 @@ class StateFolder:
                 continue
             out.append(data)
         return out
+
+    # -- gateway port ------------------------------------------------------------------------
+    def gateway_port(self) -> int | None:
+        """The egress gateway's port recorded by a previous run, if any."""
+        try:
+            port = json.loads((self.root / "gateway.json").read_text())["port"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return port if isinstance(port, int) and 0 < port < 65536 else None
+
+    def save_gateway_port(self, port: int) -> None:
+        write_json_atomic(self.root / "gateway.json", {"port": port})
 
     # -- status ------------------------------------------------------------------------------
     def write_status(self, status: dict[str, Any]) -> None:

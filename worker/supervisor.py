@@ -6,9 +6,11 @@ starts in milliseconds and a burst of jobs doesn't pay interpreter start-up and 
 (the stock worker gets the same effect by forking itself). With ``prewarm = 0`` every task gets a
 fresh interpreter instead. Each task process is its own session/process group.
 
-If the zygote dies, tasks it forked die with it (their parent-death signal kills the task tree and
-the Task SDK reports them failed); their exit is reported as SIGKILL and a new zygote starts on
-the next launch.
+If the zygote dies, tasks it forked are reported as killed by SIGKILL (with ``crash_policy =
+stop`` their parent-death signal kills the task tree and the Task SDK reports them failed; the
+worker stops whatever is left of them either way) and a new zygote starts on the next launch.
+With ``crash_policy = adopt`` task processes are started without a parent-death signal, so they
+outlive a crashed worker (:mod:`worker.task_process`); :mod:`worker.recovery` takes them over.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class TaskProcess:
     async def wait(self) -> int:
         """The exit code: 0 success, >0 failure, <0 killed by that signal. Cancel-safe."""
         return await asyncio.shield(self._exit)
+
+    def describe_exit(self, code: int) -> str:
+        """How the process ended, for logs: ``exit code N``."""
+        return f"exit code {code}"
 
     def signal(self, sig: int, *, group: bool = False) -> None:
         """Send ``sig`` to the supervisor (or its whole process group). Safe if it already exited."""
@@ -200,9 +206,10 @@ class _Zygote:
 class TaskLauncher:
     """Launches task processes. ``start()`` begins warming; ``aclose()`` is safe twice."""
 
-    def __init__(self, *, env: dict[str, str], output_dir: Path, prewarm: int = 1) -> None:
+    def __init__(self, *, env: dict[str, str], output_dir: Path, prewarm: int = 1, crash_policy: str = "stop") -> None:
         self._env = without_credentials(env)
         self._env["OUTPOST_PARENT_PID"] = str(os.getpid())
+        self._env["OUTPOST_CRASH_POLICY"] = crash_policy
         self._output_dir = output_dir
         self._use_zygote = prewarm > 0
         self._zygote: _Zygote | None = None
@@ -230,14 +237,20 @@ class TaskLauncher:
             self._zygote = _Zygote(proc, log_path)
         return self._zygote
 
-    async def launch(self, workload: dict, server: str, env: dict[str, str] | None = None) -> TaskProcess:
-        """Start ``workload`` in a new task process and return it (running)."""
+    async def launch(self, workload: dict, server: str, env: dict[str, str] | None = None,
+                     exit_file: Path | None = None) -> TaskProcess:
+        """Start ``workload`` in a new task process and return it (running).
+
+        The task process records its exit code in ``exit_file`` (if given) when ``supervise_task``
+        returns. Not idempotent: each call starts a new process.
+        """
         if self._closed:
             raise RuntimeError("launcher is closed")
         self._output_dir.mkdir(parents=True, exist_ok=True)
         rid = uuid.uuid4().hex[:12]
         output = self._output_dir / f"task-{rid}.out"
-        request = {"id": rid, "workload": workload, "server": server, "env": env or {}, "output": str(output)}
+        request = {"id": rid, "workload": workload, "server": server, "env": env or {}, "output": str(output),
+                   "exit_file": str(exit_file) if exit_file is not None else None}
         if self._use_zygote:
             zygote = await self._ensure_zygote()
             pid, exited = await zygote.fork(request)

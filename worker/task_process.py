@@ -15,10 +15,24 @@ given file, applies the per-task environment and runs the task through the Task 
 Single mode (no ``--zygote``, used with ``prewarm = 0``) reads one request line and runs it in
 this process: a fresh interpreter per task, for users who want no shared parent at all.
 
-If the worker dies, the kernel signals its direct children (``PR_SET_PDEATHSIG``): the zygote
-exits, and each task child, losing its parent, SIGKILLs its task's process tree, so the Task SDK
-supervisor, still alive, reports the task failed and exits. A task never runs on unsupervised
-(the Task SDK's own SIGTERM handling only calls ``on_kill()`` and lets the task go on).
+Each request may name an ``exit_file``: when ``supervise_task`` returns, the task process records
+its exit code there atomically (:func:`worker.state.record_exit`), so the outcome is known even
+if no worker is running at that moment. A process killed before that records nothing, which the
+worker reads as "outcome unknown" and reports failed.
+
+What happens when the worker dies depends on ``OUTPOST_CRASH_POLICY`` (the worker's
+``crash_policy``, read once at start and removed from the environment tasks see):
+
+* ``stop`` (default): the kernel signals the worker's direct children (``PR_SET_PDEATHSIG``): the
+  zygote exits, and each task child, losing its parent, SIGKILLs its task's process tree, so the
+  Task SDK supervisor, still alive, reports the task failed and exits. A task never runs on
+  unsupervised (the Task SDK's own SIGTERM handling only calls ``on_kill()`` and lets the task go
+  on).
+* ``adopt``: nothing is signalled. Task children run on under their Task SDK supervisor, which
+  keeps talking to the worker's gateway port (a restarted worker binds it again and takes them
+  over). The zygote notices EOF on stdin, forks nothing more, and exits once its children have,
+  staying their reaper and the subreaper of their orphans until then; its event stream to the dead
+  worker is dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +47,8 @@ from typing import Any
 
 PR_SET_PDEATHSIG = 1
 _job_started = False
+# Read once by zygote_main/single_main; forked children inherit it.
+_adopt = False
 
 
 def kill_descendants(sig: int = signal.SIGKILL) -> int:
@@ -86,6 +102,7 @@ def _preload() -> None:
         "airflow.providers.standard.decorators.python",
         "airflow.providers.standard.operators.python",
         "psutil",
+        "worker.state",
     ):
         try:
             importlib.import_module(module)
@@ -120,13 +137,27 @@ def run_request(msg: dict[str, Any]) -> int:
     )
 
 
+def _record_exit(msg: dict[str, Any], code: int) -> None:
+    """Record ``code`` in the request's exit file, if it names one (see the module docstring)."""
+    if not msg.get("exit_file"):
+        return
+    from worker.state import record_exit
+
+    try:
+        record_exit(msg["exit_file"], code)
+    except OSError as exc:  # a live worker still gets the code from the zygote / wait(); say why here
+        print(f"outpost: could not record exit code {code} in {msg['exit_file']}: {exc}", file=sys.stderr)
+
+
 def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
-    """In a forked child: detach, redirect output, run the task, never return."""
+    """In a forked child: detach, redirect output, run the task, record its exit code, never return."""
     code = 1
     try:
         os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The zygote's parent-death handler (inherited) must not end a task child.
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         for fd in close_fds:
             os.close(fd)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -137,7 +168,8 @@ def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
         os.dup2(out, 1)
         os.dup2(out, 2)
         os.close(out)
-        _die_with_parent(zygote_pid)
+        if not _adopt:
+            _die_with_parent(zygote_pid)
         code = run_request(msg)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -148,6 +180,7 @@ def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
         code = 1
     finally:
         try:
+            _record_exit(msg, code)
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
@@ -176,8 +209,16 @@ def _sweep_orphans(running: dict[int, str]) -> None:
             pass
 
 
+def _read_policy() -> None:
+    global _adopt
+    _adopt = os.environ.pop("OUTPOST_CRASH_POLICY", "stop") == "adopt"
+
+
 def zygote_main() -> int:
-    _die_with_parent(int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid())), _zygote_on_parent_death)
+    _read_policy()
+    parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
+    if not _adopt:
+        _die_with_parent(parent, _zygote_on_parent_death)
     try:  # orphans of task trees are re-parented to us (and reaped) instead of init
         ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
@@ -187,8 +228,16 @@ def zygote_main() -> int:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints from imported code must not corrupt the protocol stream
 
+    worker_gone = False
+
     def send(obj: dict[str, Any]) -> None:
-        out.write(json.dumps(obj) + "\n")
+        nonlocal worker_gone
+        if worker_gone:
+            return
+        try:
+            out.write(json.dumps(obj) + "\n")
+        except OSError:  # the worker died (crash_policy adopt): keep reaping, stop reporting
+            worker_gone = True
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -238,12 +287,23 @@ def zygote_main() -> int:
 
 
 def single_main() -> int:
-    _die_with_parent(int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid())))
+    _read_policy()
+    parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
+    if not _adopt:
+        _die_with_parent(parent)
     _preload()
     line = sys.stdin.readline()
     if not line.strip():
         return 0
-    return run_request(json.loads(line))
+    msg = json.loads(line)
+    code = 1
+    try:
+        code = run_request(msg)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        _record_exit(msg, code)
+    return code
 
 
 if __name__ == "__main__":
