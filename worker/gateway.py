@@ -30,9 +30,9 @@ import zlib
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import uvicorn
@@ -125,13 +125,20 @@ class Gateway:
         self._task: asyncio.Task[None] | None = None
         self.url: str | None = None
 
-    async def start(self, host: str = "127.0.0.1") -> str:
-        """Bind a free loopback port, serve, and return the Execution API URL for task processes."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Bind ``port`` (0: a free one) on loopback, serve, and return the Execution API URL for
+        task processes. Raises ``OSError`` if ``port`` is taken. Idempotent once started."""
         if self.url is not None:
             return self.url
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # SO_REUSEADDR: a restarted worker rebinds its previous port although connections of the
+        # dead process linger in TIME_WAIT (it still fails while anything listens there).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
         config = uvicorn.Config(self, lifespan="off", log_config=None, log_level="warning", access_log=False,
                                 timeout_keep_alive=60, timeout_graceful_shutdown=5)
         self._server = _Server(config)
@@ -195,7 +202,7 @@ class Gateway:
         else:
             status, bytes_in, head = await self._forward(send, method, url, fwd_headers, bytes(body))
         if status == 409 and (ti_id := _elsewhere(method, path, head)):
-            self._egress.start_refused.add(ti_id)
+            self._egress.mark_start_refused(ti_id)
         self._egress.ledger.record(Entry(
             ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
             bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
@@ -219,7 +226,7 @@ class Gateway:
                 check = await self._http.request("PUT", url[: -len("/run")] + "/heartbeat", content=beat,
                                                  headers=[*auth, ("content-type", "application/json")])
                 if check.status_code == 409:
-                    self._egress.start_refused.add(ti_id)
+                    self._egress.mark_start_refused(ti_id)
                     log.warning("task instance %s was handed to another worker too, which started it last; "
                                 "not running it here", ti_id)
                     await _reply(send, 409, {"detail": {
@@ -333,6 +340,10 @@ class Egress:
         self._tasks: dict[str, str] = {}
         # Task instances whose start the server refused (409 on .../run): already running elsewhere.
         self.start_refused: set[str] = set()
+        # Told each newly refused task instance id, so the job journal can keep it across a crash.
+        self.on_start_refused: Callable[[str], None] | None = None
+        # After start(): whether the port a previous run recorded was bound again (None: none recorded).
+        self.port_kept: bool | None = None
         self._client = httpx.AsyncClient(
             verify=control_plane_ssl(settings), transport=upstream_transport,
             timeout=httpx.Timeout(settings.request_timeout_s, connect=min(10.0, settings.request_timeout_s)),
@@ -353,9 +364,40 @@ class Egress:
 
         return LogRedactor(self.settings.redact_patterns, self.settings.redacted_log_max_bytes)
 
-    async def start(self) -> str:
+    async def start(self, previous_port: int | None = None) -> str:
+        """Start the ledger and the gateway; return the gateway's URL. Idempotent.
+
+        ``previous_port``: the port an earlier run of this worker used. Task processes that
+        outlived that run (``crash_policy = adopt``) were given it, so it is bound again if it can
+        be; if not, a free port is used, :attr:`port_kept` is False, and those processes cannot
+        reach the control plane through this run.
+        """
         self.ledger.start()
+        if self.gateway.url is not None:
+            return self.gateway.url
+        if previous_port:
+            try:
+                url = await self.gateway.start(port=previous_port)
+                self.port_kept = True
+                return url
+            except OSError as exc:
+                self.port_kept = False
+                log.warning("could not bind the egress gateway's previous port %d again (%s); using another one: task "
+                            "processes left running by the previous run cannot reach the control plane through it",
+                            previous_port, exc)
         return await self.gateway.start()
+
+    @property
+    def port(self) -> int | None:
+        return urlsplit(self.url).port if self.url else None
+
+    def mark_start_refused(self, ti_id: str) -> None:
+        """The server refused to start ``ti_id`` here (it runs elsewhere): remember it, and tell
+        :attr:`on_start_refused`, which must not raise."""
+        if ti_id not in self.start_refused:
+            self.start_refused.add(ti_id)
+            if self.on_start_refused is not None:
+                self.on_start_refused(ti_id)
 
     async def aclose(self) -> None:
         await self.gateway.aclose()

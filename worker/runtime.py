@@ -104,12 +104,16 @@ class Worker:
         # Read before the first write: it tells whether the previous run crashed.
         self._previous_status = self.state_folder.read_status()
         try:
-            await self.egress.start()  # before the launcher: task processes get the gateway's URL
+            # Before the launcher: task processes get the gateway's URL. On the previous run's port
+            # if possible, which task processes that outlived it (crash_policy adopt) still use.
+            await self.egress.start(self.state_folder.gateway_port())
+            if self.egress.port is not None:
+                self.state_folder.save_gateway_port(self.egress.port)
         except BaseException:
             self.state_folder.release()
             raise
         launcher = TaskLauncher(env=self._task_env(), output_dir=self.state_folder.output_dir,
-                                prewarm=self.settings.prewarm)
+                                prewarm=self.settings.prewarm, crash_policy=self.settings.crash_policy)
         self.jobs.launcher = launcher
         self.costs = CostLedger(self.state_folder.root / "costs.sqlite", self.settings.budgets)
         self.budgets = BudgetGuard(self.costs)
