@@ -43,6 +43,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "drain_timeout_s": "on shutdown, how long running tasks may finish (default 300)",
         "kill_grace_s": "after the drain timeout, SIGTERM->SIGKILL grace (default 10)",
         "jwt_secret_file": "file holding the control plane's [api_auth] jwt_secret",
+        "crash_policy": "after a worker crash: stop (tasks die with it, reported failed) or adopt (tasks run on; "
+                        "a restart with the same state folder takes them over) (default stop)",
         "prewarm": "1: fork tasks from a pre-imported zygote (fast start); 0: fresh interpreter per task",
         "metrics_host": "address of the /healthz, /readyz, /metrics server (default 127.0.0.1)",
         "metrics_port": "port of the health/metrics server; 0 = off (default 9464)",
@@ -115,7 +117,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     r = status.get("requests_per_s", {})
     print(f"  requests/s: idle {r.get('idle')}, busy {r.get('busy')}, last 60s {r.get('recent')}, total {r.get('total')}")
     for job in status.get("jobs", []):
-        print(f"  job {job['key']} pid {job['pid']} queue {job['queue']} running {job['running_s']}s")
+        adopted = " (adopted after a crash)" if job.get("adopted") else ""
+        print(f"  job {job['key']} pid {job['pid']} queue {job['queue']} running {job['running_s']}s{adopted}")
     return 0 if alive else EXIT_FAILED
 
 

@@ -108,6 +108,17 @@ class GpuAllocator:
             return ()
         return devices
 
+    def claim(self, owner: Hashable, devices: Sequence[str]) -> tuple[str, ...]:
+        """Give ``owner`` these exact devices (an adopted task keeps the GPUs it runs on).
+
+        Devices this worker does not have, or that another owner holds, are left out; returns
+        the ones ``owner`` now holds.
+        """
+        for d in devices:
+            if d in self.devices and self._owner.get(d, owner) == owner:
+                self._owner[d] = owner
+        return self.held_by(owner)
+
     def release(self, owner: Hashable) -> None:
         """Return ``owner``'s devices; safe if it holds none."""
         for d in [d for d, o in self._owner.items() if o == owner]:

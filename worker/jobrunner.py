@@ -5,7 +5,8 @@ starts. Every report the worker owes the control plane goes to the durable outbo
 (:mod:`worker.outbox`) first; one sender delivers it in order and removes it only once the server
 acknowledged it, retrying through outages and replaying what is left at the next start, so a
 finished task's state is never dropped. The journal entry is removed once the job's final state
-is in the outbox.
+is in the outbox. After a crash, :meth:`JobRunner.recover_leftovers` reports, stops or (with
+``crash_policy = adopt``) takes over the jobs the previous process left (:mod:`worker.recovery`).
 
 A job whose workload token expired while it waited in the queue is not started: it is reported
 failed (Airflow retries it), with the reason in the worker log, the task log and the ledger.
@@ -22,14 +23,15 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
+from worker import recovery
 from worker.costs import live_tasks
 from worker.errors import JobRejected, OutpostError
 from worker.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
 from worker.outbox import Outbox, Report
+from worker.state import read_exit
 from worker.supervisor import TaskLauncher, TaskProcess
 from worker.tokens import expired_for
 
@@ -47,6 +49,7 @@ class RunningJob:
     log_offset: int = 0
     started: float = 0.0
     devices: tuple[str, ...] = ()  # GPUs this job holds (CUDA_VISIBLE_DEVICES)
+    adopted: bool = False  # started by a previous worker process (crash_policy adopt)
 
 
 class JobRunner:
@@ -63,6 +66,7 @@ class JobRunner:
         self._background: set[asyncio.Task[Any]] = set()
         self.rejected = 0
         self._fetch_turn = 0
+        worker.egress.on_start_refused = self._journal_elsewhere
 
     @property
     def free_slots(self) -> int:
@@ -72,7 +76,8 @@ class JobRunner:
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         return [{"key": str(k), "pid": r.proc.pid if r.proc else None, "slots": r.job.concurrency_slots,
-                 "queue": r.job.queue, "running_s": round(now - r.started, 1)} for k, r in self.running.items()]
+                 "queue": r.job.queue, "running_s": round(now - r.started, 1), "adopted": r.adopted}
+                for k, r in self.running.items()]
 
     # -- fetch and run -----------------------------------------------------------------------
     async def fetch_one(self) -> bool:
@@ -126,21 +131,31 @@ class JobRunner:
         if key is not None:
             await self._report_final(key, "failed")
 
+    async def _launch(self, run: RunningJob) -> bool:
+        """Journal and start a new job's task process; False if the job was refused instead."""
+        job, key = run.job, run.job.key
+        self.w.state_folder.journal_start(key, None)
+        if (expired_s := expired_for(job.workload.get("token"))) is not None:
+            await self._expired(run, expired_s)
+            return False
+        assert self.launcher is not None
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.w.gpus.total else None
+        server = self.w.egress.task_server(job)
+        run.proc = await self.launcher.launch(job.workload, server, env, exit_file=self.w.state_folder.exit_file(key))
+        self.w.state_folder.journal_start(key, run.proc.pid, recovery.journal_details(run, server))
+        log.info("started %s (pid %d)%s", key, run.proc.pid, f" on GPU {','.join(run.devices)}" if run.devices else "")
+        self._enqueue(key, "running")
+        self.w.telemetry.job_started(job.queue, time.monotonic() - run.started)
+        return True
+
     async def _run(self, run: RunningJob) -> None:
         job, key = run.job, run.job.key
         state = "failed"
         try:
-            self.w.state_folder.journal_start(key, None)
-            if (expired_s := expired_for(job.workload.get("token"))) is not None:
-                await self._expired(run, expired_s)
+            # An adopted job's process runs already (started by the previous worker process).
+            if run.proc is None and not await self._launch(run):
                 return
-            assert self.launcher is not None
-            env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.w.gpus.total else None
-            run.proc = await self.launcher.launch(job.workload, self.w.egress.task_server(job), env)
-            self.w.state_folder.journal_start(key, run.proc.pid)
-            log.info("started %s (pid %d)%s", key, run.proc.pid, f" on GPU {','.join(run.devices)}" if run.devices else "")
-            self._enqueue(key, "running")
-            self.w.telemetry.job_started(job.queue, time.monotonic() - run.started)
+            assert run.proc is not None
             rc = await self._wait(run)
             if (leftovers := run.proc.kill_session()):
                 log.warning("killed %d process(es) that %s left running after it ended", leftovers, key)
@@ -153,10 +168,11 @@ class JobRunner:
                 self._claimed_elsewhere(run)
                 return
             if rc != 0:
-                log.error("job %s failed with exit code %s; supervisor output:\n%s", key, rc, run.proc.output_tail()[-2000:])
+                log.error("job %s failed with %s; supervisor output:\n%s", key, run.proc.describe_exit(rc),
+                          run.proc.output_tail()[-2000:])
             else:
                 log.info("job %s succeeded in %.1fs", key, time.monotonic() - run.started)
-            await self._push_logs(run, final=True, failure=None if rc == 0 else f"exit code {rc}")
+            await self._push_logs(run, final=True, failure=None if rc == 0 else run.proc.describe_exit(rc))
             await self._report_final(key, state)
         except Exception as exc:  # a bug or OS error must fail this job only, never the worker
             log.exception("job %s crashed in the worker", key)
@@ -296,25 +312,70 @@ class JobRunner:
 
     async def recover_leftovers(self) -> None:
         """Handle journal entries of a previous worker process (crash, SIGKILL, OOM), then start
-        sending the outbox (reports the previous process could not deliver go first)."""
+        sending the outbox (reports the previous process could not deliver go first).
+
+        Each entry is reported, stopped and reported failed, left to another worker, or adopted
+        (see :mod:`worker.recovery`); an adopted job runs on as if this process had started it.
+        Call once, before fetching work.
+        """
         self.outbox.open()
         if (dropped := self.outbox.drop_worker_reports()):
             log.info("dropped %d worker-state report(s) of a previous run (registration supersedes them)", dropped)
-        for entry in self.w.state_folder.journal_leftovers():
+        folder, policy = self.w.state_folder, self.w.settings.crash_policy
+        for entry in folder.journal_leftovers():
             key: JobKey = entry["key"]
-            state = entry.get("final_state") or self.outbox.final_state(key)
-            pid = entry.get("pid")
-            if state is None:
-                if pid and _is_our_task_process(pid):
-                    log.warning("stopping task process %d left over from a previous run for %s", pid, key)
-                    _kill_tree(pid)
-                state = "failed"  # the outcome is unknown: never claim success
-            log.warning("reporting job %s from a previous worker run as %s", key, state)
-            await self._report_final(key, state)
+            decision = recovery.decide(
+                entry, final_state=entry.get("final_state") or self.outbox.final_state(key),
+                exit_code=read_exit(folder.exit_file(key)),
+                alive=recovery.is_our_process(entry.get("pid"), entry.get("create_time")),
+                policy=policy, gateway_url=self.w.egress.url)
+            if decision.action == "adopt":
+                self._adopt(entry)
+                continue
+            recovery.stop_leftover(entry, decision)
+            if decision.action == "leave":
+                log.warning("job %s from a previous worker run: %s; leaving its state to that worker", key, decision.reason)
+                self.outbox.drop_job_reports(key)
+                folder.journal_done(key)
+                continue
+            assert decision.state is not None
+            log.warning("reporting job %s from a previous worker run as %s: %s", key, decision.state, decision.reason)
+            await self._report_final(key, decision.state)
+        folder.prune_exits()
         if (depth := self.outbox.depth):
             log.info("replaying %d undelivered report(s) from the outbox", depth)
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_outbox(), name="outbox sender")
+
+    def _adopt(self, entry: dict[str, Any]) -> None:
+        """Take over a job whose task process a previous worker process started and that still runs."""
+        job = recovery.job_from_entry(entry)
+        key, pid = job.key, int(entry["pid"])
+        proc = recovery.AdoptedProcess(pid, Path(entry["output"]), self.w.state_folder.exit_file(key),
+                                       entry.get("create_time"))
+        running_s = max(0.0, time.time() - float(entry.get("started") or time.time()))
+        run = RunningJob(job=job, proc=proc, started=time.monotonic() - running_s, adopted=True,
+                         log_offset=int(entry.get("log_offset") or 0),
+                         devices=self.w.gpus.claim(key, tuple(entry.get("devices") or ())))
+        self.w.egress.task_server(job)  # ledger rows name the task again
+        self.running[key] = run
+        self.w.telemetry.job_event(job.queue, "adopted")
+        self.w.counter.set_busy(True)
+        # Idempotent on the server; covers a crash between journaling the job and queuing "running".
+        self._enqueue(key, "running")
+        log.warning("adopted %s (pid %d, running %.0fs) from the previous worker run", key, pid, running_s)
+        run.task = asyncio.create_task(self._run(run), name=f"job {key}")
+
+    def _journal_elsewhere(self, ti_id: str) -> None:
+        """Keep in the journal that the server refused this try's start here, so a restart after a
+        crash leaves the try to the worker that runs it (see :meth:`_claimed_elsewhere`)."""
+        for run in self.running.values():
+            if run.job.workload["ti"]["id"] == ti_id:
+                try:
+                    self.w.state_folder.journal_update(run.job.key, elsewhere=True)
+                except OSError as exc:
+                    log.error("could not journal that %s runs elsewhere: %s", run.job.key, exc)
+                return
 
     async def _expired(self, run: RunningJob, expired_s: float) -> None:
         """The workload's token expired while the job was queued: fail it with the reason, don't run it."""
@@ -354,7 +415,11 @@ class JobRunner:
                 await self.w.client.logs.push(run.job.key, chunk, datetime.now(timezone.utc).isoformat())
             except OutpostError as exc:
                 log.warning("pushing logs for %s failed: %s", run.job.key, exc)
-                return
+                break
+        if chunks and not final:
+            # An adopting worker resumes pushing here after a crash (at most a chunk sent twice).
+            with contextlib.suppress(OSError):
+                self.w.state_folder.journal_update(run.job.key, log_offset=run.log_offset)
 
     # -- drain -------------------------------------------------------------------------------
     async def drain(self, timeout_s: float, grace_s: float, force: asyncio.Event) -> None:
@@ -392,21 +457,3 @@ class JobRunner:
         done, pending = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         for p in pending:
             p.cancel()
-
-
-def _is_our_task_process(pid: int) -> bool:
-    try:
-        cmd = psutil.Process(pid).cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return "worker.task_process" in cmd or any("outpost task:" in c for c in cmd)
-
-
-def _kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        for proc in [*root.children(recursive=True), root]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-    except psutil.NoSuchProcess:
-        pass

@@ -1,4 +1,4 @@
-"""DAGs for the fault suite: exactly-once accounting, noisy logs, forking and stubborn tasks."""
+"""DAGs for the fault suite: exactly-once accounting, noisy logs, forking, stubborn and adopted tasks."""
 import datetime
 import os
 import signal
@@ -68,7 +68,35 @@ def outpost_stubborn():
     ignore_sigterm()
 
 
+@dag(schedule=None, start_date=datetime.datetime(2024, 1, 1), catchup=False,
+     default_args={"queue": "q_adopt", "retries": 0}, max_active_runs=4)
+def outpost_adopt():
+    """conf: {"marker_dir": str, "fail": bool}. Appends one line per execution to marker_dir/runs,
+    writes marker_dir/started, waits (at most 180 s) until marker_dir/release exists, so a test
+    can crash and restart the worker meanwhile, then returns a value (or raises if "fail")."""
+
+    @task
+    def outlive() -> dict:
+        conf = get_current_context()["dag_run"].conf
+        marker = conf["marker_dir"]
+        with open(os.path.join(marker, "runs"), "a") as fh:
+            fh.write(f"{os.getpid()} {os.environ.get('OUTPOST_WORKER_NAME')}\n")
+        with open(os.path.join(marker, "started"), "w") as fh:
+            fh.write(str(os.getpid()))
+        deadline = time.monotonic() + 180
+        while not os.path.exists(os.path.join(marker, "release")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("never released")
+            time.sleep(0.2)
+        if conf.get("fail"):
+            raise RuntimeError("deliberate failure after the worker restarted")
+        return {"outlived": "the worker", "pid": os.getpid()}
+
+    outlive()
+
+
 outpost_exactly_once()
 outpost_noisy()
 outpost_forker()
 outpost_stubborn()
+outpost_adopt()

@@ -1,4 +1,5 @@
-"""Fault suite on the real control plane: exactly-once, noisy tasks, orphans, stubborn tasks.
+"""Fault suite on the real control plane: exactly-once, noisy tasks, orphans, stubborn tasks,
+and tasks adopted by a worker restarted after a crash (``crash_policy = adopt``).
 
 Each test is bounded in count and time. The full-size variants (4 workers x 200 tasks, a 100 MB
 log) are marked ``slow``; smaller variants of the same checks run by default.
@@ -6,6 +7,7 @@ log) are marked ``slow``; smaller variants of the same checks run by default.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -101,6 +103,93 @@ def test_task_ignoring_sigterm_is_killed_after_grace(control_plane: ControlPlane
     assert time.monotonic() - t0 < 60
     assert "drain timeout: sending SIGTERM" in w.log() and "SIGKILL" in w.log()
     assert control_plane.wait_for_run("outpost_stubborn", run_id, timeout_s=90) == "failed"
+
+
+ADOPT = ["--crash-policy", "adopt"]
+
+
+def _wait_until(check, what: str, w, timeout_s: float = 90):
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what} within {timeout_s}s:\n{w.log()[-4000:]}"
+        time.sleep(0.2)
+    return result
+
+
+def _adopted_jobs(w) -> list[dict]:
+    return [j for j in (w.status() or {}).get("jobs", []) if j.get("adopted")]
+
+
+def _crash(w, task_pids: list[int]) -> None:
+    """SIGKILL the worker; its task processes must outlive it (crash_policy adopt)."""
+    w.send(signal.SIGKILL)
+    w.wait(10)
+    time.sleep(1)  # a parent-death signal would have taken effect by now
+    assert all(_alive(p) for p in task_pids), "a task process died with its worker under crash_policy adopt"
+
+
+@pytest.mark.parametrize("prewarm", ["1", "0"])  # forked from the zygote, or a fresh interpreter
+def test_adopted_task_succeeds_on_its_first_try_after_a_worker_crash(control_plane: ControlPlane, start_worker,
+                                                                     tmp_path: Path, prewarm: str) -> None:
+    args = [*ADOPT, "--prewarm", prewarm]
+    w = start_worker(queues="q_adopt", extra_args=args)
+    marker = tmp_path / "adopt"
+    marker.mkdir()
+    run_id = control_plane.trigger("outpost_adopt", conf={"marker_dir": str(marker)})
+    _wait_until(lambda: (marker / "started").exists(), "the task did not start", w)
+    task_pid = int((marker / "started").read_text())
+    _crash(w, [task_pid])
+    restarted = time.monotonic()
+    w2 = start_worker(queues="q_adopt", name=w.name, state_folder=w.state_folder, extra_args=args)
+    [job] = _wait_until(lambda: _adopted_jobs(w2), "the restarted worker did not adopt the task", w2)
+    adopt_s = time.monotonic() - restarted
+    assert "outlive" in job["key"] and job["running_s"] > 0  # counted from the task's real start
+    (marker / "release").touch()
+    assert control_plane.wait_for_run("outpost_adopt", run_id, timeout_s=120) == "success", w2.log()[-4000:]
+    [ti] = control_plane.task_instances("outpost_adopt", run_id)
+    assert ti["state"] == "success" and ti["try_number"] == 1
+    assert len((marker / "runs").read_text().splitlines()) == 1  # executed exactly once
+    assert control_plane.xcom("outpost_adopt", run_id, "outlive") == {"outlived": "the worker", "pid": task_pid}
+    _wait_until(lambda: not (w2.status() or {}).get("jobs"), "the adopted job did not end", w2, timeout_s=30)
+    log = w2.log()
+    assert "adopted outpost_adopt.outlive" in log and "succeeded" in log
+    print(f"\nRELIABILITY worker-crash crash_policy=adopt prewarm={prewarm} adopted_s={adopt_s:.1f} (restart to adoption) tasks=1 "
+          "try=1 lost=0 duplicates=0")
+
+
+def test_adopted_tasks_that_fail_or_vanish_are_reported_failed(control_plane: ControlPlane, start_worker,
+                                                               tmp_path: Path) -> None:
+    w = start_worker(queues="q_adopt", concurrency=2, extra_args=ADOPT)
+    vanish, fail = tmp_path / "vanish", tmp_path / "fail"
+    vanish.mkdir()
+    fail.mkdir()
+    run_vanish = control_plane.trigger("outpost_adopt", conf={"marker_dir": str(vanish)})
+    run_fail = control_plane.trigger("outpost_adopt", conf={"marker_dir": str(fail), "fail": True})
+    for m in (vanish, fail):
+        _wait_until(lambda m=m: (m / "started").exists(), "a task did not start", w)
+    pids = {m: int((m / "started").read_text()) for m in (vanish, fail)}
+    _crash(w, list(pids.values()))
+    # While no worker runs, one task process dies without recording an outcome (OOM, kill -9).
+    runner = psutil.Process(pids[vanish])
+    supervisor = runner.parent()
+    for p in (runner, supervisor):
+        p.kill()
+    w2 = start_worker(queues="q_adopt", concurrency=2, name=w.name, state_folder=w.state_folder, extra_args=ADOPT)
+    _wait_until(lambda: _adopted_jobs(w2), "the restarted worker did not adopt the live task", w2)
+    assert len(_adopted_jobs(w2)) == 1  # only the one still running
+    (fail / "release").touch()
+    for run_id in (run_vanish, run_fail):
+        assert control_plane.wait_for_run("outpost_adopt", run_id, timeout_s=120) == "failed", w2.log()[-4000:]
+        [ti] = control_plane.task_instances("outpost_adopt", run_id)
+        assert ti["state"] == "failed" and ti["try_number"] == 1
+    for m in (vanish, fail):
+        assert len((m / "runs").read_text().splitlines()) == 1
+    log = w2.log()
+    # The vanished one is reported failed by the worker (never success); the adopted one's Task SDK
+    # supervisor reported its task's failure itself, and its process exit was seen through polling.
+    assert re.search(rf"reporting job outpost_adopt\.outlive run={re.escape(run_vanish)} try=1 from a previous worker "
+                     r"run as failed: its task process is gone and recorded no outcome", log)
+    assert re.search(rf"adopted outpost_adopt\.outlive run={re.escape(run_fail)} try=1", log)
 
 
 def _alive(pid: int) -> bool:

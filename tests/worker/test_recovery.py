@@ -1,0 +1,288 @@
+"""Crash recovery without a control plane: exit records, the journal, the recovery decision,
+adopted processes watched by pid, and the gateway port kept across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from worker import task_process
+from worker.config import load_settings
+from worker.gateway import Egress
+from worker.gpu import GpuAllocator
+from worker.jobs import JobKey
+from worker.recovery import (
+    AdoptedProcess,
+    decide,
+    is_our_process,
+    job_from_entry,
+    process_start_time,
+    stop_process_tree,
+)
+from worker.state import StateFolder, read_exit, record_exit
+
+KEY = JobKey("d", "t", "r", 1, -1, None)
+GATEWAY = "http://127.0.0.1:40001/execution/"
+ENTRY = {"key": KEY, "pid": 4242, "create_time": 1.0, "output": "/s/task-output/task-x.out", "server": GATEWAY,
+         "queue": "default", "slots": 2, "log_path": "d/r/t/1.log", "dag_rel_path": "d.py",
+         "ti_id": "0190f0f0-0000-7000-8000-000000000001", "devices": ["1"]}
+# Named like a task process (the worker adopts only its own processes), but only sleeps; it
+# records exit code 3 when told to by SIGUSR1 and exits, like a task process whose task failed.
+FAKE_TASK = """
+import signal, sys, time
+from setproctitle import setproctitle
+from worker.state import record_exit
+setproctitle("outpost task: d.t run=r map=-1 try=1")  # as a real task process does
+def done(*_):
+    record_exit(sys.argv[1], 3)
+    sys.exit(3)
+signal.signal(signal.SIGUSR1, done)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _fake_task(exit_file: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_TASK, str(exit_file), "worker.task_process"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+# -- exit records and the journal ---------------------------------------------------------------
+def test_exit_record_round_trip_and_unreadable_records(tmp_path: Path) -> None:
+    path = tmp_path / "exits" / "a.json"
+    assert read_exit(path) is None
+    record_exit(path, 0)
+    assert read_exit(path) == 0
+    record_exit(path, -9)  # replaced whole, never appended to
+    assert read_exit(path) == -9 and json.loads(path.read_text())["pid"] == os.getpid()
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temp file left behind
+    for bad in ("", "{", '{"code": "0"}', '{"code": true}', "[]"):
+        path.write_text(bad)
+        assert read_exit(path) is None, bad  # unknown outcome: never read as success
+
+
+def test_task_process_records_its_exit_code_where_the_request_says(tmp_path: Path) -> None:
+    target = tmp_path / "exits" / "x.json"
+    task_process._record_exit({"exit_file": str(target)}, 1)
+    assert read_exit(target) == 1
+    task_process._record_exit({"exit_file": None}, 0)  # no exit file asked for: nothing written
+    assert list(target.parent.iterdir()) == [target]
+
+
+def test_journal_keeps_adoption_details_and_drops_the_exit_record_with_the_entry(tmp_path: Path) -> None:
+    folder = StateFolder(tmp_path / "state")
+    folder.acquire()
+    try:
+        record_exit(folder.exit_file(KEY), 0)  # left by an earlier attempt of the same key
+        folder.journal_start(KEY, None)
+        assert read_exit(folder.exit_file(KEY)) is None  # a fresh claim has no outcome yet
+        folder.journal_start(KEY, 77, {"server": GATEWAY, "queue": "q"})
+        assert folder.journal_update(KEY, log_offset=120, elsewhere=True)
+        [entry] = folder.journal_leftovers()
+        assert entry["key"] == KEY and entry["pid"] == 77 and entry["server"] == GATEWAY
+        assert entry["log_offset"] == 120 and entry["elsewhere"] is True
+        record_exit(folder.exit_file(KEY), 0)
+        stray = JobKey("d", "gone", "r", 1, -1, None)
+        record_exit(folder.exit_file(stray), 1)
+        assert folder.prune_exits() == 1  # only the record without a journal entry
+        assert read_exit(folder.exit_file(KEY)) == 0
+        folder.journal_done(KEY)
+        assert folder.journal_leftovers() == [] and not folder.exit_file(KEY).exists()
+        assert not folder.journal_update(KEY, log_offset=1)  # a done job is not brought back
+        assert folder.journal_leftovers() == []
+    finally:
+        folder.release()
+
+
+def test_gateway_port_is_remembered_and_garbage_is_ignored(tmp_path: Path) -> None:
+    folder = StateFolder(tmp_path)
+    assert folder.gateway_port() is None
+    folder.save_gateway_port(40001)
+    assert StateFolder(tmp_path).gateway_port() == 40001
+    for bad in ('{"port": 0}', '{"port": "1"}', '{"port": 70000}', "nope"):
+        (tmp_path / "gateway.json").write_text(bad)
+        assert folder.gateway_port() is None, bad
+
+
+# -- the decision --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "kwargs", "action", "state", "reason"),
+    [
+        ({}, {"final_state": "success", "alive": True}, "report", "success", "queued before the crash"),
+        ({"elsewhere": True}, {"exit_code": 0, "alive": True}, "leave", None, "another worker"),
+        ({}, {"exit_code": 0}, "report", "success", "recorded exit code 0"),
+        ({}, {"exit_code": 0, "alive": True}, "report", "success", "recorded exit code 0"),
+        ({}, {"exit_code": 1}, "report", "failed", "exit code 1"),
+        ({}, {"exit_code": -9, "policy": "stop"}, "report", "failed", "exit code -9"),
+        ({}, {}, "report", "failed", "gone and recorded no outcome"),
+        ({}, {"policy": "stop", "alive": True}, "stop", "failed", "crash_policy is stop"),
+        ({}, {"alive": True}, "adopt", None, "still running"),
+        ({"server": "http://127.0.0.1:40002/execution/"}, {"alive": True}, "stop", "failed", "could not be bound again"),
+        ({"server": None}, {"alive": True}, "stop", "failed", "lacks server"),
+        ({"ti_id": None, "output": None}, {"alive": True}, "stop", "failed", "lacks output, ti_id"),
+    ],
+)
+def test_decide(changes: dict, kwargs: dict, action: str, state: str | None, reason: str) -> None:
+    args = {"final_state": None, "exit_code": None, "alive": False, "policy": "adopt", "gateway_url": GATEWAY, **kwargs}
+    decision = decide({**ENTRY, **changes}, **args)
+    assert (decision.action, decision.state) == (action, state)
+    assert reason in decision.reason
+
+
+def test_an_adopted_job_is_rebuilt_from_its_entry_without_a_token() -> None:
+    job = job_from_entry(ENTRY)
+    assert job.key == KEY and job.queue == "default" and job.concurrency_slots == 2
+    assert job.workload == {"ti": {"id": ENTRY["ti_id"]}} and job.log_path == "d/r/t/1.log"
+
+
+def test_an_adopted_job_keeps_its_gpus_unless_another_job_holds_them() -> None:
+    gpus = GpuAllocator(["0", "1", "2"], ["gpu*"])
+    assert gpus.claim("a", ("1", "7")) == ("1",)  # 7 is not on this host
+    assert gpus.claim("b", ("1", "2")) == ("2",)
+    assert gpus.free == 1 and gpus.allocate("c", 1) == ("0",)
+
+
+# -- processes -----------------------------------------------------------------------------------
+def test_adopted_process_reports_the_exit_code_it_recorded(tmp_path: Path) -> None:
+    exit_file = tmp_path / "exit.json"
+    proc = _fake_task(exit_file)
+
+    async def main() -> tuple[int, AdoptedProcess]:
+        adopted = AdoptedProcess(proc.pid, tmp_path / "out", exit_file, process_start_time(proc.pid), poll_s=0.05)
+        assert adopted.returncode is None
+        # Not our child: only polling sees it end (the test, its parent, reaps the zombie).
+        asyncio.get_running_loop().call_later(0.3, proc.send_signal, signal.SIGUSR1)
+        asyncio.get_running_loop().call_later(0.6, proc.wait)
+        return await asyncio.wait_for(adopted.wait(), 30), adopted
+
+    try:
+        code, adopted = asyncio.run(main())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 3 and adopted.outcome_recorded is True
+    assert adopted.describe_exit(code) == "exit code 3"
+
+
+def test_adopted_process_gone_without_a_record_is_never_a_success(tmp_path: Path) -> None:
+    proc = _fake_task(tmp_path / "exit.json")
+
+    async def main() -> tuple[int, AdoptedProcess]:
+        adopted = AdoptedProcess(proc.pid, tmp_path / "out", tmp_path / "exit.json", process_start_time(proc.pid),
+                                 poll_s=0.05)
+        asyncio.get_running_loop().call_later(0.3, proc.kill)
+        return await asyncio.wait_for(adopted.wait(), 30), adopted
+
+    try:
+        code, adopted = asyncio.run(main())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code != 0 and adopted.outcome_recorded is False
+    assert "no recorded outcome" in adopted.describe_exit(code)
+
+
+def test_only_our_own_live_task_processes_count(tmp_path: Path) -> None:
+    ours = _fake_task(tmp_path / "exit.json")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        started = process_start_time(ours.pid)
+        assert started is not None and is_our_process(ours.pid, started) and is_our_process(ours.pid)
+        assert not is_our_process(ours.pid, started - 100)  # same pid, another process (pid reuse)
+        assert not is_our_process(other.pid) and not is_our_process(None)
+        assert stop_process_tree(other.pid) == 0 and other.poll() is None  # never someone else's
+    finally:
+        other.kill()
+        other.wait()
+        ours.kill()
+        ours.wait()
+    assert not is_our_process(ours.pid)
+
+
+def test_stopping_a_leftover_takes_its_whole_session(tmp_path: Path) -> None:
+    # A task process (session leader) with a child in its session that outlives it, as a task's
+    # helper re-parented after a crash would.
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              "print(c.pid, flush=True); time.sleep(120)")
+    leader = subprocess.Popen([sys.executable, "-c", script, "worker.task_process"], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    assert leader.stdout is not None
+    child = int(leader.stdout.readline())
+    try:
+        assert os.getsid(child) == leader.pid
+        assert stop_process_tree(leader.pid, process_start_time(leader.pid)) == 2
+        leader.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the task's child survived"
+            time.sleep(0.05)
+    finally:
+        leader.kill()
+        leader.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# -- the gateway port ----------------------------------------------------------------------------
+def _egress(tmp_path: Path) -> Egress:
+    settings = load_settings({"api_url": "http://cp.invalid:8080", "state_folder": str(tmp_path / "state")}, env={})
+    return Egress(settings, upstream_transport=httpx.MockTransport(lambda r: httpx.Response(204)))
+
+
+def test_gateway_binds_its_previous_port_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        first = _egress(tmp_path)
+        await first.start()
+        port = first.port
+        assert port and first.port_kept is None  # nothing recorded: any free port
+        async with httpx.AsyncClient() as client:  # leave a connection behind, as a crash would
+            await client.put(f"{first.url}task-instances/x/heartbeat")
+        await first.aclose()
+        second = _egress(tmp_path)
+        try:
+            assert await second.start(previous_port=port) == f"http://127.0.0.1:{port}/execution/"
+            assert second.port_kept is True
+        finally:
+            await second.aclose()
+
+    asyncio.run(main())
+
+
+def test_gateway_falls_back_to_a_free_port_when_its_previous_one_is_taken(tmp_path: Path, caplog) -> None:
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+
+    async def main() -> None:
+        egress = _egress(tmp_path)
+        try:
+            url = await egress.start(previous_port=taken)
+            assert egress.port_kept is False and egress.port != taken and url.endswith("/execution/")
+        finally:
+            await egress.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        squatter.close()
+    assert f"could not bind the egress gateway's previous port {taken}" in caplog.text
