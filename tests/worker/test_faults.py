@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers import run_outpost
 from worker.controlplane import ControlPlane
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
@@ -144,6 +145,8 @@ def test_adopted_task_succeeds_on_its_first_try_after_a_worker_crash(control_pla
     [job] = _wait_until(lambda: _adopted_jobs(w2), "the restarted worker did not adopt the task", w2)
     adopt_s = time.monotonic() - restarted
     assert "outlive" in job["key"] and job["running_s"] > 0  # counted from the task's real start
+    shown = run_outpost("status", "--state-folder", str(w2.state_folder))
+    assert shown.returncode == 0 and "(adopted after a crash)" in shown.stdout, shown.stdout + shown.stderr
     (marker / "release").touch()
     assert control_plane.wait_for_run("outpost_adopt", run_id, timeout_s=120) == "success", w2.log()[-4000:]
     [ti] = control_plane.task_instances("outpost_adopt", run_id)
@@ -190,6 +193,26 @@ def test_adopted_tasks_that_fail_or_vanish_are_reported_failed(control_plane: Co
     assert re.search(rf"reporting job outpost_adopt\.outlive run={re.escape(run_vanish)} try=1 from a previous worker "
                      r"run as failed: its task process is gone and recorded no outcome", log)
     assert re.search(rf"adopted outpost_adopt\.outlive run={re.escape(run_fail)} try=1", log)
+
+
+def test_an_adopted_task_is_drained_and_escalated_like_any_other(control_plane: ControlPlane, start_worker,
+                                                                  tmp_path: Path) -> None:
+    w = start_worker(queues="q_adopt", extra_args=ADOPT)
+    marker = tmp_path / "adopt"
+    marker.mkdir()
+    run_id = control_plane.trigger("outpost_adopt", conf={"marker_dir": str(marker)})
+    _wait_until(lambda: (marker / "started").exists(), "the task did not start", w)
+    task_pid = int((marker / "started").read_text())
+    _crash(w, [task_pid])
+    w2 = start_worker(queues="q_adopt", name=w.name, state_folder=w.state_folder,
+                      extra_args=[*ADOPT, "--drain-timeout-s", "2", "--kill-grace-s", "2"])
+    _wait_until(lambda: _adopted_jobs(w2), "the restarted worker did not adopt the task", w2)
+    assert w2.stop(signal.SIGTERM, timeout_s=60) == 0  # never released: the drain times out
+    log = w2.log()
+    assert "draining 1 job(s)" in log and "drain timeout: sending SIGTERM to 1 task(s)" in log
+    assert not _alive(task_pid)
+    assert control_plane.wait_for_run("outpost_adopt", run_id, timeout_s=90) == "failed"
+    assert not list((w2.state_folder / "jobs").glob("*.json"))  # its final state was queued and sent
 
 
 def _alive(pid: int) -> bool:
