@@ -37,7 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (~2 minutes on 2 cores)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--backend", default="auto", help="runner backend (auto, torch, onnx, onnx-int8)")
+    ap.add_argument("--backend", default="auto", help="runner backend (auto, torch, ct2, ct2-int8, onnx, onnx-int8)")
     ap.add_argument("--texts", type=int, default=None, help="texts for the throughput test")
     ap.add_argument("--docs", type=int, default=None, help="documents for the refresh test")
     ap.add_argument("--repeats", type=int, default=2)

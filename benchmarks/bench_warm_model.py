@@ -8,7 +8,7 @@ the first vector. Measured in the same run:
 * service, first task: the task starts the model service, which loads the model;
 * service, second task: the service already holds the model.
 
-    python benchmarks/bench_warm_model.py [--quick] [--backend torch|onnx-int8|auto] [--repeat N]
+    python benchmarks/bench_warm_model.py [--quick] [--backend torch|ct2-int8|onnx-int8|auto] [--repeat N]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def machine() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8", "auto"])
+    parser.add_argument("--backend", default="torch", choices=["torch", "ct2", "ct2-int8", "onnx", "onnx-int8", "auto"])
     parser.add_argument("--repeat", type=int, default=3, help="rounds (each: fresh service)")
     parser.add_argument("--quick", action="store_true", help="one round")
     args = parser.parse_args()

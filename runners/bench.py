@@ -40,7 +40,7 @@ __all__ = [
 SECTIONS = ("embeddings", "index", "batch")
 DEVICES = ("auto", "cpu", "cuda")
 NAIVE_BATCH_SIZE = 32  # SentenceTransformer.encode's default: what a user gets without tuning
-_VERSIONED = ("torch", "sentence-transformers", "onnxruntime", "faiss-cpu", "faiss-gpu", "ray", "numpy", "pyarrow")
+_VERSIONED = ("torch", "sentence-transformers", "ctranslate2", "onnxruntime", "faiss-cpu", "faiss-gpu", "ray", "numpy", "pyarrow")
 
 BATCH_WORDS = ("market shares bank rates earnings team match goal league season recipe soup bread oven "
                "pasta election vote parliament minister policy guitar album concert band tour").split()

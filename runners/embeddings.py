@@ -10,7 +10,7 @@ Layout under ``<store>/embeddings/<name>/``::
     manifest.json                 commit point: current version, dim, dtype, lineage, history
     shards/shard-v000003.npy      vectors embedded in version 3 (float32 or float16)
     shards/shard-v000003.ids.json chunk ids of those rows, in order
-    catalog-v000003.parquet       every live chunk: chunk_id, key, doc_id, chunk_index, start,
+    catalog-v000003.parquet       every live chunk: chunk_id, key, doc_id, doc_hash, chunk_index, start,
                                   end, content_hash, shard, row, text
     changes-v000003.json          what version 3 changed: added / updated / deleted chunk ids
                                   (with int64 keys) and deleted document ids
@@ -55,6 +55,9 @@ def embedding_settings_hash(embedder: Embedder, dtype: str) -> str:
     desc = {"weights": embedder.record["weights_sha256"], "normalize": embedder.normalize,
             "max_seq_length": embedder.max_seq_length, "dtype": dtype}
     return hash_text(json.dumps(desc, sort_keys=True))
+
+
+_CHUNK_FIELDS = ("chunk_id", "key", "doc_id", "doc_hash", "chunk_index", "start", "end", "content_hash", "text")
 
 
 def _read_catalog(store: Store, name: str, manifest: dict[str, Any] | None) -> dict[str, dict]:
@@ -148,11 +151,25 @@ def embed_corpus(
     reusable = previous is not None and previous.get("embedding_settings") == settings
     by_hash = {r["content_hash"]: r for r in old.values()} if reusable else {}
 
+    # Tokenizing every document is most of a small refresh, so an unchanged document (same
+    # text hash, same chunking) keeps its previous chunk rows instead of being cut again.
+    same_chunking = previous is not None and previous.get("chunking") == chunking.as_dict()
+    old_by_doc: dict[str, list[dict[str, Any]]] = {}
+    if same_chunking:
+        for r in old.values():
+            if r.get("doc_hash"):
+                old_by_doc.setdefault(r["doc_id"], []).append(r)
     current: dict[str, dict[str, Any]] = {}
     for doc in docs:
+        doc_hash = hash_text(doc.text)
+        kept = old_by_doc.get(doc.id)
+        if kept and kept[0]["doc_hash"] == doc_hash:
+            for r in sorted(kept, key=lambda r: r["chunk_index"]):
+                current[r["chunk_id"]] = {k: r[k] for k in _CHUNK_FIELDS}
+            continue
         for ch in chunk_text(embedder.tokenizer, doc.text, chunking):
             cid = f"{doc.id}#{ch.index}"
-            current[cid] = {"chunk_id": cid, "key": chunk_key(cid), "doc_id": doc.id,
+            current[cid] = {"chunk_id": cid, "key": chunk_key(cid), "doc_id": doc.id, "doc_hash": doc_hash,
                             "chunk_index": ch.index, "start": ch.start, "end": ch.end,
                             "content_hash": hash_text(ch.text), "text": ch.text}
     added = [c for c in current if c not in old]
@@ -258,7 +275,7 @@ def _write_catalog(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow.parquet as pq
 
     schema = pa.schema([("chunk_id", pa.string()), ("key", pa.int64()), ("doc_id", pa.string()),
-                        ("chunk_index", pa.int32()), ("start", pa.int64()), ("end", pa.int64()),
+                        ("doc_hash", pa.string()), ("chunk_index", pa.int32()), ("start", pa.int64()), ("end", pa.int64()),
                         ("content_hash", pa.string()), ("shard", pa.string()),
                         ("row", pa.int64()), ("text", pa.large_string())])
     table = pa.Table.from_pylist(rows, schema=schema)

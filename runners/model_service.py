@@ -213,7 +213,8 @@ class ModelService:
             if device == "auto":
                 device = "cuda:0" if torch.cuda.is_available() else "cpu"
             if backend == "auto":
-                backend = "torch" if device.startswith("cuda") else "onnx-int8"
+                # On CPU the embedder picks among its fast backends itself (with fallbacks).
+                backend = "torch" if device.startswith("cuda") else "auto"
         if device == "cuda":
             device = "cuda:0"  # one replica on one GPU per key; ask for cuda:N for another GPU
         return str(path), device, backend

@@ -1,6 +1,6 @@
 """Shared fixtures for the runner tests: the packaged model and loaded embedders.
 
-Models load once per session; the ONNX int8 build is cached in pytest's cache directory, so
+Models load once per session; the CTranslate2 and ONNX int8 builds are cached in pytest's cache directory, so
 only the first run on a machine pays for the export and calibration.
 """
 
@@ -34,6 +34,14 @@ def torch_embedder(model_path):
 def onnx_cache(request, tmp_path_factory) -> Path:
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     return cache.mkdir("outpost-onnx") if cache else tmp_path_factory.mktemp("outpost-onnx")
+
+
+@pytest.fixture(scope="session")
+def ct2_embedder(model_path, onnx_cache):
+    """The default CPU backend (``auto``: CTranslate2 int8, verified)."""
+    from runners.embedder import Embedder
+
+    return Embedder(model_path, device="cpu", threads=2, cache_dir=onnx_cache)
 
 
 @pytest.fixture(scope="session")

@@ -140,3 +140,30 @@ def test_runner_is_a_ray_style_callable(torch_embedder):
     out = torch_embedder(batch)
     assert list(out["id"]) == ["a", "b"] and out["embedding"].shape == (2, 384)
     assert list(batch) == ["id", "text"]  # the input batch is not modified
+
+
+def test_unchanged_documents_are_not_chunked_again(tmp_path, store, torch_embedder, monkeypatch):
+    from runners import embeddings
+
+    docs = make_docs(10)
+    docs[2]["text"] = " ".join(["long"] * 600)  # several chunks, so kept rows must keep their order
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    _run(path, store, torch_embedder, chunking=ChunkingConfig(chunk_tokens=128, overlap_tokens=16))
+    catalog_before = {r["chunk_id"]: r for r in read_catalog(store, "c")}
+    cut: list[str] = []
+    monkeypatch.setattr(embeddings, "chunk_text", lambda tok, text, cfg: cut.append(text) or chunk_text(tok, text, cfg))
+    docs[7]["text"] += " and one more sentence"
+    write_jsonl(path, docs)
+    summary = _run(path, store, torch_embedder, chunking=ChunkingConfig(chunk_tokens=128, overlap_tokens=16))
+    assert cut == [docs[7]["text"]]  # only the changed document went through the tokenizer
+    assert summary["updated"] == 1 and summary["embedded"] == 1
+    after = {r["chunk_id"]: r for r in read_catalog(store, "c")}
+    assert after.keys() == catalog_before.keys()
+    for cid, row in after.items():
+        if not cid.startswith("doc-7#"):
+            assert {k: row[k] for k in ("start", "end", "content_hash", "text", "shard", "row")} == \
+                   {k: catalog_before[cid][k] for k in ("start", "end", "content_hash", "text", "shard", "row")}
+    # Other chunking settings cut every document again.
+    cut.clear()
+    _run(path, store, torch_embedder, chunking=ChunkingConfig(chunk_tokens=96, overlap_tokens=16))
+    assert len(cut) == len(docs)

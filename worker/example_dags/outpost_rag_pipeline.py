@@ -84,8 +84,8 @@ def _write_jsonl(path, rows) -> None:
     params={
         "documents": Param(200, type="integer", minimum=5, description="documents in the generated corpus"),
         "model": Param(None, type=["null", "string"], description="local sentence-transformers directory"),
-        "backend": Param("torch", enum=["auto", "torch", "onnx", "onnx-int8"],
-                         description="embedding backend; auto = ONNX int8 on CPU (built once per store)"),
+        "backend": Param("auto", enum=["auto", "torch", "ct2", "ct2-int8", "onnx", "onnx-int8"],
+                         description="embedding backend; auto = torch on GPU, verified CTranslate2 int8 on CPU"),
         "engine": Param("ray", enum=["ray", "loop"], description="batch inference on local Ray or a plain loop"),
         "min_recall": Param(0.9, type="number", minimum=0, maximum=1, description="promotion gate, recall@10"),
     },
