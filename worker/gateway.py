@@ -121,6 +121,7 @@ class Gateway:
         self._upstream = upstream if upstream.endswith("/") else upstream + "/"
         self._http = client
         self._outage = Outage(egress.settings.outage_hold_s)
+        self._outage.on_up = lambda: egress.on_upstream_back() if egress.on_upstream_back is not None else None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.url: str | None = None
@@ -342,6 +343,8 @@ class Egress:
         self.start_refused: set[str] = set()
         # Told each newly refused task instance id, so the job journal can keep it across a crash.
         self.on_start_refused: Callable[[str], None] | None = None
+        # Told when a held task request found the control plane back (the worker then probes at once).
+        self.on_upstream_back: Callable[[], None] | None = None
         # After start(): whether the port a previous run recorded was bound again (None: none recorded).
         self.port_kept: bool | None = None
         self._client = httpx.AsyncClient(
@@ -390,6 +393,10 @@ class Egress:
     @property
     def port(self) -> int | None:
         return urlsplit(self.url).port if self.url else None
+
+    def control_plane_back(self) -> None:
+        """The worker reached the control plane again: retry held task requests now."""
+        self.gateway._outage.nudge()
 
     def mark_start_refused(self, ti_id: str) -> None:
         """The server refused to start ``ti_id`` here (it runs elsewhere): remember it, and tell

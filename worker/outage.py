@@ -7,6 +7,10 @@ capped at ``cap_s``, cut short the moment any request gets through again, so hel
 delivered within a round trip of the control plane's return instead of up to a backoff cap later.
 A request is held at most ``hold_s`` seconds (``outage_hold_s``), then answered 502.
 
+The worker's own Edge API heartbeats probe the same server: when one gets through,
+:meth:`Outage.nudge` makes held requests retry at once, and :attr:`Outage.on_up` tells the worker
+when a held request got through first, so each side notices the return as soon as either does.
+
 Task heartbeats are not held: while the upstream is down the gateway answers them 204 itself (the
 task is alive; that is all a heartbeat says), and forwards the next one for real with a short
 timeout, which doubles as the probe that notices the control plane is back.
@@ -19,6 +23,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ class Outage:
         self.local_heartbeats = 0  # heartbeats answered here while the upstream was down
         self.outages = 0
         self._back = asyncio.Event()
+        # Called (no arguments, must not raise) when the upstream is found reachable again.
+        self.on_up: Callable[[], None] | None = None
 
     @staticmethod
     def is_heartbeat(method: str, url: str) -> bool:
@@ -59,6 +66,17 @@ class Outage:
         log.info("gateway: control plane reachable again after %.1fs; delivering %d held request(s)",
                  time.monotonic() - self.down_since, self.holding)
         self.down_since = None
+        self._wake_waiters()
+        if self.on_up is not None:
+            self.on_up()
+
+    def nudge(self) -> None:
+        """Another client reached the control plane: held requests retry now, not after their
+        backoff. Only a request of their own that gets through ends the outage."""
+        if self.down_since is not None:
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         back, self._back = self._back, asyncio.Event()
         back.set()
 

@@ -59,6 +59,8 @@ class Worker:
         self.counter = RequestCounter()
         self.client = client or EdgeClient(settings, counter=self.counter)
         self.egress = Egress(settings)  # policy, ledger and the task processes' gateway
+        self.egress.on_upstream_back = self._control_plane_seen
+        self._heartbeat_due = False
         self.client.recorder = self.egress.record_edge
         self.state_folder = StateFolder(settings.state_folder)
         self.concurrency = settings.concurrency
@@ -245,7 +247,8 @@ class Worker:
         next_rate_log = time.monotonic() + 60
         while not self.draining:
             now = time.monotonic()
-            if now >= next_hb:
+            if now >= next_hb or self._heartbeat_due:
+                self._heartbeat_due = False
                 ok = await self._heartbeat()
                 next_hb = now + (s.heartbeat_interval_s if ok else min(s.heartbeat_interval_s, self._outage_delay()))
             if now >= next_rate_log:
@@ -283,6 +286,12 @@ class Worker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _control_plane_seen(self) -> None:
+        """A task request got through while we count the control plane as away: heartbeat now."""
+        if self.disconnected_since is not None:
+            self._heartbeat_due = True
+            self._wake.set()
 
     def _outage_delay(self) -> float:
         down = time.monotonic() - (self.disconnected_since or time.monotonic())
@@ -340,6 +349,7 @@ class Worker:
             log.info("control plane reachable again after %.1fs", time.monotonic() - self.disconnected_since)
             self.disconnected_since = None
             self.jobs.retry_pending_reports()
+            self.egress.control_plane_back()  # held task requests retry now, not after their backoff
         self.last_heartbeat = time.time()
         self._apply_reply(reply or {})
         return True

@@ -105,6 +105,38 @@ def test_a_heartbeat_that_gets_through_wakes_the_held_requests(tmp_path: Path) -
     assert [p for _, p, _ in upstream.delivered][-1] == "/execution/xcoms/d/r/t/a"
 
 
+def test_the_worker_reaching_the_control_plane_wakes_the_held_requests_and_the_reverse(tmp_path: Path) -> None:
+    upstream = FlakyExecutionApi()
+    settings = load_settings({"api_url": "http://cp.invalid:8080", "state_folder": str(tmp_path / "state")}, env={})
+    told: list[str] = []
+
+    async def main() -> None:
+        egress = Egress(settings, upstream_transport=httpx.MockTransport(upstream))
+        egress.on_upstream_back = lambda: told.append("back")
+        url = await egress.start()
+        outage = egress.gateway._outage
+        outage.cap_s = outage.base_s = 3600.0  # held requests would sleep "forever" unless woken
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                held = asyncio.create_task(client.post("xcoms/d/r/t/a", content=b"1"))
+                while outage.holding < 1:
+                    await asyncio.sleep(0.05)
+                egress.control_plane_back()  # still down: the retry fails and the request stays held
+                while upstream.attempts < 2:
+                    await asyncio.sleep(0.05)
+                assert not held.done() and outage.down_since is not None and told == []
+                upstream.down = False
+                egress.control_plane_back()  # the worker's heartbeat got through
+                assert (await asyncio.wait_for(held, 30)).status_code == 200
+                assert told == ["back"]  # and the worker is told once the held request got through
+                egress.control_plane_back()  # nothing held, not down: no effect
+        finally:
+            await egress.aclose()
+
+    asyncio.run(main())
+    assert upstream.delivered == [("POST", "/execution/xcoms/d/r/t/a", b"1")]
+
+
 def test_a_request_is_held_no_longer_than_outage_hold_s(tmp_path: Path) -> None:
     upstream = FlakyExecutionApi()
 
