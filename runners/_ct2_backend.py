@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,12 @@ class QualityGateError(BackendUnavailableError):
     """The int8 build of this model misses the quality floor; use an fp32 backend instead."""
 
 
-def threads_available() -> int:
-    """CPU cores this process may run on (respects affinity masks and cgroup pinning)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+def default_threads() -> int:
+    """Threads for CTranslate2 when none are given: torch's count, which honours OMP_NUM_THREADS
+    (Ray sets it per actor) and otherwise matches the cores this process may use."""
+    import torch
+
+    return max(1, torch.get_num_threads())
 
 
 class Ct2Encoder:
@@ -61,7 +60,7 @@ class Ct2Encoder:
 
         self.encoder = ctranslate2.Encoder(
             str(path), device="cpu", compute_type="int8_float32" if quantized else "float32",
-            intra_threads=threads or threads_available(),
+            intra_threads=threads or default_threads(),
         )
         self.heads = list(st)[1:]  # pooling (and dense/normalize if the model has them)
 
@@ -125,6 +124,8 @@ def build_ct2(st: Any, weights_hash: str, cache_dir: Path, *, quantize: bool,
         except FileExistsError:
             pass  # another process published the same deterministic build first
     record = json.loads((entry / "build.json").read_text())
+    if record.get("unsupported"):
+        raise BackendUnavailableError(record["reason"])
     if not record["usable"]:
         raise QualityGateError(record["reason"])
     return Ct2Encoder(entry / "model", st, quantize, threads), record
@@ -144,17 +145,22 @@ def _build(st: Any, entry: Path, quantize: bool, threads: int | None) -> None:
                 transformer.tokenizer.save_pretrained(source)
                 TransformersConverter(str(source)).convert(
                     str(tmp / "model"), quantization="int8_float32" if quantize else "float32")
-        except (NotImplementedError, ValueError, KeyError) as exc:
-            raise BackendUnavailableError(
-                f"CTranslate2 cannot convert {type(transformer.auto_model).__name__}: {exc}") from exc
+            encoder = Ct2Encoder(tmp / "model", st, quantize, threads)
+        except (NotImplementedError, ValueError, KeyError, RuntimeError) as exc:
+            # e.g. an architecture without a converter, or a decoder-only model (no encoder).
+            # Recorded like a failed quality check, so later calls do not convert again.
+            reason = str(exc).split(" (supported configurations")[0]
+            record = {"build_version": BUILD_VERSION, "quantized": quantize, "usable": False, "unsupported": True,
+                      "reason": f"CTranslate2 cannot run {type(transformer.auto_model).__name__} as an encoder: {reason}"}
+            shutil.rmtree(tmp / "model", ignore_errors=True)
+        else:
+            cosine = verify(encoder, st, texts)
+            record = {"build_version": BUILD_VERSION, "quantized": quantize, "usable": cosine >= VERIFY_COSINE or not quantize,
+                      "calibration_cosine": cosine, "calibration_texts": len(texts)}
+            if not record["usable"]:
+                record["reason"] = (f"int8 CTranslate2 build reaches mean cosine {cosine:.4f} to the fp32 model on "
+                                    f"calibration texts, below the {VERIFY_COSINE} floor")
+                shutil.rmtree(tmp / "model")
         finally:
-            shutil.rmtree(source)
-        cosine = verify(Ct2Encoder(tmp / "model", st, quantize, threads), st, texts)
-        usable = cosine >= VERIFY_COSINE or not quantize
-        record = {"build_version": BUILD_VERSION, "quantized": quantize, "usable": usable,
-                  "calibration_cosine": cosine, "calibration_texts": len(texts)}
-        if not usable:
-            record["reason"] = (f"int8 CTranslate2 build reaches mean cosine {cosine:.4f} to the fp32 model on "
-                                f"calibration texts, below the {VERIFY_COSINE} floor")
-            shutil.rmtree(tmp / "model")
+            shutil.rmtree(source, ignore_errors=True)
         (tmp / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True))

@@ -67,3 +67,41 @@ def test_fast_builds_are_cached(ct2_embedder, int8_embedder, model_path, onnx_ca
         again = Embedder(model_path, backend=first.backend, threads=2, cache_dir=onnx_cache)
         assert again.build == first.build
         np.testing.assert_array_equal(again.embed(["same text"]), first.embed(["same text"]))
+
+
+def test_model_heads_after_the_transformer_run_unchanged(model_path, tmp_path):
+    """A Dense head (and its pooling) runs in torch on CTranslate2's output: same vectors."""
+    from sentence_transformers import models
+
+    from runners.embedder import Embedder
+
+    base = SentenceTransformer(str(model_path), device="cpu")
+    SentenceTransformer(modules=[base[0], base[1], models.Dense(384, 64)], device="cpu").save(
+        str(tmp_path / "dense-model"))
+    ct2 = Embedder(tmp_path / "dense-model", device="cpu", backend="ct2", threads=2, cache_dir=tmp_path / "c")
+    ref = Embedder(tmp_path / "dense-model", device="cpu", backend="torch", threads=2)
+    assert ct2.dim == ref.dim == 64
+    texts = _texts()[:16]
+    assert float((ct2.embed(texts) * ref.embed(texts)).sum(axis=1).min()) >= 0.9999
+
+
+def test_architecture_ctranslate2_cannot_run_falls_back_to_torch(model_path, tmp_path):
+    from sentence_transformers import models
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    from runners.embedder import Embedder
+    from runners.errors import BackendUnavailableError
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    cfg = MPNetConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64)
+    MPNetModel(cfg).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    SentenceTransformer(modules=[models.Transformer(str(tmp_path / "hf")), models.Pooling(32)]).save(
+        str(tmp_path / "mpnet"))
+    auto = Embedder(tmp_path / "mpnet", device="cpu", threads=2, cache_dir=tmp_path / "c")
+    assert auto.backend == "torch" and "cannot run MPNetModel" in auto.describe()["fallback"]
+    assert auto.embed(["still works"]).shape == (1, 32)
+    with pytest.raises(BackendUnavailableError, match="cannot run MPNetModel"):
+        Embedder(tmp_path / "mpnet", device="cpu", backend="ct2-int8", threads=2, cache_dir=tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*/model"))  # nothing half-converted kept
