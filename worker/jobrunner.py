@@ -418,8 +418,10 @@ class JobRunner:
                 break
         if chunks and not final:
             # An adopting worker resumes pushing here after a crash (at most a chunk sent twice).
-            with contextlib.suppress(OSError):
+            try:
                 self.w.state_folder.journal_update(run.job.key, log_offset=run.log_offset)
+            except OSError as exc:
+                log.warning("could not journal the pushed log offset of %s: %s", run.job.key, exc)
 
     # -- drain -------------------------------------------------------------------------------
     async def drain(self, timeout_s: float, grace_s: float, force: asyncio.Event) -> None:

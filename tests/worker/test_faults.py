@@ -132,7 +132,7 @@ def _crash(w, task_pids: list[int]) -> None:
 @pytest.mark.parametrize("prewarm", ["1", "0"])  # forked from the zygote, or a fresh interpreter
 def test_adopted_task_succeeds_on_its_first_try_after_a_worker_crash(control_plane: ControlPlane, start_worker,
                                                                      tmp_path: Path, prewarm: str) -> None:
-    args = [*ADOPT, "--prewarm", prewarm]
+    args = [*ADOPT, "--prewarm", prewarm, "--push-logs", "true"]
     w = start_worker(queues="q_adopt", extra_args=args)
     marker = tmp_path / "adopt"
     marker.mkdir()
@@ -154,6 +154,9 @@ def test_adopted_task_succeeds_on_its_first_try_after_a_worker_crash(control_pla
     assert len((marker / "runs").read_text().splitlines()) == 1  # executed exactly once
     assert control_plane.xcom("outpost_adopt", run_id, "outlive") == {"outlived": "the worker", "pid": task_pid}
     _wait_until(lambda: not (w2.status() or {}).get("jobs"), "the adopted job did not end", w2, timeout_s=30)
+    # The adopting worker pushed the rest of the task's log, up to its last line.
+    _wait_until(lambda: "Returned value was" in control_plane.task_log("outpost_adopt", run_id, "outlive"),
+                "the adopted task's log did not reach the control plane", w2, timeout_s=30)
     log = w2.log()
     assert "adopted outpost_adopt.outlive" in log and "succeeded" in log
     print(f"\nRELIABILITY worker-crash crash_policy=adopt prewarm={prewarm} adopted_s={adopt_s:.1f} (restart to adoption) tasks=1 "
