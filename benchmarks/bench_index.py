@@ -6,7 +6,10 @@ far and recall meaningless. All ratios come from the same run on the same machin
 
     python benchmarks/bench_index.py --quick      # 100k vectors, a few minutes on 2 cores
     python benchmarks/bench_index.py              # 100k, all kinds
-    python benchmarks/bench_index.py --full       # 1M vectors too
+    python benchmarks/bench_index.py --full       # 1M vectors too (all kinds; ~30 min on 2 cores)
+
+Prints one JSON line per measurement and writes them all to ``--out``
+(default benchmarks/results/index.json).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def run(n: int, dim: int, kinds: list[str], work: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100k vectors, Flat + IVF + HNSW")
-    ap.add_argument("--full", action="store_true", help="also 1M vectors (Flat + IVF)")
+    ap.add_argument("--full", action="store_true", help="also 1M vectors")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "index.json"))
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
     args = ap.parse_args()
@@ -75,8 +79,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         rows = run(100_000, args.dim, ["flat", "ivf", "hnsw"], Path(tmp))
         if args.full and not args.quick:
-            rows += run(1_000_000, args.dim, ["flat", "ivf"], Path(tmp))
-    print(json.dumps({"machine": machine(), "results": rows}, indent=2))
+            rows += run(1_000_000, args.dim, ["flat", "ivf", "hnsw"], Path(tmp))
+    result = json.dumps({"machine": machine(), "results": rows}, indent=2)
+    print(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(result + "\n")
 
 
 if __name__ == "__main__":

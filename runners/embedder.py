@@ -52,6 +52,13 @@ def packaged_model_path() -> Path:
     return Path(get_model_path())
 
 
+def _packaged_or_none() -> Path | None:
+    try:
+        return packaged_model_path().resolve()
+    except ModelNotFoundError:
+        return None
+
+
 def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
     """Return the model directory for ``model`` (None: the packaged model); check it exists."""
     path = packaged_model_path() if model is None else Path(model).expanduser()
@@ -99,7 +106,7 @@ class Embedder:
         import torch
 
         self.model_path = resolve_model_path(model)
-        if model is None and model_name is None:
+        if model_name is None and (model is None or self.model_path == _packaged_or_none()):
             model_name = PACKAGED_MODEL_NAME
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not allowed; use one of {', '.join(BACKENDS)}")
