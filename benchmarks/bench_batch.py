@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count(), help="total threads for both sides")
     ap.add_argument("--actors", default=None, help="comma list of actor counts for the scaling table")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "batch.json"))
     args = ap.parse_args()
     rows, parts = (1024, 8) if args.quick else (args.rows, args.partitions)
     cores = args.cores
@@ -76,6 +77,8 @@ def main() -> None:
                 results["ray"].append(row)
                 print(json.dumps({"engine": "ray", **row}), flush=True)
     print(json.dumps(results, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
