@@ -246,7 +246,7 @@ class ServiceEmbedder:
         self.loaded_now, self.service_pid = bool(info["loaded_now"]), info["service_pid"]
         self.record = dict(info["record"], name=model_name or info["record"]["name"], revision=model_revision)
         self._remote = info["describe"]
-        self._request = {"device": self.device, "backend": self.backend}
+        self._request = {"device": self.device, "backend": info.get("key_backend", self.backend)}
         self.model_calls = 0
         self.texts_encoded = 0
         self._tokenizer: Any = None

@@ -355,7 +355,9 @@ class ModelService:
             raise ModelError(f"cannot load {key[0]} on {key[1]}/{key[2]}: {exc}") from exc
         try:
             emb = entry.embedder
-            info = {"ok": True, "model": key[0], "device": emb.device, "backend": emb.backend,
+            # key_backend is what the client must send to reach this same entry again: on CPU
+            # "auto" stays "auto" in the key while the embedder reports the backend it chose.
+            info = {"ok": True, "model": key[0], "device": emb.device, "backend": emb.backend, "key_backend": key[2],
                     "loaded_now": loaded_now, "load_s": round(entry.load_s, 3), "service_pid": os.getpid()}
             if op == "load":
                 return {**info, "dim": emb.dim, "max_seq_length": emb.max_seq_length, "record": emb.record,

@@ -156,3 +156,15 @@ def test_service_encoder_rejects_in_process_tuning(sock):
 def test_client_without_autostart_names_the_socket(sock):
     with pytest.raises(ModelServiceError, match=str(sock)):
         ModelClient(sock, autostart=False).stats()
+
+
+def test_auto_backend_on_cpu_is_loaded_once_and_reports_what_it_chose(sock, model_path):
+    client = ModelClient(sock)
+    emb = ServiceEmbedder(model_path, device="cpu", backend="auto", client=client)
+    assert emb.backend == "ct2-int8" and emb.precision == "int8"  # what the service's embedder chose
+    first = emb.embed(["one text", "another"])
+    again = ServiceEmbedder(model_path, device="cpu", backend="auto", client=ModelClient(sock))
+    assert not again.loaded_now
+    np.testing.assert_array_equal(again.embed(["one text", "another"]), first)
+    held = client.stats()
+    assert held["loads"] == 1 and [m["backend"] for m in held["models"]] == ["auto"]
