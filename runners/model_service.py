@@ -107,7 +107,10 @@ class ModelService:
         self._key_locks: dict[tuple[str, str, str], threading.Lock] = {}
         self._lock = threading.Lock()
         self._gpu_lock = threading.Lock()
-        self._connections = 0
+        # Connections that asked for a model (load/encode): they keep the service up while open.
+        # Pings and stats do not, or a health check every fraction of a second would keep an
+        # idle service alive forever.
+        self._clients = 0
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._inode: int | None = None
@@ -151,9 +154,6 @@ class ModelService:
                     conn, _ = self._sock.accept()
                 except TimeoutError:
                     continue
-                with self._lock:
-                    self._connections += 1
-                    self.last_activity = self.clock()
                 threading.Thread(target=self._serve, args=(conn,), daemon=True, name="model-client").start()
         finally:
             self._close_socket()
@@ -192,7 +192,7 @@ class ModelService:
             self.shutdown()
             return
         with self._lock:
-            empty = not self._models and not self._connections
+            empty = not self._models and not self._clients
             quiet = now - self.last_activity >= self.idle_s
         # Exit once the last model is released, or when nothing was ever loaded for idle_s.
         if empty and (idle or quiet) and not self.persistent:
@@ -301,6 +301,7 @@ class ModelService:
 
     # -- requests ----------------------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
+        client = False
         try:
             with conn:
                 pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
@@ -315,14 +316,18 @@ class ModelService:
                         if not isinstance(exc, ConnectionError):
                             log.warning("dropping client pid %d: %s", pid, exc)
                         return
+                    if not client and header.get("op") in ("load", "encode"):
+                        client = True
+                        with self._lock:
+                            self._clients += 1
                     head, payload = self._handle(header)
                     send_message(conn, head, payload)
         except OSError as exc:
             log.warning("client connection failed: %s", exc)
         finally:
-            with self._lock:
-                self._connections -= 1
-                self.last_activity = self.clock()
+            if client:
+                with self._lock:
+                    self._clients -= 1
 
     def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         self.requests += 1

@@ -168,3 +168,17 @@ def test_auto_backend_on_cpu_is_loaded_once_and_reports_what_it_chose(sock, mode
     np.testing.assert_array_equal(again.embed(["one text", "another"]), first)
     held = client.stats()
     assert held["loads"] == 1 and [m["backend"] for m in held["models"]] == ["auto"]
+
+
+def test_pings_do_not_keep_an_idle_service_alive(sock):
+    import threading
+
+    service = ModelService(sock, idle_s=1)
+    service.bind()
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 20
+    while runner.is_alive() and time.monotonic() < deadline:
+        ping(sock)  # a health check every 50 ms, as a monitor might do
+        time.sleep(0.05)
+    assert not runner.is_alive(), "an idle service with no model stayed up because it was being pinged"
