@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from runners._atomic import atomic_directory
-from runners._onnx_backend import calibration_texts
+from runners._onnx_backend import _encode_torch, _features, calibration_texts
 from runners.errors import BackendUnavailableError
 
 BUILD_VERSION = 1
@@ -79,24 +79,12 @@ class Ct2Encoder:
         return out["sentence_embedding"].float().numpy()
 
 
-def _reference(st: Any, texts: list[str]) -> np.ndarray:
-    import torch
-
-    features = dict(st.tokenizer(texts, padding=True, truncation=True,
-                                 max_length=st.max_seq_length, return_tensors="pt"))
-    with torch.inference_mode():
-        out = st(features)["sentence_embedding"].float()
-    return torch.nn.functional.normalize(out, dim=-1).numpy()
-
-
 def verify(encoder: Ct2Encoder, st: Any, texts: list[str]) -> float:
     """Mean cosine of ``encoder`` to the fp32 sentence-transformers model on ``texts``."""
-    features = st.tokenizer(texts, padding=True, truncation=True, max_length=st.max_seq_length,
-                            return_tensors="np")
-    got = encoder.encode({"input_ids": features["input_ids"].astype(np.int64),
-                          "attention_mask": features["attention_mask"].astype(np.int64)})
+    features = _features(st, texts)
+    got = encoder.encode({k: features[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")})
     got /= np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
-    return float((got * _reference(st, texts)).sum(axis=1).mean())
+    return float((got * _encode_torch(st, features)).sum(axis=1).mean())
 
 
 def build_ct2(st: Any, weights_hash: str, cache_dir: Path, *, quantize: bool,
