@@ -137,17 +137,23 @@ def _crash(w, task_pids: list[int]) -> None:
     assert all(_alive(p) for p in task_pids), "a task process died with its worker under crash_policy adopt"
 
 
+def _start_adopt_task_and_crash(cp: ControlPlane, start_worker, tmp_path: Path, args: list[str]):
+    """Run one outpost_adopt task, SIGKILL its worker mid-task; return (worker, marker, run_id, task pid)."""
+    w = start_worker(queues="q_adopt", extra_args=args)
+    marker = tmp_path / "adopt"
+    marker.mkdir()
+    run_id = cp.trigger("outpost_adopt", conf={"marker_dir": str(marker)})
+    _wait_until(lambda: (marker / "started").exists(), "the task did not start", w)
+    task_pid = int((marker / "started").read_text())
+    _crash(w, [task_pid])
+    return w, marker, run_id, task_pid
+
+
 @pytest.mark.parametrize("prewarm", ["1", "0"])  # forked from the zygote, or a fresh interpreter
 def test_adopted_task_succeeds_on_its_first_try_after_a_worker_crash(control_plane: ControlPlane, start_worker,
                                                                      tmp_path: Path, prewarm: str) -> None:
     args = [*ADOPT, "--prewarm", prewarm, "--push-logs", "true"]
-    w = start_worker(queues="q_adopt", extra_args=args)
-    marker = tmp_path / "adopt"
-    marker.mkdir()
-    run_id = control_plane.trigger("outpost_adopt", conf={"marker_dir": str(marker)})
-    _wait_until(lambda: (marker / "started").exists(), "the task did not start", w)
-    task_pid = int((marker / "started").read_text())
-    _crash(w, [task_pid])
+    w, marker, run_id, task_pid = _start_adopt_task_and_crash(control_plane, start_worker, tmp_path, args)
     restarted = time.monotonic()
     w2 = start_worker(queues="q_adopt", name=w.name, state_folder=w.state_folder, extra_args=args)
     [job] = _wait_until(lambda: _adopted_jobs(w2), "the restarted worker did not adopt the task", w2)
@@ -208,13 +214,7 @@ def test_adopted_tasks_that_fail_or_vanish_are_reported_failed(control_plane: Co
 
 def test_an_adopted_task_is_drained_and_escalated_like_any_other(control_plane: ControlPlane, start_worker,
                                                                   tmp_path: Path) -> None:
-    w = start_worker(queues="q_adopt", extra_args=ADOPT)
-    marker = tmp_path / "adopt"
-    marker.mkdir()
-    run_id = control_plane.trigger("outpost_adopt", conf={"marker_dir": str(marker)})
-    _wait_until(lambda: (marker / "started").exists(), "the task did not start", w)
-    task_pid = int((marker / "started").read_text())
-    _crash(w, [task_pid])
+    w, _, run_id, task_pid = _start_adopt_task_and_crash(control_plane, start_worker, tmp_path, ADOPT)
     w2 = start_worker(queues="q_adopt", name=w.name, state_folder=w.state_folder,
                       extra_args=[*ADOPT, "--drain-timeout-s", "2", "--kill-grace-s", "2"])
     _wait_until(lambda: _adopted_jobs(w2), "the restarted worker did not adopt the task", w2)
