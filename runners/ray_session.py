@@ -83,6 +83,21 @@ class RayConfig:
                 f"RayConfig.address={self.address!r} is invalid: use None, 'auto', 'host:port' or 'ray://host:port'"
             )
 
+    @classmethod
+    def from_env(cls, **overrides: Any) -> RayConfig:
+        """The Ray the worker configured for its tasks, with ``overrides`` applied on top.
+
+        ``OUTPOST_RAY_ADDRESS`` (set by ``outpost worker --ray ...``) selects an existing cluster
+        (or the worker's own persistent local Ray); unset means a local Ray started on demand.
+        The token comes from ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` as in ``resolve_token``.
+        ``num_cpus`` in ``overrides`` only applies to a Ray started on demand, so a DAG can say
+        ``RayConfig.from_env(num_cpus=2)`` and still join the worker's cluster when there is one.
+        """
+        address = os.environ.get("OUTPOST_RAY_ADDRESS", "").strip() or None
+        if address is not None and "address" not in overrides:
+            overrides = {k: v for k, v in overrides.items() if k != "num_cpus"}
+        return cls(**{"address": address, **overrides})
+
     def resolve_token(self) -> str | None:
         """The token to present: explicit value, then token file, then the RAY_AUTH_* environment."""
         if self.auth_token:
@@ -126,6 +141,7 @@ def _probe(address: str, timeout_s: float) -> None:
 def ray_session(config: RayConfig | None = None) -> Iterator[dict[str, Any]]:
     """Connect to (or start) Ray for the duration of the block; yield ``{"address", "started", "resources"}``.
 
+    ``config=None`` means ``RayConfig.from_env()``: the worker's Ray if it set one, else local.
     If Ray is already initialised in this process the existing connection is used and left
     open. Otherwise the session calls ``ray.shutdown()`` on exit, which also stops a local Ray
     it started. Raises RayAuthError (missing/unreadable/rejected token) or RayConnectError
@@ -133,7 +149,7 @@ def ray_session(config: RayConfig | None = None) -> Iterator[dict[str, Any]]:
     """
     import ray
 
-    config = config or RayConfig()
+    config = config or RayConfig.from_env()
     if ray.is_initialized():
         yield {"address": None, "started": False, "reused": True, "resources": ray.cluster_resources()}
         return

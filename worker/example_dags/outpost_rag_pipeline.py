@@ -191,7 +191,7 @@ def outpost_rag_pipeline():
         if params["engine"] == "ray":
             summary = run_batch_inference(parts, out, QueryRetriever, kwargs,
                                           config=BatchConfig(batch_size=16, actors=1, cpus_per_actor=1.0),
-                                          ray_config=RayConfig(num_cpus=2))
+                                          ray_config=RayConfig.from_env(num_cpus=2))
         else:
             summary = run_plain_loop(parts, out, QueryRetriever, kwargs, batch_size=16)
         rows = [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
