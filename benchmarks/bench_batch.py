@@ -5,7 +5,10 @@ The plain loop (``run_plain_loop``) reads a partition, runs the model, writes it
 process with torch using every core. Ray (``run_batch_inference``) runs the same model in
 actors whose torch threads add up to the same number of cores, overlapping reading and
 writing with compute. Both timings include model loading; Ray's own start-up is reported
-separately (a worker reuses one Ray for many tasks). Ratios come from the same run.
+separately (a worker reuses one Ray for many tasks). Each actor count runs three ways:
+``one-shot`` (Ray Data's actor pool, built per run), ``warm, first run`` (starting kept-warm
+actors) and ``warm, next run`` (reusing them, as the next task on a worker with ``--ray``
+does). Ratios come from the same run.
 
     python benchmarks/bench_batch.py --quick               # ~1k rows, 2 cores: a few minutes
     python benchmarks/bench_batch.py --rows 20000 --actors 1,2,4,8   # scaling on a bigger host
@@ -25,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks._machine import summary as machine  # noqa: E402
-from runners.batch import BatchConfig, run_batch_inference, run_plain_loop  # noqa: E402
+from runners.batch import run_plain_loop  # noqa: E402
 from runners.bench import BATCH_LABELS as LABELS  # noqa: E402
+from runners.bench import ray_batch_rows  # noqa: E402
 from runners.bench import write_batch_corpus as corpus  # noqa: E402
 from runners.models import PrototypeClassifier  # noqa: E402
 from runners.ray_session import RayConfig, ray_session  # noqa: E402
@@ -67,15 +71,9 @@ def main() -> None:
         with ray_session(RayConfig(num_cpus=cores)):
             results["ray_init_s"] = round(time.perf_counter() - t0, 2)
             for n in actor_counts:
-                threads = max(1, cores // n)
-                # Actors reserve a little under their share so the light read tasks always fit.
-                cfg = BatchConfig(batch_size=args.batch_size, actors=n, cpus_per_actor=round((cores - 0.25) / n, 3))
-                out = run_batch_inference(work / "in", work / f"ray-{n}", PrototypeClassifier,
-                                          {**kw, "threads": threads}, config=cfg)
-                row = {"actors": n, "threads_per_actor": threads, "seconds": out["seconds"],
-                       "rows_per_s": out["rows_per_s"], "vs_loop": round(out["rows_per_s"] / loop["rows_per_s"], 2)}
-                results["ray"].append(row)
-                print(json.dumps({"engine": "ray", **row}), flush=True)
+                for row in ray_batch_rows(work, kw, n, cores, args.batch_size, loop["rows_per_s"]):
+                    results["ray"].append(row)
+                    print(json.dumps({"engine": "ray", **row}), flush=True)
     print(json.dumps(results, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from runners._atomic import TMP_PREFIX, atomic_directory, atomic_write_json
+from runners._warm_actors import WarmPool
 from runners.errors import InputError
 from runners.ray_session import RayConfig, ray_session
 from runners.store import code_version, input_record, model_record
@@ -45,7 +47,13 @@ class BatchConfig:
     ``gpus_per_actor=None`` means 1 when the cluster has GPUs, else 0. ``batch_size`` rows go
     to each ``__call__``. ``read_cpus`` is what each read task reserves: actors must leave
     that much free or reading starves (Ray Data would wait forever), which is checked up front.
-    ``log_every_s`` paces the progress lines in the task log."""
+    ``log_every_s`` paces the progress lines in the task log.
+
+    ``keep_warm_s > 0`` keeps the model loaded in named, detached actors on the Ray cluster for
+    that long after their last batch, so the next run with the same model and resources starts
+    computing at once (``runners._warm_actors``); this only outlives the call when Ray does (the
+    worker's ``--ray``, or an existing cluster). ``None`` reads ``OUTPOST_RAY_KEEP_WARM_S``
+    (set by the worker; unset = 0: actors live for one run, built by Ray Data's actor pool)."""
 
     batch_size: int = 256
     actors: int = 1
@@ -53,6 +61,7 @@ class BatchConfig:
     gpus_per_actor: float | None = None
     read_cpus: float = 0.25
     log_every_s: float = 10.0
+    keep_warm_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "actors"):
@@ -62,6 +71,21 @@ class BatchConfig:
             raise ValueError("BatchConfig.cpus_per_actor/gpus_per_actor must be >= 0")
         if not 0 < self.read_cpus <= 1:
             raise ValueError(f"BatchConfig.read_cpus={self.read_cpus!r} is invalid: must be in (0, 1]")
+        if self.keep_warm_s is not None and self.keep_warm_s < 0:
+            raise ValueError(f"BatchConfig.keep_warm_s={self.keep_warm_s!r} is invalid: must be >= 0")
+
+    def warm_seconds(self) -> float:
+        """``keep_warm_s``, or ``OUTPOST_RAY_KEEP_WARM_S`` when it is None (0 if unset)."""
+        if self.keep_warm_s is not None:
+            return self.keep_warm_s
+        raw = os.environ.get("OUTPOST_RAY_KEEP_WARM_S", "").strip()
+        try:
+            value = float(raw) if raw else 0.0
+        except ValueError:
+            raise ValueError(f"OUTPOST_RAY_KEEP_WARM_S={raw!r} is invalid: must be a number of seconds") from None
+        if value < 0:
+            raise ValueError(f"OUTPOST_RAY_KEEP_WARM_S={raw!r} is invalid: must be >= 0")
+        return value
 
     def check_fits(self, cluster_cpus: float) -> None:
         """Raise ValueError if the actors leave no CPU for the read tasks on a cluster of ``cluster_cpus``."""
@@ -286,30 +310,75 @@ def run_batch_inference(
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 _read_task, batch_size=1, batch_format="pyarrow", num_cpus=config.read_cpus
             )
-            ds = ds.map_batches(
-                _ModelActor, fn_constructor_kwargs={"model_cls": model_cls, "model_kwargs": model_kwargs},
-                batch_size=config.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=config.actors),
-                num_cpus=config.cpus_per_actor, num_gpus=gpus,
-            )
-            log.info("batch inference: %d rows in %d partitions, %d actor(s), %s GPU/actor",
-                     total, len(partitions), config.actors, gpus)
+            keep_warm_s = config.warm_seconds()
+            log.info("batch inference: %d rows in %d partitions, %d actor(s), %s GPU/actor%s",
+                     total, len(partitions), config.actors, gpus,
+                     f", kept warm {keep_warm_s:g}s" if keep_warm_s else "")
+            extra: dict[str, Any] = {}
             with atomic_directory(output_dir) as tmp:
                 writer = _PartitionWriter(tmp, partitions, total, config.log_every_s)
-                schema = None
-                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                    _write_block(writer, block)
-                    schema = block.drop_columns([_PATH_COLUMN]).schema
+                if keep_warm_s:
+                    pool = WarmPool(_ModelActor, model_cls, model_kwargs, n=config.actors, cpus=config.cpus_per_actor,
+                                    gpus=gpus, keep_warm_s=keep_warm_s, read_cpus=config.read_cpus)
+                    try:
+                        schema = _run_on_warm_actors(ds, pool.start(), writer, config.batch_size)
+                    finally:
+                        pool.close()
+                    extra["warm_actors"] = {"reused": pool.reused, "started": config.actors - pool.reused,
+                                            "keep_warm_s": keep_warm_s}
+                else:
+                    ds = ds.map_batches(
+                        _ModelActor, fn_constructor_kwargs={"model_cls": model_cls, "model_kwargs": model_kwargs},
+                        batch_size=config.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=config.actors),
+                        num_cpus=config.cpus_per_actor, num_gpus=gpus,
+                    )
+                    schema = None
+                    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                        _write_block(writer, block)
+                        schema = block.drop_columns([_PATH_COLUMN]).schema
                 outputs = writer.finish(schema)
                 seconds = time.perf_counter() - started
                 atomic_write_json(tmp / "manifest.json", {
                     **_lineage(partitions, model_cls, model_kwargs), "engine": "ray", "outputs": outputs,
-                    "rows": writer.done, "seconds": seconds, "actors": config.actors, "gpus_per_actor": gpus,
+                    "rows": writer.done, "seconds": seconds, "actors": config.actors, "gpus_per_actor": gpus, **extra,
                 })
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
     return _summary(output_dir, outputs, "ray", seconds, {"actors": config.actors, "gpus_per_actor": gpus,
-                                                          "ray_address": session["address"]})
+                                                          "ray_address": session["address"], **extra})
+
+
+def _run_on_warm_actors(ds: Any, pool: WarmPool, writer: _PartitionWriter, batch_size: int) -> pa.Schema | None:
+    """Send Ray Data's batches round-robin to the warm actors, up to two in flight per actor,
+    and write the results in input order. A batch whose actor died is resent once to a new one."""
+    import ray
+
+    inflight: deque[tuple[Any, int, int, dict[str, np.ndarray]]] = deque()
+    schema = None
+
+    def drain() -> pa.Schema:
+        ref, slot, generation, batch = inflight.popleft()
+        try:
+            out = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            # Only the first failure seen for an actor replaces it; later ones reuse the new one.
+            if pool.generation[slot] == generation:
+                log.warning("batch inference: warm actor %s died (%s); resending to a new one", pool.name(slot), exc)
+                pool.replace(slot)
+            out = ray.get(pool.submit(slot, batch))
+        table = pa.table({k: np.asarray(v) for k, v in out.items()})
+        _write_block(writer, table)
+        return table.drop_columns([_PATH_COLUMN]).schema
+
+    for k, batch in enumerate(ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)):
+        slot = k % pool.n
+        inflight.append((pool.submit(slot, batch), slot, pool.generation[slot], batch))
+        while len(inflight) >= 2 * pool.n:
+            schema = drain()
+    while inflight:
+        schema = drain()
+    return schema
 
 
 def _write_block(writer: _PartitionWriter, block: pa.Table) -> None:

@@ -369,9 +369,37 @@ def bench_index(settings: BenchSettings, devices: list[str], work: Path, progres
     }
 
 
+def ray_batch_rows(work: Path, kw: dict[str, Any], actors: int, cores: int, batch_size: int,
+                   loop_rows_per_s: float) -> list[dict[str, Any]]:
+    """Ray runs with ``actors`` actors on the session's Ray, three ways, each vs the plain loop.
+
+    ``one-shot``: Ray Data's actor pool, built for this run (start, imports, model load
+    included). ``warm, first run``: the same run starting named warm actors. ``warm, next
+    run``: a second run reusing them, as a later task on a worker with ``--ray`` does.
+    The warm actors are released before returning.
+    """
+    from runners._warm_actors import release_idle
+    from runners.batch import BatchConfig, run_batch_inference
+    from runners.models import PrototypeClassifier
+
+    threads = max(1, cores // actors)
+    kwargs = {**kw, "threads": threads}
+    rows = []
+    # Actors reserve a little under their share so the light read tasks always fit.
+    cpus = round((cores - 0.25) / actors, 3)
+    for mode, keep in (("one-shot", 0.0), ("warm, first run", 600.0), ("warm, next run", 600.0)):
+        cfg = BatchConfig(batch_size=batch_size, actors=actors, cpus_per_actor=cpus, keep_warm_s=keep)
+        res = run_batch_inference(work / "in", work / f"ray-{actors}-{len(rows)}", PrototypeClassifier, kwargs,
+                                  config=cfg)
+        rows.append({"actors": actors, "threads_per_actor": threads, "mode": mode, "seconds": res["seconds"],
+                     "rows_per_s": res["rows_per_s"], "vs_loop": _ratio(res["rows_per_s"], loop_rows_per_s)})
+    release_idle(need_cpus=float("inf"))
+    return rows
+
+
 def bench_batch(settings: BenchSettings, model: Path, work: Path, progress: bool) -> dict[str, Any]:
     """Rows/s of Ray batch inference (1 and all-cores actors) vs the plain loop, same total threads."""
-    from runners.batch import BatchConfig, run_batch_inference, run_plain_loop
+    from runners.batch import run_plain_loop
     from runners.models import PrototypeClassifier
     from runners.ray_session import RayConfig, ray_session
 
@@ -403,12 +431,7 @@ def bench_batch(settings: BenchSettings, model: Path, work: Path, progress: bool
             bar.done()
             for n in actor_counts:
                 bar.step(f"ray {n} actor(s)")
-                # Actors reserve a little under their share so the light read tasks always fit.
-                cfg = BatchConfig(batch_size=batch_size, actors=n, cpus_per_actor=round((cores - 0.25) / n, 3))
-                res = run_batch_inference(work / "in", work / f"ray-{n}", PrototypeClassifier,
-                                          {**kw, "threads": max(1, cores // n)}, config=cfg)
-                ray_rows.append({"actors": n, "threads_per_actor": max(1, cores // n), "seconds": res["seconds"],
-                                 "rows_per_s": res["rows_per_s"], "vs_loop": _ratio(res["rows_per_s"], loop["rows_per_s"])})
+                ray_rows += ray_batch_rows(work, kw, n, cores, batch_size, loop["rows_per_s"])
                 bar.done()
     return {"rows": rows, "partitions": parts, "cores": cores, "batch_size": batch_size, "device": kw["device"],
             "ray_init_s": ray_init_s,

@@ -128,11 +128,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                   (f"PrototypeClassifier over {bt['rows']} rows in {bt['partitions']} Parquet partitions on "
                   f"{bt['device']}, batch size {bt['batch_size']}, {bt['cores']} cores in total on both sides. "
                   f"Baseline: plain loop ({bt['baseline']['what']}), **{bt['baseline']['rows_per_s']} rows/s**. "
-                  f"Ray start-up ({bt['ray_init_s']} s) is not counted: a worker reuses one Ray for many tasks.\n"),
-                  _table(["engine", "actors", "threads/actor", "seconds", "rows/s", "vs loop"],
-                         [["loop", "-", bt["cores"], bt["baseline"]["seconds"], bt["baseline"]["rows_per_s"], 1.0]]
-                         + [["ray", r["actors"], r["threads_per_actor"], r["seconds"], r["rows_per_s"], r["vs_loop"]]
-                            for r in bt["ray"]])]
+                  f"Ray start-up ({bt['ray_init_s']} s) is not counted: a worker with `--ray` reuses one Ray "
+                  "for many tasks. `one-shot` builds Ray Data's actor pool for the run; `warm, next run` reuses "
+                  "the model actors a previous run kept warm (`BatchConfig.keep_warm_s`).\n"),
+                  _table(["engine", "mode", "actors", "threads/actor", "seconds", "rows/s", "vs loop"],
+                         [["loop", "-", "-", bt["cores"], bt["baseline"]["seconds"], bt["baseline"]["rows_per_s"], 1.0]]
+                         + [["ray", r.get("mode", "one-shot"), r["actors"], r["threads_per_actor"], r["seconds"],
+                             r["rows_per_s"], r["vs_loop"]] for r in bt["ray"]])]
         parts.append(f"\n![batch rows/s]({charts['batch']})\n" if "batch" in charts else "")
     return "\n".join(parts)
 
@@ -189,10 +191,11 @@ def _chart_index(ix: dict[str, Any], path: Path) -> None:
 
 def _chart_batch(bt: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
-    names = ["plain loop"] + [f"Ray, {r['actors']} actor(s)" for r in bt["ray"]]
+    names = ["plain loop"] + [f"Ray {r['actors']}x\n{r.get('mode', 'one-shot')}" for r in bt["ray"]]
     values = [bt["baseline"]["rows_per_s"]] + [r["rows_per_s"] for r in bt["ray"]]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 3.8))
     ax.bar(names, values, color=["#8c8c8c"] + ["#dd8452"] * len(bt["ray"]))
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("rows / s")
     ax.set_title(f"Batch inference, {bt['rows']} rows on {bt['device']}")
     ax.grid(True, axis="y", alpha=0.3)

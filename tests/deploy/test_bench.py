@@ -71,6 +71,7 @@ def test_report_json_has_every_section_with_positive_figures_and_ratios(report: 
     b = r["batch"]
     assert b["baseline"]["engine"] == "loop" and b["baseline"]["rows_per_s"] > 0
     assert b["ray"] and all(x["rows_per_s"] > 0 and x["vs_loop"] > 0 for x in b["ray"])
+    assert {x["mode"] for x in b["ray"]} == {"one-shot", "warm, first run", "warm, next run"}
     assert r["charts"] == dict(zip(("embeddings", "index", "batch"), CHARTS))
 
 
