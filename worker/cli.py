@@ -54,6 +54,12 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "preemption_notice_file": "when this file appears (spot preemption notice), drain with the short timeout",
         "preemption_drain_timeout_s": "drain timeout after a preemption notice (default 30)",
         "warm_models": "comma-separated embedding models to load once at start",
+        "ray": "Ray for tasks: local (a persistent Ray head owned by the worker), or an existing cluster: auto, "
+               "host:port, ray://host:port (default: each task starts its own)",
+        "ray_num_cpus": "CPUs of the local Ray head (default: all cores)",
+        "ray_num_gpus": "GPUs of the local Ray head (default 0)",
+        "ray_auth_token_file": "file holding an existing Ray cluster's auth token (tasks get RAY_AUTH_TOKEN_PATH)",
+        "ray_keep_warm_s": "how long tasks' Ray model actors stay warm when idle (default: model_idle_s)",
         "budgets": "daily budgets, e.g. queue:gpu=2h,dag:train=30m (also --budget, repeatable)",
     }
     aliases = {"exit_when_idle_s": ["--exit-when-idle"]}

@@ -27,6 +27,8 @@ ENV_PREFIX = "OUTPOST_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
 CRASH_POLICIES = ("stop", "adopt")
+# An existing Ray cluster: "auto", "host:port" or "ray://host:port" (IPv6 hosts in brackets).
+_RAY_ADDRESS_RE = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$")
 
 
 # Environment variables that authenticate the *worker*; task processes and helpers never see them.
@@ -92,6 +94,14 @@ class Settings:
     # Keep embedding models loaded across tasks in a worker-owned model service (runners extra).
     model_service: bool = True
     model_idle_s: float = 600.0
+    # Ray for tasks (README "Warm Ray"): None = each task starts its own on demand; "local" = the
+    # worker starts and owns a persistent local head; "auto"/"host:port"/"ray://host:port" = an
+    # existing cluster, passed to tasks. The rest apply to "local" or to a cluster, as named.
+    ray: str | None = None
+    ray_num_cpus: int | None = None  # local: None = all cores
+    ray_num_gpus: int | None = None  # local: None = 0 (GPUs stay with the worker's GPU slots)
+    ray_auth_token_file: Path | None = None  # cluster: its token, given to tasks as RAY_AUTH_TOKEN_PATH
+    ray_keep_warm_s: float | None = None  # None = model_idle_s
     budgets: tuple[tuple[str, float], ...] = ()  # (("queue:gpu", 7200.0), ("dag:train", 1800.0))
     # Data sovereignty (README "Data sovereignty"): what may leave the region, and how we authenticate.
     region: str = "default"
@@ -156,6 +166,7 @@ class Settings:
         if self.poll_min_interval_s > self.poll_interval_s:
             raise ConfigError("poll_min_interval_s", self.poll_min_interval_s, f"must not exceed poll_interval_s ({self.poll_interval_s})")
         _validate_deploy(self)
+        _validate_ray(self)
         _validate_sovereignty(self)
         if self.jwt_secret_file is not None and not Path(self.jwt_secret_file).is_file():
             raise ConfigError("jwt_secret_file", str(self.jwt_secret_file), "must be a readable file holding [api_auth] jwt_secret")
@@ -217,6 +228,42 @@ def _validate_deploy(s: Settings) -> None:
     if s.queues is None and any(k.startswith("queue:") for k, _ in s.budgets):
         raise ConfigError("budgets", ",".join(k for k, _ in s.budgets),
                           "queue budgets need an explicit --queues list (a worker serving all queues cannot leave one out)")
+
+
+def _validate_ray(s: Settings) -> None:
+    if s.ray is not None and s.ray not in ("local", "auto") and not _valid_ray_address(s.ray):
+        raise ConfigError("ray", s.ray, "local (the worker starts and owns a Ray head), or an existing cluster: auto, "
+                                        "host:port or ray://host:port (leave unset for a Ray per task)")
+    if s.ray_num_cpus is not None:
+        _positive_int("ray_num_cpus", s.ray_num_cpus, maximum=4096)
+    if s.ray_num_gpus is not None and (not isinstance(s.ray_num_gpus, int) or isinstance(s.ray_num_gpus, bool)
+                                       or not 0 <= s.ray_num_gpus <= 256):
+        raise ConfigError("ray_num_gpus", s.ray_num_gpus, "an integer from 0 to 256")
+    for name in ("ray_num_cpus", "ray_num_gpus"):
+        if getattr(s, name) is not None and s.ray != "local":
+            raise ConfigError(name, getattr(s, name), "only applies with ray = local (the worker's own Ray head); "
+                                                       "an existing cluster has its own resources")
+    if s.ray_auth_token_file is not None:
+        if s.ray in (None, "local"):
+            raise ConfigError("ray_auth_token_file", str(s.ray_auth_token_file),
+                              "only for an existing cluster (ray = auto, host:port or ray://host:port); "
+                              "with ray = local the worker makes its own token")
+        if not Path(s.ray_auth_token_file).is_file():
+            raise ConfigError("ray_auth_token_file", str(s.ray_auth_token_file), "must be a readable file holding the cluster's token")
+    if s.ray_keep_warm_s is not None:
+        if s.ray is None:
+            raise ConfigError("ray_keep_warm_s", s.ray_keep_warm_s,
+                              "only applies with ray set (a Ray started per task ends with the task)")
+        if not isinstance(s.ray_keep_warm_s, (int, float)) or isinstance(s.ray_keep_warm_s, bool) \
+                or not 0 <= s.ray_keep_warm_s <= 7 * 86_400:
+            raise ConfigError("ray_keep_warm_s", s.ray_keep_warm_s, "a duration from 0 to 7 days, e.g. 600 or 10m")
+    else:
+        object.__setattr__(s, "ray_keep_warm_s", float(s.model_idle_s))
+
+
+def _valid_ray_address(address: str) -> bool:
+    match = _RAY_ADDRESS_RE.match(address)
+    return match is not None and 1 <= int(match.group(3)) <= 65535
 
 
 def _validate_sovereignty(s: Settings) -> None:

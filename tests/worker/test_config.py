@@ -49,6 +49,19 @@ def test_stock_edge_api_url_form_is_accepted() -> None:
         ({"jwt_secret_file": "/nonexistent/secret"}, "jwt_secret_file", "readable file"),
         ({"crash_policy": "keep"}, "crash_policy", "stop (task processes die with a crashed worker"),
         ({"crash_policy": "Adopt"}, "crash_policy", "or adopt"),
+        ({"ray": "remote"}, "ray", "local (the worker starts and owns a Ray head)"),
+        ({"ray": "head:99999"}, "ray", "host:port or ray://host:port"),
+        ({"ray": "ray://head"}, "ray", "host:port"),
+        ({"ray": "local", "ray_num_cpus": "0"}, "ray_num_cpus", "integer from 1"),
+        ({"ray": "10.0.0.5:6379", "ray_num_cpus": "2"}, "ray_num_cpus", "only applies with ray = local"),
+        ({"ray_num_gpus": "1"}, "ray_num_gpus", "only applies with ray = local"),
+        ({"ray": "local", "ray_num_gpus": "-1"}, "ray_num_gpus", "integer from 0"),
+        ({"ray": "local", "ray_auth_token_file": __file__}, "ray_auth_token_file", "only for an existing cluster"),
+        ({"ray_auth_token_file": __file__}, "ray_auth_token_file", "only for an existing cluster"),
+        ({"ray": "auto", "ray_auth_token_file": "/nonexistent/token"}, "ray_auth_token_file", "readable file"),
+        ({"ray_keep_warm_s": "60"}, "ray_keep_warm_s", "only applies with ray set"),
+        ({"ray": "local", "ray_keep_warm_s": "-5"}, "ray_keep_warm_s", "from 0 to 7 days"),
+        ({"ray": "local", "ray_keep_warm_s": "soon"}, "ray_keep_warm_s", "duration such as 15m"),
     ],
 )
 def test_bad_values_name_setting_value_and_allowed(flags: dict, setting: str, fragment: str) -> None:
@@ -104,3 +117,29 @@ def test_bad_crash_policy_flag_stops_the_cli_with_exit_code_2() -> None:
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "crash_policy='resume'" in last and "adopt" in last and "Traceback" not in result.stderr
+
+
+def test_ray_defaults_to_a_ray_per_task_and_is_set_like_every_setting(tmp_path: Path) -> None:
+    s = load_settings({"api_url": "http://h", "model_idle_s": "120"}, env={})
+    assert (s.ray, s.ray_num_cpus, s.ray_num_gpus, s.ray_auth_token_file) == (None, None, None, None)
+    assert s.ray_keep_warm_s == 120  # follows model_idle_s unless given
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'api_url = "http://h"\nray = "ray://head:10001"\nray_auth_token_file = "{token}"\nray_keep_warm_s = "10m"\n')
+    s = load_settings({"config": str(cfg)}, env={})
+    assert (s.ray, s.ray_auth_token_file, s.ray_keep_warm_s) == ("ray://head:10001", token, 600)
+    env = {"OUTPOST_RAY": "local", "OUTPOST_RAY_NUM_CPUS": "2", "OUTPOST_RAY_NUM_GPUS": "1", "OUTPOST_RAY_KEEP_WARM_S": "0"}
+    s = load_settings({"api_url": "http://h"}, env=env)
+    assert (s.ray, s.ray_num_cpus, s.ray_num_gpus, s.ray_keep_warm_s) == ("local", 2, 1, 0)
+    for address in ("auto", "10.0.0.5:6379", "[::1]:6379", "ray-head.internal:6379"):
+        assert load_settings({"api_url": "http://h", "ray": address}, env={}).ray == address
+    # The flag wins over the environment.
+    assert load_settings({"api_url": "http://h", "ray": "auto"}, env={"OUTPOST_RAY": "local"}).ray == "auto"
+
+
+def test_bad_ray_flag_stops_the_cli_with_exit_code_2() -> None:
+    result = run_outpost("worker", "--api-url", "http://127.0.0.1:9", "--ray", "everywhere")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "ray='everywhere'" in last and "host:port" in last and "Traceback" not in result.stderr
