@@ -122,6 +122,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"  slots {status['concurrency'] - status['free_slots']}/{status['concurrency']} used, queues {','.join(status['queues'] or ['<all>'])}")
     r = status.get("requests_per_s", {})
     print(f"  requests/s: idle {r.get('idle')}, busy {r.get('busy')}, last 60s {r.get('recent')}, total {r.get('total')}")
+    if (ray := status.get("ray")):
+        kind = "local head owned by the worker" if ray.get("mode") == "local" else "existing cluster"
+        up = {True: "up", False: "DOWN (tasks start their own Ray)" if ray.get("mode") == "local" else "DOWN"}.get(
+            ray.get("up"), "not checked")
+        restarts = f", restarted {ray['restarts']} time(s)" if ray.get("restarts") else ""
+        print(f"  ray {ray.get('address') or '-'} ({kind}): {up}{restarts}")
     for job in status.get("jobs", []):
         adopted = " (adopted after a crash)" if job.get("adopted") else ""
         print(f"  job {job['key']} pid {job['pid']} queue {job['queue']} running {job['running_s']}s{adopted}")

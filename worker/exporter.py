@@ -99,6 +99,7 @@ class _StateCollector(Collector):
         yield up
         yield GaugeMetricFamily("outpost_control_plane_reachable", "1 if the last heartbeat reached the control plane",
                                 value=0 if w.disconnected_since is not None else 1)
+        yield from _ray_families(w)
         yield from _gpu_families(w.gpus.devices)
         yield from self._cost_families(w)
         if self.m.runner is not None:
@@ -128,6 +129,19 @@ class _StateCollector(Collector):
         for q in sorted(guard.paused):
             paused.add_metric([q], 1)
         yield paused
+
+
+def _ray_families(w: Worker) -> Iterator[Any]:
+    """Whether the Ray the worker gives its tasks answers, and restarts of its own head."""
+    if w.ray is None:
+        return
+    info = w.ray.describe()
+    up = GaugeMetricFamily("outpost_ray_up", "1 while the Ray given to tasks answers (the worker's own head, or a cluster)",
+                           labels=["mode", "address"])
+    if info["up"] is not None:
+        up.add_metric([str(info["mode"]), str(info["address"])], 1 if info["up"] else 0)
+    yield up
+    yield CounterMetricFamily("outpost_ray_restarts", "Restarts of the worker's own Ray head", value=info["restarts"])
 
 
 def _gpu_families(devices: tuple[str, ...]) -> Iterator[Any]:

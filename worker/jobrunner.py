@@ -139,7 +139,9 @@ class JobRunner:
             await self._expired(run, expired_s)
             return False
         assert self.launcher is not None
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.w.gpus.total else None
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.w.gpus.total else {}
+        if self.w.ray is not None:
+            env.update(self.w.ray.task_env())  # decided now: none while the worker's own Ray is down
         server = self.w.egress.task_server(job)
         run.proc = await self.launcher.launch(job.workload, server, env, exit_file=self.w.state_folder.exit_file(key))
         self.w.state_folder.journal_start(key, run.proc.pid, recovery.journal_details(run, server))

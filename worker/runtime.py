@@ -20,7 +20,7 @@ import random
 import time
 from datetime import datetime, timezone
 
-from worker.config import Settings
+from worker.config import Settings, without_credentials
 from worker.edge_client import EdgeClient
 from worker.errors import (
     AuthError,
@@ -40,6 +40,7 @@ from worker.jobrunner import JobRunner
 from worker.lifecycle import Lifecycle
 from worker.metrics import RequestCounter
 from worker.model_host import ModelHost, service_available
+from worker.ray_host import RayHost, ray_available
 from worker.state import StateFolder
 from worker.supervisor import TaskLauncher
 from worker.sysinfo import airflow_version, sysinfo
@@ -85,6 +86,12 @@ class Worker:
         self.models: ModelHost | None = (
             ModelHost(settings.state_folder, idle_s=settings.model_idle_s)
             if settings.model_service and service_available() and not os.environ.get("OUTPOST_MODEL_SOCKET") else None)
+        # The Ray tasks use: a head the worker owns (ray = local), an existing cluster, or None
+        # (each task starts its own).
+        self.ray: RayHost | None = RayHost.from_settings(settings)
+        if self.ray is not None and self.ray.local and not ray_available():
+            log.error("ray = local needs Ray in this interpreter (the runners extra); tasks start their own Ray")
+            self.ray = None
         self.telemetry = WorkerMetrics(self, runner_dir=settings.state_folder / "runner-metrics"
                                        if settings.metrics_port else None)
         self.health: HealthServer | None = None
@@ -127,9 +134,13 @@ class Worker:
             await launcher.start()
             if self.models is not None:
                 await self.models.start(self._task_env())
+            if self.ray is not None:
+                await self.ray.start(without_credentials(self._task_env()))
             await self._startup()
-            if self.models is not None:
-                await self.models.wait_ready()  # imports torch while the zygote imports Airflow
+            # Both come up while the zygote imports Airflow. Tasks started before a service is
+            # ready would do without it (load their model, start their own Ray).
+            await asyncio.gather(*([self.models.wait_ready()] if self.models is not None else []),
+                                 *([self.ray.wait_ready()] if self.ray is not None else []))
             self.lifecycle.start_warming()
             await self.jobs.recover_leftovers()
             await self._main_loop()
@@ -145,6 +156,8 @@ class Worker:
             await launcher.aclose()
             if self.models is not None:
                 await self.models.aclose()
+            if self.ray is not None:
+                await self.ray.aclose()
             await self.client.aclose()
             await self.egress.aclose()
             self._write_status(force=True, state="offline")
@@ -180,6 +193,8 @@ class Worker:
         elif not s.model_service:
             # A service a task started would be stopped with the task's leftovers: load in-task.
             env["OUTPOST_MODEL_SERVICE"] = "0"
+        if self.ray is not None:
+            self.ray.scrub(env)  # its variables are set per task, while the worker's Ray is up (jobrunner)
         self.egress.apply_task_env(env)
         return env
 
@@ -404,4 +419,5 @@ class Worker:
             "gpus": {"total": self.gpus.total, "free": self.gpus.free},
             "paused_queues": {q: p.describe() for q, p in (self.budgets.paused if self.budgets else {}).items()},
             "metrics_url": self.health.url if self.health is not None else None,
+            "ray": self.ray.describe() if self.ray is not None else None,
         })
