@@ -86,3 +86,53 @@ def test_joining_without_auth_mode_is_refused_by_the_cluster(cluster: RayCluster
     with pytest.raises(RayAuthError, match="refused this driver"):
         run_batch_inference(tmp_path / "in", tmp_path / "out", FailingModel, {"fail_on": -1},
                             ray_config=RayConfig(address=cluster.address, auth_mode="disabled"))
+
+
+_DRIVER = """
+import json, sys
+from runners.batch import BatchConfig, run_batch_inference
+from runners.models import PrototypeClassifier
+from runners.ray_session import RayConfig
+from tests.runners.conftest_ray import classifier_kwargs
+summary = run_batch_inference(sys.argv[1], sys.argv[2], PrototypeClassifier, classifier_kwargs(threads=1),
+                              config=BatchConfig(batch_size=8, actors=1, cpus_per_actor=0.75),
+                              ray_config=RayConfig.from_env())
+print(json.dumps(summary))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_warm_model_actors_outlive_the_task_process_that_started_them(
+        cluster: RayCluster, tmp_path: Path, no_ray_auth_env) -> None:
+    # Two separate driver processes, as two tasks on a worker with --ray are: the second finds
+    # the model the first loaded, and both write the same rows.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.runners.conftest_ray import REPO
+
+    make_corpus(tmp_path / "in", partitions=2, rows=8, fmt="jsonl", seed=5)
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.token)
+    env = {**os.environ, "OUTPOST_RAY_ADDRESS": cluster.address, "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "OUTPOST_RAY_KEEP_WARM_S": "120", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    runs = []
+    try:
+        for name in ("first", "second"):
+            proc = subprocess.run([sys.executable, "-c", _DRIVER, str(tmp_path / "in"), str(tmp_path / name)],
+                                  env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    finally:
+        # The cluster is shared by the module: give back the CPU the warm actor holds.
+        from runners._warm_actors import release_idle
+        from runners.ray_session import ray_session
+
+        with ray_session(RayConfig(address=cluster.address, auth_token_path=str(token_file))):
+            release_idle(need_cpus=float("inf"))
+    assert runs[0]["warm_actors"] == {"reused": 0, "started": 1, "keep_warm_s": 120.0}
+    assert runs[1]["warm_actors"] == {"reused": 1, "started": 0, "keep_warm_s": 120.0}
+    first, second = read_output(tmp_path / "first", 2), read_output(tmp_path / "second", 2)
+    assert_same_rows(second, first)
