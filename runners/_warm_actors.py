@@ -186,8 +186,9 @@ class WarmPool:
         refs = {self.actors[i].status.remote(self.args[3], hold=self.run): i for i in slots}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.start_timeout_s)
         if pending:
+            # Not placed yet: a detached actor left pending would start later and idle for nothing.
             for ref in pending:
-                ray.cancel(ref)
+                kill(self.actors[refs[ref]])
             raise TimeoutError(
                 f"{len(pending)} warm model actor(s) did not start within {self.start_timeout_s:g}s; the cluster "
                 f"may lack {self.cpus:g} CPU / {self.gpus:g} GPU per actor (free now: {ray.available_resources()})"

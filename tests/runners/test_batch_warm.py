@@ -136,3 +136,17 @@ def test_keep_warm_comes_from_the_worker_environment(monkeypatch: pytest.MonkeyP
     assert BatchConfig().warm_seconds() == 0.0
     with pytest.raises(ValueError, match="keep_warm_s=-1"):
         BatchConfig(keep_warm_s=-1)
+
+
+def test_actors_that_cannot_be_placed_time_out_clearly_and_leave_nothing(ray_2cpu) -> None:
+    from runners._warm_actors import WarmPool
+    from runners.batch import _ModelActor
+
+    # 3 CPUs per actor on a 2-CPU Ray can never be placed: a bounded wait, then a clear error.
+    pool = WarmPool(_ModelActor, LengthModel, {}, n=1, cpus=3, gpus=0, keep_warm_s=30, start_timeout_s=2)
+    with pytest.raises(TimeoutError, match=r"1 warm model actor\(s\) did not start within 2s.*3 CPU"):
+        pool.start()
+    deadline = time.monotonic() + 10
+    while list_warm() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list_warm() == []
