@@ -161,12 +161,10 @@ class _ModelActor:
     def __init__(self, model_cls: type, model_kwargs: Mapping[str, Any]) -> None:
         self.model = model_cls(**model_kwargs)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         paths = batch.pop(_PATH_COLUMN)
-        out = dict(self.model(batch))
-        _check_rows(out, len(paths), str(paths[0]) if len(paths) else "?")
-        out[_PATH_COLUMN] = paths
-        return out
+        table = _check_rows(self.model(batch), len(paths), str(paths[0]) if len(paths) else "?")
+        return table.append_column(_PATH_COLUMN, pa.array(paths.tolist(), type=pa.string()))
 
 
 class _PartitionWriter:
@@ -360,14 +358,13 @@ def _run_on_warm_actors(ds: Any, pool: WarmPool, writer: _PartitionWriter, batch
     def drain() -> pa.Schema:
         ref, slot, generation, batch = inflight.popleft()
         try:
-            out = ray.get(ref)
+            table = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             # Only the first failure seen for an actor replaces it; later ones reuse the new one.
             if pool.generation[slot] == generation:
                 log.warning("batch inference: warm actor %s died (%s); resending to a new one", pool.name(slot), exc)
                 pool.replace(slot)
-            out = ray.get(pool.submit(slot, batch))
-        table = pa.table({k: np.asarray(v) for k, v in out.items()})
+            table = ray.get(pool.submit(slot, batch))
         _write_block(writer, table)
         return table.drop_columns([_PATH_COLUMN]).schema
 
