@@ -1,6 +1,6 @@
 """Ray batch inference vs the plain loop a user would write, same model, same total threads.
 
-The model is ``runners.models.PrototypeClassifier`` on the local all-MiniLM-L6-v2 weights.
+The model is ``airflow_outpost.runners.batch.example_models.PrototypeClassifier`` on the local all-MiniLM-L6-v2 weights.
 The plain loop (``run_plain_loop``) reads a partition, runs the model, writes it, in one
 process with torch using every core. Ray (``run_batch_inference``) runs the same model in
 actors whose torch threads add up to the same number of cores, overlapping reading and
@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks._machine import summary as machine  # noqa: E402
-from runners.batch import run_plain_loop  # noqa: E402
-from runners.bench import BATCH_LABELS as LABELS  # noqa: E402
-from runners.bench import ray_batch_rows  # noqa: E402
-from runners.bench import write_batch_corpus as corpus  # noqa: E402
-from runners.models import PrototypeClassifier  # noqa: E402
-from runners.ray_session import RayConfig, ray_session  # noqa: E402
+from airflow_outpost.runners.batch.inference import run_plain_loop  # noqa: E402
+from airflow_outpost.runners.bench.run import BATCH_LABELS as LABELS  # noqa: E402
+from airflow_outpost.runners.bench.run import ray_batch_rows  # noqa: E402
+from airflow_outpost.runners.bench.run import write_batch_corpus as corpus  # noqa: E402
+from airflow_outpost.runners.batch.example_models import PrototypeClassifier  # noqa: E402
+from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session  # noqa: E402
 
 
 def model_path() -> str:

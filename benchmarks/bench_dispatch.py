@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._machine import summary as machine  # noqa: E402
-from worker.controlplane import ControlPlane  # noqa: E402
+from airflow_outpost.worker.testing.controlplane import ControlPlane  # noqa: E402
 
 DAGS = Path(__file__).parent / "dags"
 ACCESS_RE = re.compile(r"^(\S+) .*\[http\.access\].*path=(/edge_worker/v1/\S+)")
@@ -106,7 +106,7 @@ class Outpost(Contender):
     def argv_env(self) -> tuple[list[str], dict[str, str]]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "OUTPOST_"))}
         env["OUTPOST_JWT_SECRET"] = self.cp.jwt_secret
-        return ([sys.executable, "-m", "worker.cli", "--log-level", "WARNING", "worker", "--api-url", self.cp.base_url,
+        return ([sys.executable, "-m", "airflow_outpost", "--log-level", "WARNING", "worker", "--api-url", self.cp.base_url,
                  "--name", self.name, "--queues", "bench", "--concurrency", "4",
                  "--state-folder", str(self.work / f"{self.name}-state"), "--log-folder", str(self.work / f"{self.name}-logs"),
                  "--dags-folder", str(DAGS)], env)

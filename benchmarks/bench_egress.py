@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from worker.config import load_settings  # noqa: E402
-from worker.controlplane import ControlPlane  # noqa: E402
-from worker.egress import classify  # noqa: E402
-from worker.gateway import Egress  # noqa: E402
-from worker.ledger import Entry  # noqa: E402
+from airflow_outpost.worker.config import load_settings  # noqa: E402
+from airflow_outpost.worker.testing.controlplane import ControlPlane  # noqa: E402
+from airflow_outpost.worker.egress.policy import classify  # noqa: E402
+from airflow_outpost.worker.egress.gateway import Egress  # noqa: E402
+from airflow_outpost.worker.egress.ledger import Entry  # noqa: E402
 
 DAGS = Path(__file__).parent / "dags"
 DAG = "bench_egress"
@@ -48,7 +48,7 @@ def _worker(cp: ControlPlane, tmp: Path, *extra: str) -> tuple[subprocess.Popen,
     state = tmp / f"{name}-state"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTPOST_", "AIRFLOW__"))}
     env.update({"OUTPOST_JWT_SECRET": cp.jwt_secret, "OUTPOST_METRICS_PORT": "0"})
-    argv = [sys.executable, "-m", "worker.cli", "worker", "--api-url", cp.base_url, "--name", name,
+    argv = [sys.executable, "-m", "airflow_outpost", "worker", "--api-url", cp.base_url, "--name", name,
             "--queues", "q_bench_egress", "--state-folder", str(state), "--log-folder", str(tmp / f"{name}-logs"),
             "--dags-folder", str(DAGS), "--poll-interval-s", "1", *extra]
     out = open(tmp / f"{name}.out", "wb")  # noqa: SIM115

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from benchmarks._machine import describe as machine  # noqa: E402
-from runners.bench import best_of as best  # noqa: E402
-from runners.bench import make_texts, text_vocabulary  # noqa: E402
+from airflow_outpost.runners.bench.run import best_of as best  # noqa: E402
+from airflow_outpost.runners.bench.run import make_texts, text_vocabulary  # noqa: E402
 
 
 def main() -> int:
@@ -46,9 +46,9 @@ def main() -> int:
 
     from sentence_transformers import SentenceTransformer
 
-    from runners.embedder import Embedder, packaged_model_path
-    from runners.embeddings import embed_corpus
-    from runners.store import Store
+    from airflow_outpost.runners.embeddings.embedder import Embedder, packaged_model_path
+    from airflow_outpost.runners.embeddings.corpus import embed_corpus
+    from airflow_outpost.runners.store.region_store import Store
 
     model = packaged_model_path()
     gpu = args.device.startswith("cuda")

@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import summary as machine  # noqa: E402
-from runners.bench import structured_vectors as structured  # noqa: E402
-from runners.bench import write_vector_shard as write  # noqa: E402
-from runners.index import IndexConfig, build_index, update_index  # noqa: E402
+from airflow_outpost.runners.bench.run import structured_vectors as structured  # noqa: E402
+from airflow_outpost.runners.bench.run import write_vector_shard as write  # noqa: E402
+from airflow_outpost.runners.index.build import IndexConfig, build_index, update_index  # noqa: E402
 
 
 

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._machine import summary as machine  # noqa: E402
-from worker.controlplane import ControlPlane  # noqa: E402
+from airflow_outpost.worker.testing.controlplane import ControlPlane  # noqa: E402
 
 DAGS = Path(__file__).parent / "dags"
 BACKOFF_CAP_S = 5.0  # worker/outage.py and the worker's heartbeat backoff
@@ -58,7 +58,7 @@ class Worker:
         self.cp, self.work = cp, work
         self.state = work / "state"
         self.log = work / "worker.log"
-        self.argv = [sys.executable, "-m", "worker.cli", "worker", "--api-url", cp.base_url, "--name", "bench-recovery",
+        self.argv = [sys.executable, "-m", "airflow_outpost", "worker", "--api-url", cp.base_url, "--name", "bench-recovery",
                      "--queues", "bench_recovery", "--concurrency", str(concurrency), "--state-folder", str(self.state),
                      "--log-folder", str(work / "logs"), "--dags-folder", str(DAGS), "--metrics-port", "0",
                      "--model-service", "false"]

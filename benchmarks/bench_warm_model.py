@@ -32,7 +32,7 @@ from benchmarks._machine import summary  # noqa: E402
 TASK = """
 import json, sys, time
 t0 = float(sys.argv[1])
-from runners import Embedder, ModelClient, ServiceEmbedder
+from airflow_outpost.runners import Embedder, ModelClient, ServiceEmbedder
 mode, backend, sock = sys.argv[2], sys.argv[3], sys.argv[4]
 if mode == "local":
     e = Embedder(None, device="cpu", backend=backend)
@@ -77,7 +77,7 @@ def main() -> int:
             rows["first"].append(first["s"])
             rows["second"].append(second["s"])
         finally:
-            from runners import ModelClient
+            from airflow_outpost.runners import ModelClient
 
             ModelClient(sock, autostart=False).shutdown_service()
             time.sleep(1)

@@ -43,5 +43,5 @@ fi
 python -m pip install --constraint "$here/constraints.txt" "${project}[runners]"
 python -m pip check
 outpost --help > /dev/null
-python -c "import prometheus_client, sentence_transformers, faiss, worker.runtime, runners.metrics_report"
+python -c "import prometheus_client, sentence_transformers, faiss, airflow_outpost.worker.runtime, airflow_outpost.runners.metrics_report"
 echo "install.sh: outpost installed ($variant, torch $torch_version)"

@@ -84,4 +84,4 @@ class BackendUnavailableError(RunnerError):
 
 
 class SettingError(RunnerError):
-    """A setting (e.g. of ``runners.bench``) has a value that is not allowed; the message names both."""
+    """A setting (e.g. of ``airflow_outpost.runners.bench.run``) has a value that is not allowed; the message names both."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DAGS, WorkerProc
-from worker.controlplane import ControlPlane
+from airflow_outpost.worker.testing.controlplane import ControlPlane
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

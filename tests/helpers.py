@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from worker.controlplane import ControlPlane
+from airflow_outpost.worker.testing.controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "tests" / "dags"
@@ -29,7 +29,7 @@ class WorkerProc:
         self.log_folder = tmp / f"{self.name}-logs"
         self.output = tmp / f"{self.name}.out"
         self.argv = [
-            sys.executable, "-m", "worker.cli", "worker", "--api-url", cp.base_url, "--name", self.name,
+            sys.executable, "-m", "airflow_outpost", "worker", "--api-url", cp.base_url, "--name", self.name,
             "--queues", queues, "--concurrency", str(concurrency), "--state-folder", str(self.state_folder),
             "--log-folder", str(self.log_folder), "--dags-folder", str(DAGS), "--poll-interval-s", "1",
             "--heartbeat-interval-s", "5", "--drain-timeout-s", "60", "--kill-grace-s", "5",
@@ -87,5 +87,5 @@ def run_outpost(*args: str, env: dict[str, str] | None = None, timeout_s: float 
     """Run the ``outpost`` CLI to completion (for start-up error tests)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTPOST_", "AIRFLOW__"))}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=full_env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "airflow_outpost", *args], env=full_env, capture_output=True,
                           text=True, timeout=timeout_s, cwd=REPO)

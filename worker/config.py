@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from worker.errors import ConfigError
-from worker.units import parse_duration
+from airflow_outpost.worker.errors import ConfigError
+from airflow_outpost.worker.units import parse_duration
 
 ENV_PREFIX = "OUTPOST_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -39,7 +39,7 @@ def outpost_gpu():
 def outpost_metrics():
     @task
     def embed() -> int:
-        from runners.metrics_report import report
+        from airflow_outpost.runners.metrics_report import report
 
         time.sleep(float(get_current_context()["dag_run"].conf.get("seconds", 1)))
         report("embeddings", 512, {"model": "test"})

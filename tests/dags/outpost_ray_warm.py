@@ -17,7 +17,7 @@ def outpost_ray_warm():
 
         import ray
 
-        from runners.ray_session import RayConfig, ray_session
+        from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
 
         with ray_session(RayConfig.from_env(num_cpus=1)) as info:
             @ray.remote

@@ -142,8 +142,8 @@ def test_missing_model_path_is_rejected(tmp_path: Path) -> None:
 
 
 def test_failed_report_leaves_nothing_half_written(tmp_path: Path) -> None:
-    from runners.bench import describe_machine
-    from runners.bench_report import write_report
+    from airflow_outpost.runners.bench.run import describe_machine
+    from airflow_outpost.runners.bench.report import write_report
 
     out = tmp_path / "r"
     broken = {"machine": describe_machine(), "index": {"kinds": []}}  # chart needs fields that are missing

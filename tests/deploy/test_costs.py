@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from worker.costs import BudgetGuard, CostLedger, LiveTask
+from airflow_outpost.worker.hosted.costs import BudgetGuard, CostLedger, LiveTask
 
 
 def _ts(day: int, hour: int = 12) -> float:
@@ -72,7 +72,7 @@ def test_guard_logs_pause_and_resume_once(tmp_path: Path, caplog) -> None:
     guard = BudgetGuard(ledger, every_s=0)
     assert guard.refresh() == {} and guard.note() is None
     _rec(ledger, "a", "q", "d", _ts(1, 10), 11)
-    with caplog.at_level("INFO", logger="worker.costs"):
+    with caplog.at_level("INFO", logger="airflow_outpost.worker.hosted.costs"):
         guard.refresh()
         guard.refresh()
         assert "queue q paused" in guard.note()

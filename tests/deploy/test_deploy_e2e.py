@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.controlplane import ControlPlane, free_port
+from airflow_outpost.worker.testing.controlplane import ControlPlane, free_port
 
 pytestmark = pytest.mark.controlplane
 

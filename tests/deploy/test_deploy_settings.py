@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import build_parser
-from worker.config import load_settings
-from worker.errors import ConfigError
-from worker.units import format_duration, parse_duration
+from airflow_outpost.worker.cli.main import build_parser
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.errors import ConfigError
+from airflow_outpost.worker.units import format_duration, parse_duration
 
 API = {"api_url": "http://h:8080"}
 
@@ -53,7 +53,7 @@ def test_cli_aliases_exit_when_idle_and_repeated_budget(monkeypatch) -> None:
         seen.update(flags)
         raise ConfigError("api_url", None, "stop here")
 
-    monkeypatch.setattr("worker.cli.load_settings", fake_load)
+    monkeypatch.setattr("airflow_outpost.worker.cli.main.load_settings", fake_load)
     with pytest.raises(ConfigError):
         args.func(args)
     assert seen["budgets"] == "queue:b=2h,queue:a=1h,dag:x=30m"

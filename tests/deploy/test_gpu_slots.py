@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from worker.gpu import FetchGroup, GpuAllocator, detect_gpus
+from airflow_outpost.worker.hosted.gpu import FetchGroup, GpuAllocator, detect_gpus
 
 FOUR = ("0", "1", "2", "3")
 

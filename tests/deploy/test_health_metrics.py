@@ -1,4 +1,4 @@
-"""The health/metrics server of a (not started) worker, scraped over real HTTP and parsed."""
+"""The health/metrics server, alone and wired to a (not started) worker, scraped over real HTTP and parsed."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.config import load_settings
-from worker.costs import BudgetGuard, CostLedger
-from worker.health import HealthServer
-from worker.runtime import Worker
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.observability.health import HealthServer
+from airflow_outpost.worker.runtime.worker import Worker
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -36,8 +35,6 @@ def worker(tmp_path: Path) -> Worker:
 
 def test_endpoints_and_metrics(worker: Worker, tmp_path: Path) -> None:
     async def scenario() -> tuple[dict, list[tuple[int, str]]]:
-        worker.costs = CostLedger(tmp_path / "costs.sqlite", worker.settings.budgets)
-        worker.budgets = BudgetGuard(worker.costs, every_s=0)
         worker.costs.record(dag_id="d", task_id="t", run_id="r", try_number=1, map_index=-1, queue="cpu",
                             state="success", started=1e9, ended=1e9 + 5, gpus=0)
         import time
@@ -46,13 +43,13 @@ def test_endpoints_and_metrics(worker: Worker, tmp_path: Path) -> None:
                             state="success", started=now - 5, ended=now, gpus=0)
         worker.costs.record(dag_id="g", task_id="t", run_id="r", try_number=1, map_index=-1, queue="gpu",
                             state="success", started=now - 10, ended=now, gpus=2)
-        worker.budgets.refresh()
+        worker.budgets.refresh(force=True)
         worker.telemetry.job_event("cpu", "fetched")
         worker.telemetry.job_started("cpu", 0.2)
         worker.telemetry.job_finished("cpu", "success", 3.0)
         worker.gpus.allocate("someone", 3)
         worker.counter.record()
-        server = HealthServer(worker, "127.0.0.1", 0)
+        server = HealthServer("127.0.0.1", 0, readiness=worker.readiness, metrics=worker.telemetry.render)
         await server.start()
         statuses = []
         try:
@@ -60,10 +57,10 @@ def test_endpoints_and_metrics(worker: Worker, tmp_path: Path) -> None:
                 for path in ("/healthz", "/readyz", "/nope"):
                     r = await c.get(path)
                     statuses.append((r.status_code, r.text))
-                worker.registered = True
+                worker.link.registered = True
                 r = await c.get("/readyz")
                 statuses.append((r.status_code, r.text))
-                worker.disconnected_since = 1.0
+                worker.link.mark_unreachable()
                 r = await c.get("/readyz")
                 statuses.append((r.status_code, r.text))
                 statuses.append(((await c.post("/metrics")).status_code, ""))
@@ -94,12 +91,42 @@ def test_endpoints_and_metrics(worker: Worker, tmp_path: Path) -> None:
     assert m[("outpost_control_plane_reachable", ())] == 0
 
 
-def test_port_in_use_is_logged_not_fatal(worker: Worker, caplog) -> None:
+def _server(port: int = 0, ready: tuple[bool, str] = (True, "ready"), body: bytes = b"m 1\n") -> HealthServer:
+    return HealthServer("127.0.0.1", port, readiness=lambda: ready, metrics=lambda: body)
+
+
+def test_health_server_alone_serves_what_it_is_given() -> None:
+    def broken() -> bytes:
+        raise RuntimeError("collector failed")
+
+    async def scenario() -> list[tuple[int, str]]:
+        servers = [_server(ready=(False, "draining")), HealthServer("127.0.0.1", 0, readiness=lambda: (True, "ready"),
+                                                                     metrics=broken)]
+        out = []
+        for server in servers:
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=server.url) as c:
+                    for path in ("/readyz", "/metrics"):
+                        r = await c.get(path)
+                        out.append((r.status_code, r.text))
+                    r = await c.head("/healthz")
+                    out.append((r.status_code, r.text))
+            finally:
+                await server.aclose()
+        return out
+
+    assert asyncio.run(scenario()) == [
+        (503, "draining\n"), (200, "m 1\n"), (200, ""),
+        (200, "ready\n"), (500, "metrics collection failed; see the worker log\n"), (200, "")]
+
+
+def test_port_in_use_is_logged_not_fatal(caplog) -> None:
     async def scenario() -> str | None:
-        first = HealthServer(worker, "127.0.0.1", 0)
+        first = _server()
         await first.start()
         port = int(first.url.rsplit(":", 1)[1])
-        second = HealthServer(worker, "127.0.0.1", port)
+        second = _server(port)
         await second.start()
         url = second.url
         await first.aclose()
@@ -112,7 +139,7 @@ def test_port_in_use_is_logged_not_fatal(worker: Worker, caplog) -> None:
 
 def test_runner_reports_reach_metrics(worker: Worker) -> None:
     folder = worker.telemetry.runner.folder
-    code = ("from runners.metrics_report import report\n"
+    code = ("from airflow_outpost.runners.metrics_report import report\n"
             "assert report('embeddings', 512, {'model': 'm'})\n"
             "assert report('embeddings', 256, {'model': 'm'})\n"
             "assert report('rows', 7)\n"
@@ -132,7 +159,7 @@ def test_runner_reports_reach_metrics(worker: Worker) -> None:
 
 
 def test_report_outside_a_worker_is_a_no_op(monkeypatch) -> None:
-    from runners.metrics_report import report
+    from airflow_outpost.runners.metrics_report import report
 
     monkeypatch.delenv("OUTPOST_METRICS_DIR", raising=False)
     assert report("rows", 1) is False

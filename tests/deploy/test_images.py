@@ -67,7 +67,7 @@ def test_systemd_unit_runs_the_worker_and_outlasts_its_drain() -> None:
 
 
 def test_env_example_holds_only_known_settings() -> None:
-    from worker.config import _FIELDS, load_settings
+    from airflow_outpost.worker.config import _FIELDS, load_settings
 
     env = {}
     for line in (IMAGES / "outpost.env.example").read_text().splitlines():

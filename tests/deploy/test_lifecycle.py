@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-from types import SimpleNamespace
 
-from worker.config import load_settings
-from worker.lifecycle import Lifecycle
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.runtime.lifecycle import Lifecycle
 
 
-class FakeWorker:
+class Host:
+    """What a Lifecycle is given: a running-jobs count to read and a shutdown to call."""
+
     def __init__(self, tmp: Path, **flags) -> None:
         self.settings = load_settings({"api_url": "http://h:1", "drain_timeout_s": "300", **flags}, env={})
-        self.jobs = SimpleNamespace(running={})
+        self.running = 0
         self.shutdowns = 0
 
     def shutdown(self) -> None:
         self.shutdowns += 1
+
+    def lifecycle(self, **kw) -> Lifecycle:
+        return Lifecycle(self.settings, running=lambda: self.running, shutdown=self.shutdown,
+                         task_env=lambda: dict(os.environ), **kw)
 
 
 class Clock:
@@ -29,16 +35,16 @@ class Clock:
 
 
 def test_exits_after_idle_period_but_not_while_busy(tmp_path: Path) -> None:
-    w, clock = FakeWorker(tmp_path, exit_when_idle_s="15m"), Clock()
-    life = Lifecycle(w, clock=clock)
+    w, clock = Host(tmp_path, exit_when_idle_s="15m"), Clock()
+    life = w.lifecycle(clock=clock)
     clock.t += 899
     life.tick()
     assert w.shutdowns == 0
-    w.jobs.running = {"job": object()}
+    w.running = 1
     clock.t += 3600
     life.tick()  # busy for an hour: not idle
     assert w.shutdowns == 0
-    w.jobs.running = {}
+    w.running = 0
     clock.t += 899
     life.tick()
     assert w.shutdowns == 0
@@ -49,8 +55,8 @@ def test_exits_after_idle_period_but_not_while_busy(tmp_path: Path) -> None:
 
 
 def test_never_exits_when_off(tmp_path: Path) -> None:
-    w, clock = FakeWorker(tmp_path), Clock()
-    life = Lifecycle(w, clock=clock)
+    w, clock = Host(tmp_path), Clock()
+    life = w.lifecycle(clock=clock)
     clock.t += 10**6
     life.tick()
     assert w.shutdowns == 0
@@ -58,8 +64,8 @@ def test_never_exits_when_off(tmp_path: Path) -> None:
 
 def test_preemption_notice_drains_with_short_timeout(tmp_path: Path) -> None:
     notice = tmp_path / "preempt"
-    w = FakeWorker(tmp_path, preemption_notice_file=str(notice), preemption_drain_timeout_s="20s")
-    life = Lifecycle(w)
+    w = Host(tmp_path, preemption_notice_file=str(notice), preemption_drain_timeout_s="20s")
+    life = w.lifecycle()
     life.tick()
     assert w.shutdowns == 0 and life.drain_timeout_s() == 300
     notice.write_text("terminating at 12:00")
@@ -72,11 +78,10 @@ def test_preemption_notice_drains_with_short_timeout(tmp_path: Path) -> None:
     assert life.drain_timeout_s() == 20
 
 
-def test_warm_models_calls_the_runners_hook_in_a_child_process(tmp_path: Path, monkeypatch) -> None:
+def test_warm_models_calls_the_runners_warm_in_a_child_process(tmp_path: Path, monkeypatch) -> None:
     import asyncio
-    import os
 
-    # A stand-in for runners.embedder: records what was warmed and with which env.
+    # A stand-in for airflow_outpost.runners.embeddings.embedder: records what was warmed and with which env.
     fake = tmp_path / "fake"
     fake.mkdir(parents=True)
     (fake / "fake_embedder.py").write_text(
@@ -86,9 +91,8 @@ def test_warm_models_calls_the_runners_hook_in_a_child_process(tmp_path: Path, m
     monkeypatch.setenv("PYTHONPATH", str(fake))
     monkeypatch.setattr(Lifecycle, "warm_module", "fake_embedder")
     monkeypatch.setenv("OUTPOST_JWT_SECRET", "s3cret")
-    w = FakeWorker(tmp_path, warm_models="default,/models/e5")
-    w._task_env = lambda: dict(os.environ)
-    life = Lifecycle(w)
+    w = Host(tmp_path, warm_models="default,/models/e5")
+    life = w.lifecycle()
 
     async def scenario() -> None:
         life.start_warming()
@@ -103,11 +107,9 @@ def test_warm_models_calls_the_runners_hook_in_a_child_process(tmp_path: Path, m
 @pytest.mark.slow
 def test_warm_the_packaged_model_for_real(tmp_path: Path) -> None:
     import asyncio
-    import os
 
-    w = FakeWorker(tmp_path, warm_models="default,/no/such/model")
-    w._task_env = lambda: dict(os.environ)
-    life = Lifecycle(w)
+    w = Host(tmp_path, warm_models="default,/no/such/model")
+    life = w.lifecycle()
 
     async def scenario() -> None:
         life.start_warming()

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from worker import ledger
-from worker.config import load_settings
-from worker.egress import Policy, classify
-from worker.gateway import Egress
+from airflow_outpost.worker.egress import ledger
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.egress.policy import Policy, classify
+from airflow_outpost.worker.egress.gateway import Egress
 
 
 def _token(sub: str) -> str:
@@ -183,7 +183,7 @@ def test_rendered_fields_stay_in_the_region_by_default(tmp_path: Path) -> None:
 def test_gzipped_running_elsewhere_answer_is_understood() -> None:
     import gzip
 
-    from worker.gateway import _elsewhere
+    from airflow_outpost.worker.egress.gateway import _elsewhere
 
     answer = gzip.compress(json.dumps({"detail": {"reason": "running_elsewhere"}}).encode())
     assert _elsewhere("PUT", "task-instances/abc/heartbeat", answer[:2048]) == "abc"

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.worker.test_jobs import GOOD
-from worker.config import load_settings
-from worker.edge_client import EdgeClient
-from worker.jobs import MAX_JOB_BYTES, Job, RejectedJob, parse_job
-from worker.runtime import Worker
-from worker.sysinfo import airflow_version
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.edge.client import EdgeClient
+from airflow_outpost.worker.edge.jobs import MAX_JOB_BYTES, Job, RejectedJob, parse_job
+from airflow_outpost.worker.runtime.worker import Worker
+from airflow_outpost.worker.edge.sysinfo import airflow_version
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40),
@@ -121,7 +121,7 @@ def test_worker_refuses_hostile_jobs_reports_them_and_keeps_serving(tmp_path: Pa
                        "drain_timeout_s": "5"}, env={"OUTPOST_JWT_SECRET": "s" * 32})
 
     async def main() -> int:
-        worker = Worker(s, client=EdgeClient(s, transport=httpx.MockTransport(fake)))
+        worker = Worker(s, transport=httpx.MockTransport(fake))
         run = asyncio.create_task(worker.run())
         for _ in range(600):
             if fake.fetches >= 12 and fake.heartbeats >= 2:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from tests.helpers import DAGS, WorkerProc
-from worker.controlplane import ControlPlane
+from airflow_outpost.worker.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.controlplane  # ~40 s with its own control plane: in the default run
 

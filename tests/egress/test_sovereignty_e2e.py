@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from worker import ledger
-from worker.controlplane import ControlPlane
+from airflow_outpost.worker.egress import ledger
+from airflow_outpost.worker.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.controlplane
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from worker.xcom_backend import MissingValueError, RegionLocalXCom, RegionPinnedError, parse_reference
+from airflow_outpost.worker.egress.xcom_backend import MissingValueError, RegionLocalXCom, RegionPinnedError, parse_reference
 
 IDS = {"key": "return_value", "dag_id": "d", "run_id": "manual__2024-01-01T00:00:00+00:00", "task_id": "t", "map_index": 2}
 

@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    from runners.embedder import packaged_model_path
+    from airflow_outpost.runners.embeddings.embedder import packaged_model_path
 
     return packaged_model_path()
 
@@ -25,7 +25,7 @@ def model_path() -> Path:
 @pytest.fixture(scope="session")
 def torch_embedder(model_path):
     """fp32 sentence-transformers backend on CPU: the quality reference and the fast-to-load one."""
-    from runners.embedder import Embedder
+    from airflow_outpost.runners.embeddings.embedder import Embedder
 
     return Embedder(model_path, device="cpu", backend="torch", threads=2)
 
@@ -39,14 +39,14 @@ def onnx_cache(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ct2_embedder(model_path, onnx_cache):
     """The default CPU backend (``auto``: CTranslate2 int8, verified)."""
-    from runners.embedder import Embedder
+    from airflow_outpost.runners.embeddings.embedder import Embedder
 
     return Embedder(model_path, device="cpu", threads=2, cache_dir=onnx_cache)
 
 
 @pytest.fixture(scope="session")
 def int8_embedder(model_path, onnx_cache):
-    from runners.embedder import Embedder
+    from airflow_outpost.runners.embeddings.embedder import Embedder
 
     cache = onnx_cache
     return Embedder(model_path, device="cpu", backend="onnx-int8", threads=2, cache_dir=cache)
@@ -54,7 +54,7 @@ def int8_embedder(model_path, onnx_cache):
 
 @pytest.fixture
 def store(tmp_path):
-    from runners.store import Store
+    from airflow_outpost.runners.store.region_store import Store
 
     return Store(tmp_path / "store")
 

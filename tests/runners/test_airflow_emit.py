@@ -9,8 +9,8 @@ import pytest
 from airflow.sdk import Asset
 from airflow.sdk.execution_time.context import OutletEventAccessors
 
-from runners import RunnerError, emit
-from runners.airflow import MAX_EXTRA_BYTES
+from airflow_outpost.runners import RunnerError, emit
+from airflow_outpost.runners.assets import MAX_EXTRA_BYTES
 
 INDEX = Asset("outpost://index/docs")
 

@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from runners.batch import BatchConfig, list_partitions, run_batch_inference, run_plain_loop
-from runners.errors import InputError
-from runners.models import PrototypeClassifier
-from runners.ray_session import RayAuthError, RayConfig, RayConnectError
+from airflow_outpost.runners.batch.inference import BatchConfig, list_partitions, run_batch_inference, run_plain_loop
+from airflow_outpost.runners.errors import InputError
+from airflow_outpost.runners.batch.example_models import PrototypeClassifier
+from airflow_outpost.runners.batch.ray_session import RayAuthError, RayConfig, RayConnectError
 from tests.runners.conftest_ray import classifier_kwargs, free_port, make_corpus
 
 
@@ -69,7 +69,7 @@ def test_ray_on_demand_equals_in_process_row_for_row(tmp_path: Path, monkeypatch
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [i["path"] for i in manifest["inputs"]] == [str(f.resolve()) for f in files]
     assert manifest["model"]["weights_sha256"].startswith("sha256:")
-    assert manifest["model"]["class"] == "runners.models.PrototypeClassifier"
+    assert manifest["model"]["class"] == "airflow_outpost.runners.batch.example_models.PrototypeClassifier"
     assert manifest["code_version"] and manifest["rows"] == 72
 
     # The session cleaned up after itself: Ray is down, auth variables are as before.

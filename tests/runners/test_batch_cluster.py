@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.json as pajson
 import pytest
 
-from runners.batch import BatchConfig, run_batch_inference
-from runners.models import PrototypeClassifier
-from runners.ray_session import RayAuthError, RayConfig
+from airflow_outpost.runners.batch.inference import BatchConfig, run_batch_inference
+from airflow_outpost.runners.batch.example_models import PrototypeClassifier
+from airflow_outpost.runners.batch.ray_session import RayAuthError, RayConfig
 from tests.runners.conftest_ray import RayCluster, classifier_kwargs, make_corpus
 from tests.runners.test_batch import FailingModel, assert_same_rows, read_output
 
@@ -90,9 +90,9 @@ def test_joining_without_auth_mode_is_refused_by_the_cluster(cluster: RayCluster
 
 _DRIVER = """
 import json, sys
-from runners.batch import BatchConfig, run_batch_inference
-from runners.models import PrototypeClassifier
-from runners.ray_session import RayConfig
+from airflow_outpost.runners.batch.inference import BatchConfig, run_batch_inference
+from airflow_outpost.runners.batch.example_models import PrototypeClassifier
+from airflow_outpost.runners.batch.ray_session import RayConfig
 from tests.runners.conftest_ray import classifier_kwargs
 summary = run_batch_inference(sys.argv[1], sys.argv[2], PrototypeClassifier, classifier_kwargs(threads=1),
                               config=BatchConfig(batch_size=8, actors=1, cpus_per_actor=0.75),
@@ -127,8 +127,8 @@ def test_warm_model_actors_outlive_the_task_process_that_started_them(
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     finally:
         # The cluster is shared by the module: give back the CPU the warm actor holds.
-        from runners._warm_actors import release_idle
-        from runners.ray_session import ray_session
+        from airflow_outpost.runners.batch.warm_actors import release_idle
+        from airflow_outpost.runners.batch.ray_session import ray_session
 
         with ray_session(RayConfig(address=cluster.address, auth_token_path=str(token_file))):
             release_idle(need_cpus=float("inf"))

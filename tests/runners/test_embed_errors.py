@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runners.embeddings import embed_corpus
-from runners.errors import (
+from airflow_outpost.runners.embeddings.corpus import embed_corpus
+from airflow_outpost.runners.errors import (
     DimensionMismatchError,
     EmptyCorpusError,
     EncodingError,
@@ -66,7 +66,7 @@ def test_model_path_that_does_not_exist(tmp_path, store):
 def test_dimension_mismatch_with_existing_shards(tmp_path, store, torch_embedder, model_path):
     from sentence_transformers import SentenceTransformer, models
 
-    from runners.embedder import Embedder
+    from airflow_outpost.runners.embeddings.embedder import Embedder
 
     path = write_jsonl(tmp_path / "c.jsonl", make_docs(4))
     embed_corpus(path, store=store, name="c", embedder=torch_embedder)

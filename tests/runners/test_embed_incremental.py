@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runners import _atomic
-from runners.chunking import ChunkingConfig, chunk_text
-from runners.embeddings import embed_corpus, read_catalog, read_vectors
+from airflow_outpost.runners.store import atomic as _atomic
+from airflow_outpost.runners.embeddings.chunking import ChunkingConfig, chunk_text
+from airflow_outpost.runners.embeddings.corpus import embed_corpus, read_catalog, read_vectors
 from tests.runners.conftest import make_docs, tree, write_jsonl
 
 
@@ -143,7 +143,7 @@ def test_runner_is_a_ray_style_callable(torch_embedder):
 
 
 def test_unchanged_documents_are_not_chunked_again(tmp_path, store, torch_embedder, monkeypatch):
-    from runners import embeddings
+    from airflow_outpost.runners.embeddings import corpus as embeddings
 
     docs = make_docs(10)
     docs[2]["text"] = " ".join(["long"] * 600)  # several chunks, so kept rows must keep their order

@@ -31,7 +31,7 @@ def test_auto_cpu_backend_is_ct2_int8_and_keeps_quality(ct2_embedder, model_path
 
 
 def test_ct2_fp32_matches_reference(model_path, onnx_cache):
-    from runners.embedder import Embedder
+    from airflow_outpost.runners.embeddings.embedder import Embedder
 
     fp32 = Embedder(model_path, device="cpu", backend="ct2", threads=2, cache_dir=onnx_cache)
     assert fp32.precision == "fp32"
@@ -39,8 +39,8 @@ def test_ct2_fp32_matches_reference(model_path, onnx_cache):
 
 
 def test_ct2_quality_gate_falls_back_under_auto_and_raises_when_asked(model_path, tmp_path, monkeypatch):
-    from runners import _ct2_backend
-    from runners.embedder import Embedder
+    from airflow_outpost.runners.embeddings import ct2_backend as _ct2_backend
+    from airflow_outpost.runners.embeddings.embedder import Embedder
 
     monkeypatch.setattr(_ct2_backend, "VERIFY_COSINE", 0.99999)  # no int8 build reaches this
     auto = Embedder(model_path, device="cpu", threads=2, cache_dir=tmp_path)
@@ -61,7 +61,7 @@ def test_int8_selective_onnx_backend_keeps_quality(int8_embedder, model_path):
 
 
 def test_fast_builds_are_cached(ct2_embedder, int8_embedder, model_path, onnx_cache):
-    from runners.embedder import Embedder
+    from airflow_outpost.runners.embeddings.embedder import Embedder
 
     for first in (ct2_embedder, int8_embedder):
         again = Embedder(model_path, backend=first.backend, threads=2, cache_dir=onnx_cache)
@@ -73,7 +73,7 @@ def test_model_heads_after_the_transformer_run_unchanged(model_path, tmp_path):
     """A Dense head (and its pooling) runs in torch on CTranslate2's output: same vectors."""
     from sentence_transformers import models
 
-    from runners.embedder import Embedder
+    from airflow_outpost.runners.embeddings.embedder import Embedder
 
     base = SentenceTransformer(str(model_path), device="cpu")
     SentenceTransformer(modules=[base[0], base[1], models.Dense(384, 64)], device="cpu").save(
@@ -89,8 +89,8 @@ def test_architecture_ctranslate2_cannot_run_falls_back_to_torch(model_path, tmp
     from sentence_transformers import models
     from transformers import AutoTokenizer, MPNetConfig, MPNetModel
 
-    from runners.embedder import Embedder
-    from runners.errors import BackendUnavailableError
+    from airflow_outpost.runners.embeddings.embedder import Embedder
+    from airflow_outpost.runners.errors import BackendUnavailableError
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
     cfg = MPNetConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runners.errors import DimensionMismatchError, InputError
-from runners.index import IndexConfig, IndexStateError, build_index, current_version, list_versions, promote, rollback, update_index
-from runners.index_search import IndexSearcher
+from airflow_outpost.runners.errors import DimensionMismatchError, InputError
+from airflow_outpost.runners.index.build import IndexConfig, IndexStateError, build_index, current_version, list_versions, promote, rollback, update_index
+from airflow_outpost.runners.index.search import IndexSearcher
 from tests.runners.conftest_index import make_embeddings, structured_vectors, write_deleted, write_shard
 
 DIM = 32
@@ -157,7 +157,7 @@ def test_crash_mid_build_leaves_current_valid(emb: Path, tmp_path: Path, phase: 
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
         import faiss
-        from runners.index import IndexConfig, build_index
+        from airflow_outpost.runners.index.build import IndexConfig, build_index
         def die(*args):
             os._exit(17)
         real_write = faiss.write_index
@@ -224,7 +224,7 @@ def test_gpu_build_matches_cpu(emb: Path, tmp_path: Path) -> None:
 
 
 def test_embeddings_manifest_layout_later_shard_replaces_an_updated_row(tmp_path: Path) -> None:
-    # The layout runners.embeddings writes: shards/ listed in manifest.json, string chunk ids,
+    # The layout airflow_outpost.runners.embeddings.corpus writes: shards/ listed in manifest.json, string chunk ids,
     # deleted ids in the manifest; an updated chunk reappears in a later shard.
     emb = tmp_path / "emb"
     x = structured_vectors(300, DIM, seed=11)

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runners import ModelClient, ModelServiceError, ServiceEmbedder, embed_corpus
-from runners._service_protocol import GpuMemoryError
-from runners.chunking import ChunkingConfig, chunk_text
-from runners.errors import ModelError, ModelNotFoundError
-from runners.model_client import make_embedder, ping
-from runners.model_service import ModelService
+from airflow_outpost.runners import ModelClient, ModelServiceError, ServiceEmbedder, embed_corpus
+from airflow_outpost.runners.model_service.protocol import GpuMemoryError
+from airflow_outpost.runners.embeddings.chunking import ChunkingConfig, chunk_text
+from airflow_outpost.runners.errors import ModelError, ModelNotFoundError
+from airflow_outpost.runners.model_service.client import make_embedder, ping
+from airflow_outpost.runners.model_service.service import ModelService
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.timeout(240)
@@ -54,7 +54,7 @@ def test_second_process_gets_the_loaded_model_and_the_same_vectors(sock, model_p
 
     second = _in_new_process("""
         import json, sys
-        from runners import ModelClient, ServiceEmbedder
+        from airflow_outpost.runners import ModelClient, ServiceEmbedder
         e = ServiceEmbedder(sys.argv[2], device="cpu", backend="torch", client=ModelClient(sys.argv[1]))
         v = e.embed(["refund my invoice please"])
         print(json.dumps({"loaded_now": e.loaded_now, "pid": e.service_pid, "v": v[0].tolist(),
@@ -107,7 +107,7 @@ def test_idle_model_is_released_and_the_service_exits(sock, model_path):
 def test_concurrent_first_clients_start_one_service(sock):
     code = """
         import json, sys
-        from runners import ModelClient
+        from airflow_outpost.runners import ModelClient
         print(json.dumps({"pid": ModelClient(sys.argv[1], idle_s=30).stats()["pid"]}))
     """
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(sock)], stdout=subprocess.PIPE,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from runners import ModelClient
-from runners.model_client import ping
-from worker.model_host import socket_path_for
+from airflow_outpost.runners import ModelClient
+from airflow_outpost.runners.model_service.client import ping
+from airflow_outpost.worker.hosted.model_host import socket_path_for
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(900)]
 

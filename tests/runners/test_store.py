@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from runners import _atomic
-from runners.errors import ManifestError, StoreError
-from runners.store import ENV_ROOT, Store, hash_file, hash_tree, input_record
+from airflow_outpost.runners.store import atomic as _atomic
+from airflow_outpost.runners.errors import ManifestError, StoreError
+from airflow_outpost.runners.store.region_store import ENV_ROOT, Store, hash_file, hash_tree, input_record
 
 
 def test_root_from_env_and_missing_root(tmp_path, monkeypatch):

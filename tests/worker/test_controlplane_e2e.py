@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.controlplane import ControlPlane
+from airflow_outpost.worker.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.controlplane
 

@@ -9,10 +9,10 @@ import httpx
 import jwt
 import pytest
 
-from worker.config import load_settings
-from worker.edge_client import EdgeClient, retry
-from worker.errors import AuthError, ConnectError, DuplicateWorkerError, TransientServerError, VersionMismatchError
-from worker.jobs import JobKey
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.edge.client import EdgeClient, retry
+from airflow_outpost.worker.errors import AuthError, ConnectError, DuplicateWorkerError, TransientServerError, VersionMismatchError
+from airflow_outpost.worker.edge.jobs import JobKey
 
 SECRET = "s" * 64
 

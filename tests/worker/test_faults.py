@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.helpers import run_outpost
-from worker.controlplane import ControlPlane
+from airflow_outpost.worker.testing.controlplane import ControlPlane
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 
-from worker.metrics import RequestCounter
+from airflow_outpost.worker.edge.request_counter import RequestCounter
 
 
 def test_requests_are_split_between_idle_and_busy_time() -> None:

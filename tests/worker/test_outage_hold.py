@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from worker.config import load_settings
-from worker.gateway import Egress
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.egress.gateway import Egress
 
 
 class FlakyExecutionApi:
@@ -111,8 +111,8 @@ def test_the_worker_reaching_the_control_plane_wakes_the_held_requests_and_the_r
     told: list[str] = []
 
     async def main() -> None:
-        egress = Egress(settings, upstream_transport=httpx.MockTransport(upstream))
-        egress.on_upstream_back = lambda: told.append("back")
+        egress = Egress(settings, upstream_transport=httpx.MockTransport(upstream),
+                        on_upstream_back=lambda: told.append("back"))
         url = await egress.start()
         outage = egress.gateway._outage
         outage.cap_s = outage.base_s = 3600.0  # held requests would sleep "forever" unless woken

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import DAGS, WorkerProc
 from tests.tcp_proxy import TcpProxy
-from worker.controlplane import ControlPlane
+from airflow_outpost.worker.testing.controlplane import ControlPlane
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 

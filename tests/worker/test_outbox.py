@@ -7,9 +7,9 @@ from pathlib import Path
 
 import jwt
 
-from worker.jobs import JobKey
-from worker.outbox import Outbox
-from worker.tokens import expired_for
+from airflow_outpost.worker.edge.jobs import JobKey
+from airflow_outpost.worker.runtime.outbox import Outbox
+from airflow_outpost.worker.edge.tokens import expired_for
 
 A = JobKey("d", "a", "r", 1, -1, "ti-a")
 B = JobKey("d", "b", "r", 1, 3, None)
@@ -58,8 +58,8 @@ def test_expired_for_reads_exp_without_the_signing_key() -> None:
 
 
 def test_reports_of_a_job_claimed_elsewhere_can_be_dropped(tmp_path) -> None:
-    from worker.jobs import JobKey
-    from worker.outbox import Outbox
+    from airflow_outpost.worker.edge.jobs import JobKey
+    from airflow_outpost.worker.runtime.outbox import Outbox
 
     box = Outbox(tmp_path / "outbox.sqlite").open()
     mine = JobKey("d", "t", "r", 1, 3, None)

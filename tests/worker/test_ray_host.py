@@ -2,7 +2,7 @@
 
 A driver here is what a task does: a separate Python process that has nothing but the variables
 the worker exports (``RayHost.task_env()``), calls ``RayConfig.from_env()`` and enters
-``runners.ray_session.ray_session``. The head runs in an event loop on a helper thread, as it
+``airflow_outpost.runners.batch.ray_session.ray_session``. The head runs in an event loop on a helper thread, as it
 runs in the worker's loop.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import REPO, run_outpost
-from worker.ray_host import MARKER_ENV, RayHost, marked_pids, temp_dir_for
+from airflow_outpost.worker.hosted.ray_host import MARKER_ENV, RayHost, marked_pids, temp_dir_for
 
 pytest.importorskip("ray")
 
@@ -36,7 +36,7 @@ pytest.importorskip("ray")
 _DRIVER = r"""
 import json, os, sys
 import ray
-from runners.ray_session import RayConfig, ray_session
+from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
 
 name = sys.argv[1]
 with ray_session(RayConfig.from_env(num_cpus=1)) as info:
@@ -203,7 +203,7 @@ def test_a_head_that_does_not_come_up_leaves_tasks_on_their_own_ray(
     host = RayHost("local", tmp_path / "state", keep_warm_s=600, num_cpus=1, start_timeout_s=0.3)
     # Left by a previous run of this worker that was killed: marked as this head's, so it is stopped.
     leftover = subprocess.Popen(["sleep", "300"], env={**os.environ, MARKER_ENV: str(host.temp_dir)})
-    with caplog.at_level(logging.WARNING, logger="worker.ray_host"):
+    with caplog.at_level(logging.WARNING, logger="airflow_outpost.worker.hosted.ray_host"):
         try:
             loop_thread.run(host.start(_base_env()))
             assert loop_thread.run(host.wait_ready(timeout_s=30)) is False
@@ -267,7 +267,7 @@ def test_outpost_status_shows_the_ray(tmp_path: Path) -> None:
 def test_metrics_say_where_the_ray_is_and_whether_it_answers(tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from worker.exporter import _ray_families
+    from airflow_outpost.worker.observability.prometheus import _ray_families
 
     host = RayHost("10.0.0.5:6379", tmp_path, keep_warm_s=1)
     host.up, host.restarts = False, 3

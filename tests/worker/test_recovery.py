@@ -16,12 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from worker import task_process
-from worker.config import load_settings
-from worker.gateway import Egress
-from worker.gpu import GpuAllocator
-from worker.jobs import JobKey
-from worker.recovery import (
+from airflow_outpost.worker.processes import task_main as task_process
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.egress.gateway import Egress
+from airflow_outpost.worker.hosted.gpu import GpuAllocator
+from airflow_outpost.worker.edge.jobs import JobKey
+from airflow_outpost.worker.runtime.recovery import (
     AdoptedProcess,
     decide,
     is_our_process,
@@ -29,7 +29,7 @@ from worker.recovery import (
     process_start_time,
     stop_process_tree,
 )
-from worker.state import StateFolder, read_exit, record_exit
+from airflow_outpost.worker.runtime.state import StateFolder, read_exit, record_exit
 
 KEY = JobKey("d", "t", "r", 1, -1, None)
 GATEWAY = "http://127.0.0.1:40001/execution/"
@@ -41,7 +41,7 @@ ENTRY = {"key": KEY, "pid": 4242, "create_time": 1.0, "output": "/s/task-output/
 FAKE_TASK = """
 import signal, sys, time
 from setproctitle import setproctitle
-from worker.state import record_exit
+from airflow_outpost.worker.runtime.state import record_exit
 setproctitle("outpost task: d.t run=r map=-1 try=1")  # as a real task process does
 def done(*_):
     record_exit(sys.argv[1], 3)
@@ -53,7 +53,7 @@ time.sleep(120)
 
 
 def _fake_task(exit_file: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_TASK, str(exit_file), "worker.task_process"],
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_TASK, str(exit_file), "airflow_outpost.worker.processes.task_main"],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
@@ -211,13 +211,30 @@ def test_only_our_own_live_task_processes_count(tmp_path: Path) -> None:
     assert not is_our_process(ours.pid)
 
 
+@pytest.mark.parametrize("argv", [
+    ["-m", "worker.task_process", "--zygote"],  # left by a 0.1 worker: still ours after an upgrade
+    ["-m", "airflow_outpost.worker.processes.task_main"],
+])
+def test_task_processes_of_this_and_the_previous_release_are_recognised(argv: list[str]) -> None:
+    # Not yet renamed (a zygote, or a task before it read its request): only the module marks it.
+    # `python -c ... -m x` keeps "-m x" as arguments, so the command line holds them as a real one would.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *argv])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "worker"])
+    try:
+        assert is_our_process(proc.pid) and not is_our_process(other.pid)
+    finally:
+        for p in (proc, other):
+            p.kill()
+            p.wait()
+
+
 def test_stopping_a_leftover_takes_its_whole_session(tmp_path: Path) -> None:
     # A task process (session leader) with a child in its session that outlives it, as a task's
     # helper re-parented after a crash would.
     script = ("import subprocess, sys, time; "
               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
               "print(c.pid, flush=True); time.sleep(120)")
-    leader = subprocess.Popen([sys.executable, "-c", script, "worker.task_process"], stdout=subprocess.PIPE, text=True,
+    leader = subprocess.Popen([sys.executable, "-c", script, "airflow_outpost.worker.processes.task_main"], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
     assert leader.stdout is not None
     child = int(leader.stdout.readline())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import run_outpost
-from worker.controlplane import ControlPlane, free_port
+from airflow_outpost.worker.testing.controlplane import ControlPlane, free_port
 
 
 def _assert_one_line_failure(result, fragment: str, code: int = 1) -> None:

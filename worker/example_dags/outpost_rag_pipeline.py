@@ -50,7 +50,7 @@ QUERIES = {
 
 
 def _model(params: dict) -> str:
-    from runners import packaged_model_path
+    from airflow_outpost.runners import packaged_model_path
 
     return params.get("model") or os.environ.get("OUTPOST_MODEL") or str(packaged_model_path())
 
@@ -94,7 +94,7 @@ def outpost_rag_pipeline():
     @task
     def documents_arrive(**context) -> dict:
         """Write the corpus; on later runs revise about 2% of the documents."""
-        from runners import Store, hash_file
+        from airflow_outpost.runners import Store, hash_file
 
         store = Store()
         path = store.path("corpora", NAME, "documents.jsonl")
@@ -116,7 +116,7 @@ def outpost_rag_pipeline():
 
     @task
     def embed(arrival: dict, **context) -> dict:
-        from runners import Store, embed_corpus
+        from airflow_outpost.runners import Store, embed_corpus
 
         params = context["params"]
         store = Store()
@@ -128,8 +128,8 @@ def outpost_rag_pipeline():
 
     @task
     def build_index(embedded: dict, **context) -> dict:
-        from runners import IndexConfig, Store, current_version, update_index
-        from runners import build_index as build
+        from airflow_outpost.runners import IndexConfig, Store, current_version, update_index
+        from airflow_outpost.runners import build_index as build
 
         store = Store()
         emb_dir, index_dir = store.path("embeddings", NAME), store.path("indexes", NAME)
@@ -153,9 +153,9 @@ def outpost_rag_pipeline():
 
     @task(outlets=[INDEX_ASSET])
     def promote(gated: dict) -> dict:
-        from runners import emit
-        from runners import promote as promote_version
-        from runners.store import Store
+        from airflow_outpost.runners import emit
+        from airflow_outpost.runners import promote as promote_version
+        from airflow_outpost.runners.store.region_store import Store
 
         result = promote_version(gated["index_dir"], gated["version"], min_recall=gated["min_recall"])
         summary = {"index": INDEX_ASSET.uri, "version": result["current"], "previous": result["previous"],
@@ -167,7 +167,7 @@ def outpost_rag_pipeline():
     def batch_inference(promoted: dict, **context) -> dict:
         import pyarrow.parquet as pq
 
-        from runners import (
+        from airflow_outpost.runners import (
             BatchConfig,
             QueryRetriever,
             RayConfig,

@@ -1,0 +1,59 @@
+"""Searching a promoted FAISS index version: a stateful callable for tasks and Ray ``map_batches``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from airflow_outpost.runners.index.versions import INDEX_FILE, IndexStateError, current_version, read_version_manifest, version_dir
+from airflow_outpost.runners.errors import DimensionMismatchError
+from airflow_outpost.runners.index.build import _load_id_strings, _set_search_params
+
+__all__ = ["IndexSearcher"]
+
+
+class IndexSearcher:
+    """Stateful searcher over one index version (``current`` by default), loaded once in ``__init__``.
+
+    ``search(queries, k)`` returns ``(scores, ids)``; ``__call__(batch)`` takes a dict batch
+    with a ``vector_column`` and returns a new dict with ``neighbor_ids`` (document ids, strings
+    when the shards used strings) and ``neighbor_scores`` added. Pure and thread-safe for reads,
+    so the same object serves in-process calls and Ray ``map_batches``. The version is pinned:
+    a later promotion does not change what an existing searcher returns.
+    """
+
+    def __init__(
+        self, index_dir: str | os.PathLike[str], *, version: str | None = None, k: int = 10,
+        nprobe: int | None = None, ef_search: int | None = None, vector_column: str = "vector",
+    ) -> None:
+        self.index_dir = Path(index_dir)
+        self.version = version or current_version(self.index_dir)
+        if self.version is None:
+            raise IndexStateError(f"{self.index_dir}: no promoted index version")
+        vdir = version_dir(self.index_dir, self.version)
+        self.manifest = read_version_manifest(self.index_dir, self.version)
+        self.index = faiss.read_index(str(vdir / INDEX_FILE))
+        params = dict(self.manifest["params"])
+        params.update({k_: v for k_, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None})
+        _set_search_params(self.index, self.manifest["kind"], params)
+        self.k, self.vector_column = k, vector_column
+        self._strings = _load_id_strings(vdir)
+
+    def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.index.d:
+            raise DimensionMismatchError(f"queries have dimension {q.shape[1]}, index {self.version} has {self.index.d}")
+        return self.index.search(q, k or self.k)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        scores, ids = self.search(np.stack(list(batch[self.vector_column])))
+        out = dict(batch)
+        if self._strings:
+            out["neighbor_ids"] = np.array([[self._strings.get(i, "") for i in row] for row in ids.tolist()], dtype=object)
+        else:
+            out["neighbor_ids"] = ids
+        out["neighbor_scores"] = scores
+        return out

@@ -1,0 +1,198 @@
+"""On-disk layout of a versioned FAISS index, and the promotion log behind ``current``.
+
+::
+
+    <index_dir>/
+      manifest.json            store-style manifest: current version, promotion history, lineage
+      current -> versions/v000003
+      versions/v000001/        index.faiss, manifest.json, eval_*.npy, deleted.npy, id_*.npy
+      versions/v000002/
+      versions/.tmp-v000004.*  an interrupted build; ignored, swept by the next build
+
+The ``current`` symlink is the commit point of a promotion (one atomic rename). The top-level
+manifest is written after it and carries the history that ``rollback`` walks back; if a crash
+lands between the two, the symlink wins and the history is trimmed to end at it on next use.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_symlink, atomic_write_json
+from airflow_outpost.runners.errors import ManifestError, RunnerError, StoreError
+from airflow_outpost.runners.store.region_store import SCHEMA_VERSION, code_version
+
+VERSIONS = "versions"
+CURRENT = "current"
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+_VERSION_RE = re.compile(r"^v(\d{6})$")
+
+
+class IndexStateError(RunnerError):
+    """The index directory cannot do what was asked (no such version, nothing to roll back to, gate failed)."""
+
+
+def version_dir(index_dir: Path, version: str) -> Path:
+    """Path of ``version`` under ``index_dir`` (not checked)."""
+    if not _VERSION_RE.match(version):
+        raise IndexStateError(f"invalid index version {version!r}; expected v000001-style names")
+    return index_dir / VERSIONS / version
+
+
+def list_versions(index_dir: Path) -> list[str]:
+    """Complete (renamed-into-place) versions, oldest first; temporaries are skipped."""
+    base = index_dir / VERSIONS
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST).is_file())
+
+
+def next_version(index_dir: Path) -> str:
+    """The version name after the highest one present (complete or not yet swept)."""
+    base = index_dir / VERSIONS
+    numbers = [0]
+    if base.is_dir():
+        for p in base.iterdir():
+            m = _VERSION_RE.match(p.name)
+            if m:
+                numbers.append(int(m.group(1)))
+    return f"v{max(numbers) + 1:06d}"
+
+
+def sweep_temporaries(index_dir: Path) -> int:
+    """Remove leftovers of interrupted builds (``versions/.tmp-*``); return how many."""
+    base = index_dir / VERSIONS
+    if not base.is_dir():
+        return 0
+    leftovers = [p for p in base.iterdir() if p.name.startswith(TMP_PREFIX)]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+def current_version(index_dir: str | os.PathLike[str]) -> str | None:
+    """Name of the promoted version (``current`` symlink target), or None if none was promoted."""
+    link = Path(index_dir) / CURRENT
+    try:
+        target = os.readlink(link)
+    except FileNotFoundError:
+        return None
+    return Path(target).name
+
+
+def read_version_manifest(index_dir: Path, version: str) -> dict[str, Any]:
+    """Manifest of one version; IndexStateError if the version does not exist."""
+    path = version_dir(index_dir, version) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise IndexStateError(f"{index_dir}: no index version {version}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def read_index_manifest(index_dir: Path) -> dict[str, Any]:
+    """Top-level manifest with ``history`` reconciled against the ``current`` symlink."""
+    path = index_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        manifest = {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON: {exc}") from exc
+    history: list[str] = list(manifest.get("history", []))
+    current = current_version(index_dir)
+    if current is None:
+        history = []
+    elif current in history:
+        history = history[: len(history) - history[::-1].index(current)]
+    else:
+        # The symlink moved but the manifest write did not happen (crash between the two).
+        history.append(current)
+    manifest["history"] = history
+    manifest["current"] = current
+    return manifest
+
+
+def _write_index_manifest(index_dir: Path, history: list[str], event: dict[str, Any]) -> dict[str, Any]:
+    current = history[-1] if history else None
+    body: dict[str, Any] = {}
+    if current is not None:
+        vm = read_version_manifest(index_dir, current)
+        body = {"inputs": vm.get("inputs", []), "model": vm.get("model"), "count": vm.get("count")}
+    previous = read_index_manifest(index_dir)
+    events = (previous.get("events") or [])[-49:] + [event]
+    manifest = {
+        **body,
+        "schema": SCHEMA_VERSION,
+        "kind": "indexes",
+        "name": index_dir.name,
+        "current": current,
+        "history": history,
+        "events": events,
+        "code_version": code_version(),
+        "written_at": _now(),
+    }
+    atomic_write_json(index_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def promote(index_dir: str | os.PathLike[str], version: str, *, min_recall: float | None = None) -> dict[str, Any]:
+    """Point ``current`` at ``version`` atomically, if its recorded recall passes the gate.
+
+    ``min_recall`` defaults to the threshold recorded when the version was built. Raises
+    IndexStateError (and changes nothing) if the version is missing or its recall is below
+    the threshold. Idempotent: promoting the current version again is a no-op.
+    Returns ``{"current", "previous", "recall"}``.
+    """
+    index_dir = Path(index_dir)
+    vm = read_version_manifest(index_dir, version)
+    recall = vm.get("recall", {}).get("value")
+    threshold = vm.get("recall", {}).get("min_recall") if min_recall is None else min_recall
+    if threshold is not None and (recall is None or recall < threshold):
+        raise IndexStateError(
+            f"{index_dir}: refusing to promote {version}: recall@{vm['recall'].get('k')} "
+            f"{recall} < threshold {threshold}; current stays {current_version(index_dir)}"
+        )
+    manifest = read_index_manifest(index_dir)
+    previous = manifest["current"]
+    if previous != version:
+        atomic_symlink(f"{VERSIONS}/{version}", index_dir / CURRENT)
+        _write_index_manifest(
+            index_dir,
+            manifest["history"] + [version],
+            {"event": "promote", "version": version, "previous": previous, "recall": recall, "at": _now()},
+        )
+    return {"current": version, "previous": previous, "recall": recall}
+
+
+def rollback(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Point ``current`` back at the version promoted before it; return ``{"current", "rolled_back"}``.
+
+    Raises IndexStateError if there is no earlier promoted version. Each call steps back one
+    promotion; the rolled-back version stays on disk and can be promoted again.
+    """
+    index_dir = Path(index_dir)
+    manifest = read_index_manifest(index_dir)
+    history = manifest["history"]
+    if len(history) < 2:
+        raise IndexStateError(f"{index_dir}: nothing to roll back to (promotion history: {history})")
+    target, dropped = history[-2], history[-1]
+    if not (version_dir(index_dir, target) / INDEX_FILE).is_file():
+        raise StoreError(f"{index_dir}: previous version {target} is missing its {INDEX_FILE}")
+    atomic_symlink(f"{VERSIONS}/{target}", index_dir / CURRENT)
+    _write_index_manifest(
+        index_dir, history[:-1], {"event": "rollback", "version": target, "previous": dropped, "at": _now()}
+    )
+    return {"current": target, "rolled_back": dropped}

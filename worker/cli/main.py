@@ -1,0 +1,195 @@
+"""``outpost`` command line: ``worker``, ``status``, ``demo``, ``egress`` and ``bench``.
+
+Signals are installed here and nowhere else: the first SIGTERM/SIGINT drains, the second skips
+the drain wait. Known failures print one line to stderr and exit non-zero, never a traceback:
+exit 2 for a bad setting, 1 for anything that stops the worker from joining or running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from airflow_outpost.worker.config import _FIELDS, load_settings
+from airflow_outpost.worker.errors import ConfigError, OutpostError
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML settings file (env OUTPOST_CONFIG)")
+    helps = {
+        "api_url": "Airflow API server root, e.g. http://airflow:8080 (env OUTPOST_API_URL)",
+        "name": "worker name, unique per control plane (default: hostname)",
+        "queues": "comma-separated queues to serve (default: all)",
+        "concurrency": "task slots (default 4)",
+        "poll_interval_s": "longest wait between job polls when idle (default 2.0)",
+        "poll_min_interval_s": "first wait after a poll found nothing (default 0.1)",
+        "heartbeat_interval_s": "seconds between heartbeats (default 10)",
+        "execution_api_url": "Task Execution API URL (default: <api-url>/execution/)",
+        "log_folder": "where task logs are written (default ~/.outpost/logs)",
+        "state_folder": "job journal, lock and status (default ~/.outpost/state)",
+        "dags_folder": "DAG files on this host (sets [core] dags_folder for tasks)",
+        "push_logs": "also ship task logs to the control plane (true/false)",
+        "drain_timeout_s": "on shutdown, how long running tasks may finish (default 300)",
+        "kill_grace_s": "after the drain timeout, SIGTERM->SIGKILL grace (default 10)",
+        "jwt_secret_file": "file holding the control plane's [api_auth] jwt_secret",
+        "crash_policy": "after a worker crash: stop (tasks die with it, reported failed) or adopt (tasks run on; "
+                        "a restart with the same state folder takes them over) (default stop)",
+        "prewarm": "1: fork tasks from a pre-imported zygote (fast start); 0: fresh interpreter per task",
+        "metrics_host": "address of the /healthz, /readyz, /metrics server (default 127.0.0.1)",
+        "metrics_port": "port of the health/metrics server; 0 = off (default 9464)",
+        "gpu_queues": "queue names/globs whose tasks take GPUs, one per pool slot (default gpu*)",
+        "gpus": "GPU devices to hand out, e.g. 0,1,2,3 or none (default: detect)",
+        "exit_when_idle_s": "drain, sign off and exit 0 after this long without work, e.g. 15m (default: never)",
+        "preemption_notice_file": "when this file appears (spot preemption notice), drain with the short timeout",
+        "preemption_drain_timeout_s": "drain timeout after a preemption notice (default 30)",
+        "warm_models": "comma-separated embedding models to load once at start",
+        "ray": "Ray for tasks: local (a persistent Ray head owned by the worker), or an existing cluster: auto, "
+               "host:port, ray://host:port (default: each task starts its own)",
+        "ray_num_cpus": "CPUs of the local Ray head (default: all cores)",
+        "ray_num_gpus": "GPUs of the local Ray head (default 0)",
+        "ray_auth_token_file": "file holding an existing Ray cluster's auth token (tasks get RAY_AUTH_TOKEN_PATH)",
+        "ray_keep_warm_s": "how long tasks' Ray model actors stay warm when idle (default: model_idle_s)",
+        "budgets": "daily budgets, e.g. queue:gpu=2h,dag:train=30m (also --budget, repeatable)",
+    }
+    aliases = {"exit_when_idle_s": ["--exit-when-idle"]}
+    for name in _FIELDS:
+        if name == "jwt_secret":
+            continue  # secrets on the command line end up in `ps`; use env or a file
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, *aliases.get(name, []), dest=name, default=None,
+                       help=helps.get(name, f"see README (env OUTPOST_{name.upper()})"))
+    p.add_argument("--budget", dest="budget_items", action="append", default=None, metavar="KEY=DURATION",
+                   help="one daily budget, e.g. --budget queue:gpu=2h (repeatable; joins --budgets)")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    flags = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
+    flags["config"] = args.config
+    if getattr(args, "budget_items", None):
+        flags["budgets"] = ",".join([*([flags["budgets"]] if flags.get("budgets") else []), *args.budget_items])
+    settings = load_settings(flags)
+    from airflow_outpost.worker.runtime.worker import Worker
+
+    async def main() -> int:
+        worker = Worker(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.shutdown)
+        return await worker.run()
+
+    return asyncio.run(main())
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    folder = Path(args.state_folder or os.environ.get("OUTPOST_STATE_FOLDER")
+                  or Path(os.environ.get("OUTPOST_HOME", Path.home() / ".outpost")) / "state")
+    from airflow_outpost.worker.runtime.state import StateFolder
+
+    status = StateFolder(folder).read_status()
+    if status is None:
+        print(f"no worker status in {folder}", file=sys.stderr)
+        return EXIT_FAILED
+    alive = _pid_alive(status.get("pid"))
+    if args.json:
+        print(json.dumps({**status, "alive": alive}, indent=1))
+        return 0 if alive else EXIT_FAILED
+    age = time.time() - status.get("updated", 0)
+    print(f"worker {status['name']} pid {status['pid']} ({'running' if alive else 'NOT running'}), "
+          f"state {status['state']}, updated {age:.0f}s ago")
+    print(f"  control plane {status['api_url']}: " + (
+        f"disconnected since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(status['disconnected_since']))}"
+        if status.get("disconnected_since") else "connected"))
+    if status.get("maintenance"):
+        print(f"  maintenance: {status.get('maintenance_comments') or 'on'}")
+    print(f"  slots {status['concurrency'] - status['free_slots']}/{status['concurrency']} used, queues {','.join(status['queues'] or ['<all>'])}")
+    r = status.get("requests_per_s", {})
+    print(f"  requests/s: idle {r.get('idle')}, busy {r.get('busy')}, last 60s {r.get('recent')}, total {r.get('total')}")
+    if (ray := status.get("ray")):
+        kind = "local head owned by the worker" if ray.get("mode") == "local" else "existing cluster"
+        up = {True: "up", False: "DOWN (tasks start their own Ray)" if ray.get("mode") == "local" else "DOWN"}.get(
+            ray.get("up"), "not checked")
+        restarts = f", restarted {ray['restarts']} time(s)" if ray.get("restarts") else ""
+        print(f"  ray {ray.get('address') or '-'} ({kind}): {up}{restarts}")
+    for job in status.get("jobs", []):
+        adopted = " (adopted after a crash)" if job.get("adopted") else ""
+        print(f"  job {job['key']} pid {job['pid']} queue {job['queue']} running {job['running_s']}s{adopted}")
+    return 0 if alive else EXIT_FAILED
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from airflow_outpost.worker.cli.demo import run_demo
+
+    return run_demo(keep=args.keep, dag_id=args.dag)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outpost", description="Airflow 3 remote worker (Edge API + Task SDK)")
+    parser.add_argument("--log-level", default=os.environ.get("OUTPOST_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="join a control plane and run its tasks")
+    _add_settings_flags(w)
+    w.set_defaults(func=_cmd_worker)
+    st = sub.add_parser("status", help="show the running worker's state, jobs and request rate")
+    st.add_argument("--state-folder", default=None)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+    d = sub.add_parser("demo", help="start a local control plane and a worker, run an example DAG")
+    d.add_argument("--dag", default="outpost_rag_pipeline", help="example DAG to run (outpost_example: the minimal tour)")
+    d.add_argument("--keep", action="store_true", help="keep the temporary AIRFLOW_HOME")
+    d.set_defaults(func=_cmd_demo)
+    from airflow_outpost.worker.cli.egress import add_egress_parser
+
+    add_egress_parser(sub)
+    from airflow_outpost.worker.cli.bench import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"outpost: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OutpostError as exc:
+        print(f"outpost: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""What leaves the region, and the proof of it.
+
+* :mod:`.gateway`: ``Egress``, the one local chokepoint between task processes and the control plane
+  (a loopback HTTP gateway in front of the Task Execution API).
+* :mod:`.policy`: the egress policy, decided per request.
+* :mod:`.ledger`: the append-only, hash-chained ledger of what left.
+* :mod:`.outage`: holding task requests through a control-plane outage.
+* :mod:`.redact`: the size-capped, secret-masked log copy for ``logs = "redacted"``.
+* :mod:`.xcom_backend`: region-local XCom (large or data-typed values stay, a reference leaves).
+"""

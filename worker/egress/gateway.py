@@ -1,0 +1,462 @@
+"""The egress gateway: the one local chokepoint between task processes and the control plane.
+
+Task processes get ``http://127.0.0.1:<port>/execution/`` as their Execution API URL. The
+gateway, an ASGI app served by uvicorn inside the worker's event loop, forwards each request to
+the real Execution API over one pooled ``httpx.AsyncClient`` (with the worker's TLS settings),
+after the egress policy (:mod:`airflow_outpost.worker.egress.policy`) allowed it, and records it in the ledger
+(:mod:`airflow_outpost.worker.egress.ledger`). Methods, headers (the task's ``Authorization`` token), bodies and status
+codes pass unchanged, so a 404/409 from the server reaches the Task SDK as it expects. A refused
+request is answered with the refusal's status and ``{"detail": "<rule, kind, size>"}``, which the
+Task SDK raises in the task (``ServerResponseError``), failing it with that message.
+
+:class:`Egress` bundles policy, ledger and gateway for the worker: ``start()`` before the task
+launcher, ``aclose()`` last; both idempotent. The worker's own Edge API calls are recorded through
+:meth:`Egress.record_edge` (``EdgeClient.recorder``).
+
+Outage handling (holding requests while the control plane is down) belongs in
+:meth:`Gateway._forward`: it is the only place that talks to the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import json
+import re
+import zlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import uvicorn
+
+from airflow_outpost.worker.edge.auth import control_plane_ssl
+from airflow_outpost.worker.config import WORKER_CREDENTIAL_ENV
+from airflow_outpost.worker.egress.policy import Policy, Refusal, classify
+from airflow_outpost.worker.egress.ledger import Entry, Ledger
+from airflow_outpost.worker.egress.outage import OUTAGE_STATUSES, Outage
+
+if TYPE_CHECKING:
+    from airflow_outpost.worker.config import Settings
+    from airflow_outpost.worker.egress.redact import LogRedactor
+    from airflow_outpost.worker.edge.jobs import Job
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/execution/"
+_TI_RUN = re.compile(r"^task-instances/([^/]+)/run$")
+_TI_HEARTBEAT = re.compile(r"^task-instances/([^/]+)/heartbeat$")
+
+
+def _elsewhere(method: str, path: str, answer: bytes) -> str | None:
+    """The task instance id if a 409 says this try belongs to another worker, else ``None``.
+
+    Either the server refused to start it (``PATCH .../run``), or a heartbeat was answered
+    ``running_elsewhere``: the same job was handed to two workers and the other one runs it.
+    """
+    if method == "PATCH" and (m := _TI_RUN.match(path)):
+        return m.group(1)
+    if method == "PUT" and (m := _TI_HEARTBEAT.match(path)):
+        try:
+            if answer[:2] == b"\x1f\x8b":  # the API server gzips even small answers when asked to
+                answer = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(answer)
+            detail = json.loads(answer).get("detail")
+        except (ValueError, AttributeError, zlib.error):
+            return None
+        if isinstance(detail, dict) and detail.get("reason") == "running_elsewhere":
+            return m.group(1)
+    return None
+MAX_REQUEST_BYTES = 512 * 1024 * 1024
+MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+})
+
+
+def _token_subject(authorization: str | None) -> str | None:
+    """The ``sub`` claim of a task's bearer token (not verified: it only labels ledger rows)."""
+    if not authorization:
+        return None
+    token = authorization.split(" ", 1)[-1]
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return str(sub) if sub is not None else None
+
+
+def _edge_task_label(rel: str) -> str | None:
+    """``dag.task[map] run=... try=...`` (as ``JobKey`` prints) for Edge job-state and log-push paths."""
+    parts = [unquote(p) for p in rel.split("/")]
+    if len(parts) >= 7 and parts[:2] in (["jobs", "state"], ["logs", "push"]):
+        dag_id, task_id, run_id, try_number, map_index = parts[2:7]
+        mi = f"[{map_index}]" if map_index.lstrip("-").isdigit() and int(map_index) >= 0 else ""
+        return f"{dag_id}.{task_id}{mi} run={run_id} try={try_number}"
+    return None
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handling: the CLI owns signals (it installs them once)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway:
+    """Loopback HTTP server forwarding ``/execution/*`` to the control plane. ``aclose()`` is safe twice."""
+
+    def __init__(self, egress: Egress, upstream: str, *, client: httpx.AsyncClient) -> None:
+        self._egress = egress
+        self._upstream = upstream if upstream.endswith("/") else upstream + "/"
+        self._http = client
+        self._outage = Outage(egress.settings.outage_hold_s)
+        self._outage.on_up = lambda: egress.on_upstream_back() if egress.on_upstream_back is not None else None
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.url: str | None = None
+
+    def retry_held(self) -> None:
+        """Let requests held through an outage retry now instead of after their backoff."""
+        self._outage.nudge()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Bind ``port`` (0: a free one) on loopback, serve, and return the Execution API URL for
+        task processes. Raises ``OSError`` if ``port`` is taken. Idempotent once started."""
+        if self.url is not None:
+            return self.url
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # SO_REUSEADDR: a restarted worker rebinds its previous port although connections of the
+        # dead process linger in TIME_WAIT (it still fails while anything listens there).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        config = uvicorn.Config(self, lifespan="off", log_config=None, log_level="warning", access_log=False,
+                                timeout_keep_alive=60, timeout_graceful_shutdown=5)
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="egress gateway")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises the start-up error
+                raise RuntimeError("egress gateway stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.url = f"http://{host}:{sock.getsockname()[1]}{PREFIX}"
+        log.info("egress gateway for task processes on %s -> %s", self.url, self._upstream)
+        return self.url
+
+    async def aclose(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+        self._server = self._task = None
+
+    # -- ASGI --------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        method = scope["method"]
+        if not raw_path.startswith(PREFIX):
+            await _reply(send, 404, {"detail": f"outpost gateway serves only {PREFIX}*"})
+            return
+        rest = raw_path[len(PREFIX):]
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > MAX_REQUEST_BYTES:
+                await _reply(send, 413, {"detail": f"outpost gateway: request body over {MAX_REQUEST_BYTES} bytes"})
+                return
+            if not message.get("more_body"):
+                break
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        auth = next((v for k, v in headers if k.lower() == "authorization"), None)
+        task = self._egress.task_label(_token_subject(auth))
+        path = unquote(rest)
+        kind = classify(path, method)
+        refusal = self._egress.policy.check(kind, method, path, len(body))
+        digest = hashlib.sha256(body).hexdigest() if body else None
+        endpoint = PREFIX + path
+        if refusal is not None:
+            self._egress.refused(refusal, task, endpoint, method, digest)
+            body_out = {"message": refusal.message} if refusal.keep_local else {"detail": refusal.message}
+            await _reply(send, refusal.status, body_out)
+            return
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = self._upstream + rest + (f"?{query}" if query else "")
+        fwd_headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+        confirm = self._egress.settings.confirm_start_s
+        if confirm and method == "PATCH" and (run := _TI_RUN.match(path)):
+            status, bytes_in, head = await self._start_confirmed(send, url, fwd_headers, bytes(body), run.group(1), confirm)
+        else:
+            status, bytes_in, head = await self._forward(send, method, url, fwd_headers, bytes(body))
+        if status == 409 and (ti_id := _elsewhere(method, path, head)):
+            self._egress.mark_start_refused(ti_id)
+        self._egress.ledger.record(Entry(
+            ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
+            bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
+
+    async def _start_confirmed(self, send: Any, url: str, headers: list[tuple[str, str]], body: bytes,
+                               ti_id: str, settle_s: float) -> tuple[int | None, int, bytes]:
+        """Forward a task start, then confirm this worker owns the try before the task may run.
+
+        On a SQLite metadata DB the server can hand one job to several workers and accept each of
+        their starts. The start recorded last (hostname, pid) owns the try; after ``settle_s`` a
+        heartbeat with this start's identity tells whether that is us. If it is not, the task is
+        answered 409 (as a refused start), so its code never runs here.
+        """
+        try:
+            resp = await self._http.request("PATCH", url, headers=headers, content=body)
+            if resp.is_success:
+                await asyncio.sleep(settle_s)
+                who = json.loads(body or b"{}")
+                beat = json.dumps({"hostname": who.get("hostname"), "pid": who.get("pid")})
+                auth = [(k, v) for k, v in headers if k.lower() == "authorization"]
+                check = await self._http.request("PUT", url[: -len("/run")] + "/heartbeat", content=beat,
+                                                 headers=[*auth, ("content-type", "application/json")])
+                if check.status_code == 409:
+                    self._egress.mark_start_refused(ti_id)
+                    log.warning("task instance %s was handed to another worker too, which started it last; "
+                                "not running it here", ti_id)
+                    await _reply(send, 409, {"detail": {
+                        "reason": "invalid_state", "previous_state": "running",
+                        "message": "outpost: this try was handed to another worker as well and runs there"}})
+                    return 409, len(resp.content) + len(check.content), b""
+        except httpx.HTTPError as exc:  # the Task SDK retries a 502
+            await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
+            return None, 0, b""
+        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items()
+               if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"]  # httpx decoded it
+        out.append((b"content-length", str(len(resp.content)).encode()))
+        await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+        await send({"type": "http.response.body", "body": resp.content})
+        return resp.status_code, len(resp.content), resp.content[:2048]
+
+    async def _forward(self, send: Any, method: str, url: str, headers: list[tuple[str, str]],
+                       body: bytes) -> tuple[int | None, int, bytes]:
+        """Send upstream and stream the answer back unchanged.
+
+        Returns (status or None, bytes received, the first bytes of the answer for inspection).
+
+        While the control plane is unreachable (transport errors, timeouts, 502/503/504) the request
+        is held and retried (:class:`airflow_outpost.worker.egress.outage.Outage`) for up to ``outage_hold_s``, then
+        answered 502. The Task SDK sends one request at a time per task, so holding keeps each
+        task's requests in order. A heartbeat is answered 204 here while the upstream is down; the
+        next one goes upstream, so a 404/409 (task no longer running) reaches the supervisor as is.
+        """
+        outage = self._outage
+        heartbeat = outage.is_heartbeat(method, url)
+        started, attempt = time.monotonic(), 0
+        try:
+            while True:
+                timeout = {"timeout": outage.heartbeat_timeout_s} if heartbeat else {}
+                request = self._http.build_request(method, url, headers=headers, content=body, **timeout)
+                response: httpx.Response | None = None
+                try:
+                    response = await self._http.send(request, stream=True)
+                    failure = f"HTTP {response.status_code}" if response.status_code in OUTAGE_STATUSES else None
+                except httpx.TransportError as exc:
+                    failure = f"{type(exc).__name__}: {exc}"
+                except httpx.HTTPError as exc:  # not an outage: retrying cannot help
+                    log.warning("gateway: %s %s failed: %s", method, url, exc)
+                    await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
+                    return None, 0, b""
+                if failure is None and response is not None:
+                    outage.up()
+                    break
+                if response is not None:
+                    await response.aclose()
+                outage.down(failure)
+                if heartbeat:  # the task is alive, which is all a heartbeat says; nothing left the worker
+                    outage.local_heartbeats += 1
+                    await send({"type": "http.response.start", "status": 204, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
+                    return None, 0, b""
+                waited = time.monotonic() - started
+                if waited >= outage.hold_s:
+                    log.warning("gateway: gave up on %s %s after holding it %.0fs (%s)", method, url, waited, failure)
+                    await _reply(send, 502, {"detail": f"outpost gateway: control plane unreachable for {waited:.0f}s ({failure})"})
+                    return None, 0, b""
+                attempt += 1
+                if attempt == 1:
+                    outage.holding += 1
+                    outage.held_total += 1
+                await outage.wait(attempt, outage.hold_s - waited)
+        finally:
+            if attempt:
+                outage.holding -= 1
+        received = 0
+        head = b""
+        try:
+            out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.multi_items()
+                           if k.lower() not in _HOP_BY_HOP or k.lower() == "content-length"]
+            await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
+            async for chunk in _raw(response):
+                if len(head) < 2048:
+                    head += chunk[:2048 - len(head)]
+                received += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+        return response.status_code, received, head
+
+
+async def _raw(response: httpx.Response) -> Any:
+    """The body as sent (still encoded); a response built in memory (tests' MockTransport) has it read."""
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.StreamConsumed:
+        yield response.content
+
+
+async def _reply(send: Any, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    # Exactly "application/json": the Task SDK only parses error bodies with that content type.
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class Egress:
+    """Policy + ledger + gateway of one worker. ``start()``/``aclose()`` are idempotent."""
+
+    def __init__(self, settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None,
+                 on_start_refused: Callable[[str], None] | None = None,
+                 on_upstream_back: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.policy = Policy.from_settings(settings)
+        self.ledger = Ledger(settings.state_folder / "egress.sqlite")
+        self._tasks: dict[str, str] = {}
+        # Task instances whose start the server refused (409 on .../run): already running elsewhere.
+        self.start_refused: set[str] = set()
+        # Told each newly refused task instance id, so the job journal can keep it across a crash.
+        self.on_start_refused = on_start_refused
+        # Told when a held task request found the control plane back (the worker then probes at once).
+        self.on_upstream_back = on_upstream_back
+        # After start(): whether the port a previous run recorded was bound again (None: none recorded).
+        self.port_kept: bool | None = None
+        self._client = httpx.AsyncClient(
+            verify=control_plane_ssl(settings), transport=upstream_transport,
+            timeout=httpx.Timeout(settings.request_timeout_s, connect=min(10.0, settings.request_timeout_s)),
+            limits=httpx.Limits(max_connections=max(8, settings.concurrency * 2), max_keepalive_connections=8),
+        )
+        self.gateway = Gateway(self, settings.execution_api, client=self._client)
+
+    @property
+    def url(self) -> str | None:
+        return self.gateway.url
+
+    @functools.cached_property
+    def redactor(self) -> LogRedactor:
+        """Masks and caps task logs for ``logs = "redacted"`` (built on first use)."""
+        # Imported here: Airflow's secrets masker initialises Airflow's configuration and
+        # logging on import, which only a worker that redacts logs should pay for.
+        from airflow_outpost.worker.egress.redact import LogRedactor
+
+        return LogRedactor(self.settings.redact_patterns, self.settings.redacted_log_max_bytes)
+
+    async def start(self, previous_port: int | None = None) -> str:
+        """Start the ledger and the gateway; return the gateway's URL. Idempotent.
+
+        ``previous_port``: the port an earlier run of this worker used. Task processes that
+        outlived that run (``crash_policy = adopt``) were given it, so it is bound again if it can
+        be; if not, a free port is used, :attr:`port_kept` is False, and those processes cannot
+        reach the control plane through this run.
+        """
+        self.ledger.start()
+        if self.gateway.url is not None:
+            return self.gateway.url
+        if previous_port:
+            try:
+                url = await self.gateway.start(port=previous_port)
+                self.port_kept = True
+                return url
+            except OSError as exc:
+                self.port_kept = False
+                log.warning("could not bind the egress gateway's previous port %d again (%s); using another one: task "
+                            "processes left running by the previous run cannot reach the control plane through it",
+                            previous_port, exc)
+        return await self.gateway.start()
+
+    @property
+    def port(self) -> int | None:
+        return urlsplit(self.url).port if self.url else None
+
+    def control_plane_back(self) -> None:
+        """The worker reached the control plane again: retry held task requests now."""
+        self.gateway.retry_held()
+
+    def mark_start_refused(self, ti_id: str) -> None:
+        """The server refused to start ``ti_id`` here (it runs elsewhere): remember it, and tell
+        :attr:`on_start_refused`, which must not raise."""
+        if ti_id not in self.start_refused:
+            self.start_refused.add(ti_id)
+            if self.on_start_refused is not None:
+                self.on_start_refused(ti_id)
+
+    async def aclose(self) -> None:
+        await self.gateway.aclose()
+        await self._client.aclose()
+        self.ledger.close()
+
+    def apply_task_env(self, env: dict[str, str]) -> None:
+        """Set the region and XCom backend for task processes; drop the worker's own credentials."""
+        s = self.settings
+        for name in WORKER_CREDENTIAL_ENV:
+            env.pop(name, None)
+        env.update({"OUTPOST_REGION": s.region, "OUTPOST_STORE_ROOT": str(s.region_store.resolve()),
+                    "OUTPOST_XCOM_THRESHOLD_BYTES": str(s.xcom_threshold_bytes)})
+        if s.region_local_xcom:
+            env["AIRFLOW__CORE__XCOM_BACKEND"] = "airflow_outpost.worker.egress.xcom_backend.RegionLocalXCom"
+
+    def task_server(self, job: Job) -> str:
+        """Register ``job`` (so ledger rows name it) and return the URL its task process must use."""
+        self._tasks[job.workload["ti"]["id"]] = str(job.key)
+        while len(self._tasks) > MAX_TASK_LABELS:  # oldest first (dicts keep insertion order)
+            self._tasks.pop(next(iter(self._tasks)))
+        return self.url or self.settings.execution_api
+
+    def task_label(self, ti_id: str | None) -> str | None:
+        return self._tasks.get(ti_id, ti_id) if ti_id else None
+
+    def refused(self, refusal: Refusal, task: str | None, endpoint: str, method: str, digest: str | None) -> None:
+        if refusal.keep_local:
+            log.debug("kept in region for %s: %s %s (%s)", task or "worker", method, endpoint, refusal.rule)
+        else:
+            log.warning("egress refused for %s: %s %s (%s)", task or "worker", method, endpoint, refusal.message)
+        self.ledger.record(Entry(ts=time.time(), task=task, endpoint=endpoint, method=method, kind=refusal.kind,
+                                 bytes=refusal.size, status=refusal.status,
+                                 outcome="kept" if refusal.keep_local else "refused", rule=refusal.rule, digest=digest))
+
+    def record_edge(self, method: str, path: str, body: bytes | None, status: int | None, bytes_in: int,
+                    task: str | None = None) -> None:
+        """Record one Edge API request of the worker itself (``status=None``: it never got an answer)."""
+        rel = path.split("/edge_worker/v1/", 1)[-1]
+        task = task or _edge_task_label(rel)
+        self.ledger.record(Entry(
+            ts=time.time(), task=task, endpoint=path, method=method, kind=classify(rel, method) if rel != path else "api",
+            bytes=len(body or b""), bytes_in=bytes_in, status=status, outcome="sent" if status else "error",
+            digest=hashlib.sha256(body).hexdigest() if body else None))
+
+    def record_rejected_job(self, reason: str, task: str | None, size: int = 0) -> None:
+        """Record an incoming job the worker refused (hostile or malformed)."""
+        self.ledger.record(Entry(ts=time.time(), task=task, endpoint="/edge_worker/v1/jobs/fetch", method="POST",
+                                 kind="job-rejected", bytes=0, bytes_in=size, outcome="rejected", rule=reason[:300]))

@@ -1,0 +1,5 @@
+"""Seeing into a running worker: ``/healthz``, ``/readyz`` and Prometheus ``/metrics``.
+
+* :mod:`.health`: ``HealthServer``, the small HTTP server in the worker's own event loop.
+* :mod:`.prometheus`: ``WorkerMetrics``, the worker's own registry, and what runners report.
+"""

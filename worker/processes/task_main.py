@@ -1,0 +1,310 @@
+"""Task processes: ``python -m airflow_outpost.worker.processes.task_main [--zygote]``.
+
+Zygote mode (the default launcher): one long-lived process imports the Task SDK and what the task
+runner needs, then forks one child per task on request, so a fetched task starts in milliseconds
+with everything already imported. Protocol, one JSON object per line:
+
+* worker -> zygote (stdin): ``{"id", "workload", "server", "env", "output"}``
+* zygote -> worker (stdout): ``{"event": "ready"}``, ``{"event": "started", "id", "pid"}``,
+  ``{"event": "exit", "id", "pid", "code"}`` (``code`` negative for a signal, as in ``subprocess``)
+
+Each child starts a new session (so signals can reach its whole tree), sends its output to the
+given file, applies the per-task environment and runs the task through the Task SDK's
+``supervise_task``. EOF on stdin makes the zygote exit once its children have.
+
+Single mode (no ``--zygote``, used with ``prewarm = 0``) reads one request line and runs it in
+this process: a fresh interpreter per task, for users who want no shared parent at all.
+
+Each request may name an ``exit_file``: when ``supervise_task`` returns, the task process records
+its exit code there atomically (:func:`airflow_outpost.worker.runtime.state.record_exit`), so the outcome is known even
+if no worker is running at that moment. A process killed before that records nothing, which the
+worker reads as "outcome unknown" and reports failed.
+
+What happens when the worker dies depends on ``OUTPOST_CRASH_POLICY`` (the worker's
+``crash_policy``, read once at start and removed from the environment tasks see):
+
+* ``stop`` (default): the kernel signals the worker's direct children (``PR_SET_PDEATHSIG``): the
+  zygote exits, and each task child, losing its parent, SIGKILLs its task's process tree, so the
+  Task SDK supervisor, still alive, reports the task failed and exits. A task never runs on
+  unsupervised (the Task SDK's own SIGTERM handling only calls ``on_kill()`` and lets the task go
+  on).
+* ``adopt``: nothing is signalled. Task children run on under their Task SDK supervisor, which
+  keeps talking to the worker's gateway port (a restarted worker binds it again and takes them
+  over). The zygote notices EOF on stdin, forks nothing more, and exits once its children have,
+  staying their reaper and the subreaper of their orphans until then; its event stream to the dead
+  worker is dropped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import selectors
+import signal
+import sys
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+_job_started = False
+# Read once by zygote_main/single_main; forked children inherit it.
+_adopt = False
+
+
+def kill_descendants(sig: int = signal.SIGKILL) -> int:
+    """Send ``sig`` to every descendant of this process; return how many were signalled."""
+    import psutil
+
+    count = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.send_signal(sig)
+            count += 1
+        except psutil.NoSuchProcess:
+            pass
+    return count
+
+
+def _on_parent_death(signum: int, frame: object) -> None:
+    kill_descendants()
+    if not _job_started:
+        os._exit(0)
+    # Otherwise return: the supervisor sees its task die and reports the failure before exiting.
+
+
+def _zygote_on_parent_death(signum: int, frame: object) -> None:
+    # Exit only: each task child then gets its own parent-death signal and stops its task tree
+    # while its supervisor survives to report the failure.
+    os._exit(0)
+
+
+def _die_with_parent(expected_parent: int, handler: Any = _on_parent_death) -> None:
+    signal.signal(signal.SIGUSR1, handler)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the worker's crash recovery stops leftovers
+        return
+    if os.getppid() != expected_parent:  # the parent died before prctl took effect
+        handler(signal.SIGUSR1, None)
+
+
+def _preload() -> None:
+    """Import what the forked task runner needs, so each task inherits it ready-made."""
+    import importlib
+
+    for module in (
+        "airflow.executors.workloads",
+        "airflow.sdk.execution_time.supervisor",
+        "airflow.sdk.execution_time.task_runner",
+        "airflow.dag_processing.bundles.manager",
+        "airflow.dag_processing.dagbag",
+        "airflow.providers.standard.decorators.python",
+        "airflow.providers.standard.operators.python",
+        "psutil",
+        "airflow_outpost.worker.runtime.state",
+    ):
+        try:
+            importlib.import_module(module)
+        except ImportError:  # optional providers may be absent on a worker
+            pass
+
+
+def run_request(msg: dict[str, Any]) -> int:
+    """Run one task request in this process; return the Task SDK's exit code."""
+    global _job_started
+    _job_started = True
+    from airflow.executors.workloads import ExecuteTask
+    from airflow.sdk.execution_time.supervisor import supervise_task
+
+    os.environ.update({k: str(v) for k, v in (msg.get("env") or {}).items()})
+    workload = ExecuteTask.model_validate(msg["workload"])
+    try:
+        from setproctitle import setproctitle
+
+        ti = workload.ti
+        setproctitle(f"outpost task: {ti.dag_id}.{ti.task_id} run={ti.run_id} map={ti.map_index} try={ti.try_number}")
+    except ImportError:
+        pass
+    return supervise_task(
+        ti=workload.ti,  # the DTO duck-types as the SDK TaskInstance, as in Airflow's own executors
+        bundle_info=workload.bundle_info,
+        dag_rel_path=workload.dag_rel_path,
+        token=workload.token,
+        server=msg["server"],
+        log_path=workload.log_path,
+        sentry_integration=workload.sentry_integration,
+    )
+
+
+def _record_exit(msg: dict[str, Any], code: int) -> None:
+    """Record ``code`` in the request's exit file, if it names one (see the module docstring)."""
+    if not msg.get("exit_file"):
+        return
+    from airflow_outpost.worker.runtime.state import record_exit
+
+    try:
+        record_exit(msg["exit_file"], code)
+    except OSError as exc:  # a live worker still gets the code from the zygote / wait(); say why here
+        print(f"outpost: could not record exit code {code} in {msg['exit_file']}: {exc}", file=sys.stderr)
+
+
+def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
+    """In a forked child: detach, redirect output, run the task, record its exit code, never return."""
+    code = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The zygote's parent-death handler (inherited) must not end a task child.
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        for fd in close_fds:
+            os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        out = os.open(msg["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        # Re-point the descriptors only: new file objects on fd 1/2 would close them when
+        # garbage-collected, after the Task SDK has re-pointed those fds at its own sockets.
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        if not _adopt:
+            _die_with_parent(zygote_pid)
+        code = run_request(msg)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            _record_exit(msg, code)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _sweep_orphans(running: dict[int, str]) -> None:
+    """Kill adopted orphans that belong to no running task.
+
+    As a child subreaper the zygote inherits processes whose parent died inside a task's tree.
+    One whose session is a running task's (session id == that task's pid) is left alone (a
+    double-forked helper of a live task); any other is left over from a finished task.
+    """
+    import psutil
+
+    for proc in psutil.Process().children():
+        if proc.pid in running:
+            continue
+        try:
+            if os.getsid(proc.pid) not in running:
+                proc.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+
+
+def _read_policy() -> None:
+    global _adopt
+    _adopt = os.environ.pop("OUTPOST_CRASH_POLICY", "stop") == "adopt"
+
+
+def zygote_main() -> int:
+    _read_policy()
+    parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
+    if not _adopt:
+        _die_with_parent(parent, _zygote_on_parent_death)
+    try:  # orphans of task trees are re-parented to us (and reaped) instead of init
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    _preload()
+    me = os.getpid()
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints from imported code must not corrupt the protocol stream
+
+    worker_gone = False
+
+    def send(obj: dict[str, Any]) -> None:
+        nonlocal worker_gone
+        if worker_gone:
+            return
+        try:
+            out.write(json.dumps(obj) + "\n")
+        except OSError:  # the worker died (crash_policy adopt): keep reaping, stop reporting
+            worker_gone = True
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd fires
+    sel = selectors.DefaultSelector()
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
+    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    children: dict[int, str] = {}
+    buffer = b""
+    stdin_open = True
+    send({"event": "ready", "pid": os.getpid()})
+    while stdin_open or children:
+        for key, _ in sel.select(timeout=1.0):
+            if key.data == "wake":
+                os.read(wake_r, 4096)
+                continue
+            chunk = os.read(sys.stdin.fileno(), 65536)
+            if not chunk:
+                stdin_open = False
+                sel.unregister(sys.stdin.fileno())
+                continue
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if not line.strip():
+                    continue
+                msg = json.loads(line)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _child(msg, me, [wake_r, wake_w, out.fileno()])
+                children[pid] = msg["id"]
+                send({"event": "started", "id": msg["id"], "pid": pid})
+        _sweep_orphans(children)
+        while True:  # reap every child that has exited: our tasks and adopted orphans
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in children:
+                send({"event": "exit", "id": children.pop(pid), "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+    return 0
+
+
+def single_main() -> int:
+    _read_policy()
+    parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
+    if not _adopt:
+        _die_with_parent(parent)
+    _preload()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0
+    msg = json.loads(line)
+    code = 1
+    try:
+        code = run_request(msg)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        _record_exit(msg, code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(zygote_main() if "--zygote" in sys.argv[1:] else single_main())

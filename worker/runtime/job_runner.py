@@ -1,0 +1,495 @@
+"""Runs fetched jobs: validate, launch a task process, report running, wait, report the outcome.
+
+Every claimed job is journaled in the state folder (with its task process's pid) before it
+starts. Every report the worker owes the control plane goes to the durable outbox
+(:mod:`airflow_outpost.worker.runtime.outbox`) first; one sender delivers it in order and removes it only once the server
+acknowledged it, retrying through outages and replaying what is left at the next start, so a
+finished task's state is never dropped. The journal entry is removed once the job's final state
+is in the outbox. After a crash, :meth:`JobRunner.recover_leftovers` reports, stops or (with
+``crash_policy = adopt``) takes over the jobs the previous process left (:mod:`airflow_outpost.worker.runtime.recovery`).
+
+A job whose workload token expired while it waited in the queue is not started: it is reported
+failed (Airflow retries it), with the reason in the worker log, the task log and the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from airflow_outpost.worker.runtime import recovery
+from airflow_outpost.worker.hosted.costs import live_tasks
+from airflow_outpost.worker.errors import JobRejected, OutpostError
+from airflow_outpost.worker.edge.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
+from airflow_outpost.worker.runtime.outbox import Outbox, Report
+from airflow_outpost.worker.runtime.state import read_exit
+from airflow_outpost.worker.processes.launcher import TaskLauncher, TaskProcess
+from airflow_outpost.worker.edge.tokens import expired_for
+
+if TYPE_CHECKING:
+    from airflow_outpost.worker.config import Settings
+    from airflow_outpost.worker.edge.client import EdgeClient
+    from airflow_outpost.worker.edge.request_counter import RequestCounter
+    from airflow_outpost.worker.egress.gateway import Egress
+    from airflow_outpost.worker.hosted.costs import BudgetGuard, CostLedger
+    from airflow_outpost.worker.hosted.gpu import GpuAllocator
+    from airflow_outpost.worker.hosted.ray_host import RayHost
+    from airflow_outpost.worker.runtime.link import ControlPlaneLink
+    from airflow_outpost.worker.runtime.state import StateFolder
+
+
+class JobEvents(Protocol):
+    """Where the job runner reports what happens to jobs (``WorkerMetrics`` in the worker)."""
+
+    def job_event(self, queue: str, state: str) -> None: ...
+    def job_started(self, queue: str, pickup_s: float) -> None: ...
+    def job_finished(self, queue: str, state: str, duration_s: float) -> None: ...
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningJob:
+    job: Job
+    proc: TaskProcess | None = None
+    task: asyncio.Task[None] | None = None
+    log_offset: int = 0
+    started: float = 0.0
+    devices: tuple[str, ...] = ()  # GPUs this job holds (CUDA_VISIBLE_DEVICES)
+    adopted: bool = False  # started by a previous worker process (crash_policy adopt)
+
+
+class JobRunner:
+    """Owns the jobs of one worker: fetches them, runs them, reports them, drains them.
+
+    It is given what it works with; it never sees the ``Worker``. ``on_slot_freed`` is called when
+    a job ends (the main loop then fetches at once). ``aclose()`` is safe twice; undelivered reports
+    stay in the outbox for the next start.
+    """
+
+    def __init__(self, settings: Settings, *, client: EdgeClient, egress: Egress, launcher: TaskLauncher,
+                 state_folder: StateFolder, link: ControlPlaneLink, gpus: GpuAllocator, counter: RequestCounter,
+                 events: JobEvents, costs: CostLedger, budgets: BudgetGuard, ray: RayHost | None,
+                 sysinfo: Callable[[], dict[str, Any]], on_slot_freed: Callable[[], None]) -> None:
+        self.settings = settings
+        self.client = client
+        self.egress = egress
+        self.launcher = launcher
+        self.state_folder = state_folder
+        self.link = link
+        self.gpus = gpus
+        self.counter = counter
+        self.events = events
+        self.costs = costs
+        self.budgets = budgets
+        self.ray = ray
+        self.sysinfo = sysinfo
+        self.on_slot_freed = on_slot_freed
+        self.running: dict[JobKey, RunningJob] = {}
+        self.outbox = Outbox(settings.state_folder / "outbox.sqlite")
+        self._outbox_wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self.expired = 0  # jobs whose token expired in the queue
+        self._background: set[asyncio.Task[Any]] = set()
+        self.rejected = 0
+        self._fetch_turn = 0
+
+    @property
+    def free_slots(self) -> int:
+        # GPU jobs hold devices, not CPU slots (see airflow_outpost.worker.hosted.gpu).
+        return self.link.concurrency - sum(r.job.concurrency_slots for r in self.running.values() if not r.devices)
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{"key": str(k), "pid": r.proc.pid if r.proc else None, "slots": r.job.concurrency_slots,
+                 "queue": r.job.queue, "running_s": round(now - r.started, 1), "adopted": r.adopted}
+                for k, r in self.running.items()]
+
+    # -- fetch and run -----------------------------------------------------------------------
+    async def fetch_one(self) -> bool:
+        """Ask for one job that fits the free slots and start it. True if a job was claimed."""
+        s = self.settings
+        self._fetch_turn += 1
+        paused = self.budgets.paused
+        raw = None
+        # CPU queues with the free slots, GPU queues with the free GPUs; spent budgets left out.
+        for group in self.gpus.fetch_plan(self.link.queues, self.free_slots, paused, self._fetch_turn):
+            try:
+                raw = await self.client.jobs.fetch(s.name, list(group.queues) if group.queues is not None else None,
+                                                     group.free, s.team_name)
+            except JobRejected as exc:  # e.g. an oversized reply: refused unread
+                await self._reject(exc, None)
+                return True
+            except OutpostError as exc:
+                if exc.retryable:
+                    self.link.mark_unreachable()
+                log.warning("fetching a job failed: %s", exc)
+                return False
+            if raw is not None:
+                break
+        if raw is None:
+            return False
+        try:
+            job = parse_job(raw)
+        except RejectedJob as exc:
+            await self._reject(exc, exc.key)
+            return True
+        try:
+            resolve_inside(s.log_folder, job.log_path, "log_path")
+            if s.dags_folder is not None:
+                resolve_inside(s.dags_folder, job.dag_rel_path, "dag_rel_path")
+        except JobRejected as exc:
+            await self._reject(exc, job.key)
+            return True
+        run = RunningJob(job=job, started=time.monotonic(),
+                         devices=self.gpus.assign(job.key, job.queue, job.concurrency_slots))
+        self.running[job.key] = run
+        self.events.job_event(job.queue, "fetched")
+        self.counter.set_busy(True)
+        run.task = asyncio.create_task(self._run(run), name=f"job {job.key}")
+        return True
+
+    async def _reject(self, exc: Exception, key: JobKey | None) -> None:
+        self.rejected += 1
+        self.events.job_event("unknown", "rejected")
+        log.error("rejected job %s: %s", key or "<unreadable>", exc)
+        self.egress.record_rejected_job(str(exc), str(key) if key else None)
+        if key is not None:
+            await self._report_final(key, "failed")
+
+    async def _launch(self, run: RunningJob) -> bool:
+        """Journal and start a new job's task process; False if the job was refused instead."""
+        job, key = run.job, run.job.key
+        self.state_folder.journal_start(key, None)
+        if (expired_s := expired_for(job.workload.get("token"))) is not None:
+            await self._expired(run, expired_s)
+            return False
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.gpus.total else {}
+        if self.ray is not None:
+            env.update(self.ray.task_env())  # decided now: none while the worker's own Ray is down
+        server = self.egress.task_server(job)
+        run.proc = await self.launcher.launch(job.workload, server, env, exit_file=self.state_folder.exit_file(key))
+        self.state_folder.journal_start(key, run.proc.pid, recovery.journal_details(run, server))
+        log.info("started %s (pid %d)%s", key, run.proc.pid, f" on GPU {','.join(run.devices)}" if run.devices else "")
+        self._enqueue(key, "running")
+        self.events.job_started(job.queue, time.monotonic() - run.started)
+        return True
+
+    async def _run(self, run: RunningJob) -> None:
+        job, key = run.job, run.job.key
+        state = "failed"
+        try:
+            # An adopted job's process runs already (started by the previous worker process).
+            if run.proc is None and not await self._launch(run):
+                return
+            assert run.proc is not None
+            rc = await self._wait(run)
+            if (leftovers := run.proc.kill_session()):
+                log.warning("killed %d process(es) that %s left running after it ended", leftovers, key)
+            state = "success" if rc == 0 else "failed"
+            # Whatever the exit code (the Task SDK may exit 0 after the server told it the try runs
+            # elsewhere): a success report from here would fail the task too, as "finished while
+            # still running".
+            if job.workload["ti"]["id"] in self.egress.start_refused:
+                self.egress.start_refused.discard(job.workload["ti"]["id"])
+                self._claimed_elsewhere(run)
+                return
+            if rc != 0:
+                log.error("job %s failed with %s; supervisor output:\n%s", key, run.proc.describe_exit(rc),
+                          run.proc.output_tail()[-2000:])
+            else:
+                log.info("job %s succeeded in %.1fs", key, time.monotonic() - run.started)
+            await self._push_logs(run, final=True, failure=None if rc == 0 else run.proc.describe_exit(rc))
+            await self._report_final(key, state)
+        except Exception as exc:  # a bug or OS error must fail this job only, never the worker
+            log.exception("job %s crashed in the worker", key)
+            if run.proc is not None and run.proc.returncode is None:
+                run.proc.kill_task_tree()
+                run.proc.signal(signal.SIGKILL, group=True)
+            await self._report_final(key, "failed", note=str(exc))
+        finally:
+            if run.proc is not None:
+                run.proc.output.unlink(missing_ok=True)
+            self._account(run, state)
+            self.gpus.release(key)
+            self.running.pop(key, None)
+            self.counter.set_busy(bool(self.running))
+            self.on_slot_freed()
+
+    def _account(self, run: RunningJob, state: str) -> None:
+        """Record the finished job in the metrics and the cost ledger (never fails the job)."""
+        job = run.job
+        wall = time.monotonic() - run.started
+        self.events.job_finished(job.queue, state, wall)
+        ended = time.time()
+        try:
+            self.costs.record(dag_id=job.key.dag_id, task_id=job.key.task_id, run_id=job.key.run_id,
+                              try_number=job.key.try_number, map_index=job.key.map_index, queue=job.queue,
+                              state=state, started=ended - wall, ended=ended, gpus=len(run.devices))
+        except sqlite3.Error as exc:
+            log.error("could not record the cost of %s: %s", job.key, exc)
+        self.budgets.refresh(live_tasks(r for r in self.running.values() if r is not run), force=True)
+
+    def _claimed_elsewhere(self, run: RunningJob) -> None:
+        """The server refused to start this try because it already runs elsewhere.
+
+        The edge3 fetch claims a job with ``SELECT ... FOR UPDATE SKIP LOCKED``, which is a no-op on
+        SQLite: two workers can receive the same job. The server then refuses the second start (409
+        on ``.../run``) or answers its first heartbeat ``running_elsewhere`` and the Task SDK stops
+        it, before its task code runs or while it starts. That try belongs to the other worker, so
+        this one reports nothing: a "failed" from here would fail a task that is running fine.
+        """
+        log.warning("job %s was handed to another worker as well and is running there (the server refused this "
+                    "start); leaving its state to that worker", run.job.key)
+        self.outbox.drop_job_reports(run.job.key)  # an undelivered "running" must not follow its success
+        self.state_folder.journal_done(run.job.key)
+
+    async def _wait(self, run: RunningJob) -> int:
+        assert run.proc is not None
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(run.proc.wait()), self.settings.poll_interval_s * 2)
+            except asyncio.TimeoutError:
+                if (leftovers := run.proc.reap_after_task()):
+                    log.warning("killed %d process(es) that %s left running after it ended", leftovers, run.job.key)
+                await self._push_logs(run)
+
+    # -- reporting ---------------------------------------------------------------------------
+    @property
+    def outbox_depth(self) -> int:
+        """Reports not yet acknowledged by the control plane."""
+        return self.outbox.depth
+
+    def _enqueue(self, key: JobKey, state: str, note: str | None = None) -> None:
+        self.outbox.put(key, state, note)
+        self._outbox_wake.set()
+
+    async def _report_final(self, key: JobKey, state: str, note: str | None = None) -> None:
+        """Queue the final state durably (the sender delivers it); the journal entry is then done."""
+        if note:
+            log.error("job %s reported %s: %s", key, state, note)
+        self._enqueue(key, state, note)
+        self.state_folder.journal_done(key)
+
+    def retry_pending_reports(self) -> None:
+        """The control plane is back: send what the outbox holds now, not after the backoff."""
+        self._outbox_wake.set()
+
+    def report_worker_state(self, state: str, note: str | None = None) -> None:
+        self.outbox.put_worker(self.settings.name, state, note)
+        self._outbox_wake.set()
+
+    async def flush_outbox(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the outbox to empty; True if it did."""
+        deadline = time.monotonic() + timeout_s
+        self._outbox_wake.set()
+        while self.outbox.depth and time.monotonic() < deadline and self._sender is not None and not self._sender.done():
+            await asyncio.sleep(0.05)
+        return self.outbox.depth == 0
+
+    async def aclose(self) -> None:
+        """Stop the sender and close the outbox; what is undelivered stays for the next start. Idempotent."""
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
+        self.outbox.close()
+
+    async def _send_outbox(self) -> None:
+        """Deliver the outbox oldest first, forever; back off (jittered, capped) while unreachable."""
+        failures = 0
+        while True:
+            self._outbox_wake.clear()
+            blocked = False
+            for report in self.outbox.pending():
+                try:
+                    await self._deliver(report)
+                except OutpostError as exc:
+                    if exc.retryable:
+                        failures += 1
+                        if failures == 1 or failures % 10 == 0:
+                            log.warning("%d report(s) wait for the control plane (%s)", self.outbox.depth, exc)
+                        blocked = True
+                        break
+                    log.error("the control plane refused the report %s %s: %s", report.subject, report.state, exc)
+                except Exception:  # a bug must not stop reporting; the row stays for the next try
+                    log.exception("sending report %s %s failed", report.subject, report.state)
+                    blocked = True
+                    break
+                self.outbox.ack(report.seq)
+                failures = 0
+            timeout = random.uniform(0.25, min(15.0, 0.5 * 2 ** min(failures, 5))) if blocked else None
+            if not blocked and self.outbox.depth:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._outbox_wake.wait(), timeout)
+
+    async def _deliver(self, report: Report) -> None:
+        s = self.settings
+        if report.kind == "job":
+            assert report.key is not None
+            await self.client.jobs.set_state(report.key, report.state)
+        else:
+            await self.client.worker.set_state(s.name, report.state, 0, self.link.queues, self.sysinfo(),
+                                                 report.note, s.team_name)
+
+    async def recover_leftovers(self) -> None:
+        """Handle journal entries of a previous worker process (crash, SIGKILL, OOM), then start
+        sending the outbox (reports the previous process could not deliver go first).
+
+        Each entry is reported, stopped and reported failed, left to another worker, or adopted
+        (see :mod:`airflow_outpost.worker.runtime.recovery`); an adopted job runs on as if this process had started it.
+        Call once, before fetching work.
+        """
+        self.outbox.open()
+        if (dropped := self.outbox.drop_worker_reports()):
+            log.info("dropped %d worker-state report(s) of a previous run (registration supersedes them)", dropped)
+        folder, policy = self.state_folder, self.settings.crash_policy
+        for entry in folder.journal_leftovers():
+            key: JobKey = entry["key"]
+            decision = recovery.decide(
+                entry, final_state=entry.get("final_state") or self.outbox.final_state(key),
+                exit_code=read_exit(folder.exit_file(key)),
+                alive=recovery.is_our_process(entry.get("pid"), entry.get("create_time")),
+                policy=policy, gateway_url=self.egress.url)
+            if decision.action == "adopt":
+                self._adopt(entry)
+                continue
+            recovery.stop_leftover(entry, decision)
+            if decision.action == "leave":
+                log.warning("job %s from a previous worker run: %s; leaving its state to that worker", key, decision.reason)
+                self.outbox.drop_job_reports(key)
+                folder.journal_done(key)
+                continue
+            assert decision.state is not None
+            log.warning("reporting job %s from a previous worker run as %s: %s", key, decision.state, decision.reason)
+            await self._report_final(key, decision.state)
+        folder.prune_exits()
+        if (depth := self.outbox.depth):
+            log.info("replaying %d undelivered report(s) from the outbox", depth)
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_outbox(), name="outbox sender")
+
+    def _adopt(self, entry: dict[str, Any]) -> None:
+        """Take over a job whose task process a previous worker process started and that still runs."""
+        job = recovery.job_from_entry(entry)
+        key, pid = job.key, int(entry["pid"])
+        proc = recovery.AdoptedProcess(pid, Path(entry["output"]), self.state_folder.exit_file(key),
+                                       entry.get("create_time"))
+        running_s = max(0.0, time.time() - float(entry.get("started") or time.time()))
+        run = RunningJob(job=job, proc=proc, started=time.monotonic() - running_s, adopted=True,
+                         log_offset=int(entry.get("log_offset") or 0),
+                         devices=self.gpus.claim(key, tuple(entry.get("devices") or ())))
+        self.egress.task_server(job)  # ledger rows name the task again
+        self.running[key] = run
+        self.events.job_event(job.queue, "adopted")
+        self.counter.set_busy(True)
+        # Idempotent on the server; covers a crash between journaling the job and queuing "running".
+        self._enqueue(key, "running")
+        log.warning("adopted %s (pid %d, running %.0fs) from the previous worker run", key, pid, running_s)
+        run.task = asyncio.create_task(self._run(run), name=f"job {key}")
+
+    def journal_elsewhere(self, ti_id: str) -> None:
+        """Keep in the journal that the server refused this try's start here, so a restart after a
+        crash leaves the try to the worker that runs it (see :meth:`_claimed_elsewhere`)."""
+        for run in self.running.values():
+            if run.job.workload["ti"]["id"] == ti_id:
+                try:
+                    self.state_folder.journal_update(run.job.key, elsewhere=True)
+                except OSError as exc:
+                    log.error("could not journal that %s runs elsewhere: %s", run.job.key, exc)
+                return
+
+    async def _expired(self, run: RunningJob, expired_s: float) -> None:
+        """The workload's token expired while the job was queued: fail it with the reason, don't run it."""
+        key = run.job.key
+        self.expired += 1
+        reason = (f"the job's execution token expired {expired_s:.0f}s before this worker fetched it (it waited in the "
+                  "queue longer than the control plane's [scheduler] task_queued_timeout); not started, reported "
+                  "failed so Airflow can retry it")
+        log.error("job %s: %s", key, reason)
+        self.egress.record_rejected_job(f"token expired in queue: {reason}", str(key))
+        if self.settings.log_policy != "none":
+            with contextlib.suppress(OutpostError):
+                await self.client.logs.push(key, f"outpost: {reason}\n", datetime.now(timezone.utc).isoformat())
+        await self._report_final(key, "failed", note="token expired in queue")
+
+    # -- logs --------------------------------------------------------------------------------
+    async def _push_logs(self, run: RunningJob, final: bool = False, failure: str | None = None) -> None:
+        s = self.settings
+        if s.log_policy == "none":  # logs stay in the region (egress policy)
+            return
+        redact = self.egress.redactor.redact if s.log_policy == "redacted" else None
+        path = s.log_folder / run.job.log_path
+        chunks: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            with open(path, "rb") as fh:
+                fh.seek(run.log_offset)
+                data = fh.read(s.push_log_chunk_size * 8)
+                run.log_offset += len(data)
+            text = data.decode(errors="backslashreplace").replace("\x00", "\ufffd")
+            text = redact(run.job.key, text, final and not failure) if redact else text
+            chunks = [text[i:i + s.push_log_chunk_size] for i in range(0, len(text), s.push_log_chunk_size)]
+        if final and failure and run.proc is not None:
+            note = f"outpost: task process ended with {failure}; supervisor output:\n{run.proc.output_tail()}\n"
+            chunks.append(redact(run.job.key, note, True) if redact else note)
+        for chunk in chunks:
+            try:
+                await self.client.logs.push(run.job.key, chunk, datetime.now(timezone.utc).isoformat())
+            except OutpostError as exc:
+                log.warning("pushing logs for %s failed: %s", run.job.key, exc)
+                break
+        if chunks and not final:
+            # An adopting worker resumes pushing here after a crash (at most a chunk sent twice).
+            try:
+                self.state_folder.journal_update(run.job.key, log_offset=run.log_offset)
+            except OSError as exc:
+                log.warning("could not journal the pushed log offset of %s: %s", run.job.key, exc)
+
+    # -- drain -------------------------------------------------------------------------------
+    async def drain(self, timeout_s: float, grace_s: float, force: asyncio.Event) -> None:
+        """Wait for running jobs (up to ``timeout_s`` or until ``force``), then SIGTERM, then SIGKILL."""
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if tasks:
+            log.info("draining %d job(s) for up to %.0fs", len(tasks), timeout_s)
+            await self._wait_any(tasks, timeout_s, force)
+        left = [r for r in self.running.values() if r.proc is not None]
+        if left:
+            log.warning("drain timeout: sending SIGTERM to %d task(s), SIGKILL after %.0fs", len(left), grace_s)
+            for r in left:
+                r.proc.signal(signal.SIGTERM)  # the Task SDK supervisor forwards it to its task
+            await self._wait_any([r.task for r in left if r.task], grace_s, None)
+            still = [r for r in self.running.values() if r.proc is not None]
+            for r in still:
+                log.warning("SIGKILL %s (pid %d)", r.job.key, r.proc.pid)
+                r.proc.kill_task_tree()  # the supervisor reports the failure, then exits
+            await self._wait_any([r.task for r in still if r.task], 10, None)
+            for r in self.running.values():
+                if r.proc is not None:
+                    r.proc.signal(signal.SIGKILL, group=True)
+        # Every job task reports its final state (failed when killed) before the worker goes offline.
+        remaining = [r.task for r in self.running.values() if r.task is not None]
+        if remaining:
+            await asyncio.wait(remaining, timeout=60)
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=30)
+
+    @staticmethod
+    async def _wait_any(tasks: list[asyncio.Task[None]], timeout_s: float, force: asyncio.Event | None) -> None:
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(asyncio.wait(tasks))}
+        if force is not None:
+            waiters.add(asyncio.ensure_future(force.wait()))
+        done, pending = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for p in pending:
+            p.cancel()

@@ -1,0 +1,130 @@
+"""The durable outbox: every state report the worker owes the control plane, in order.
+
+A report (job ``running``/``success``/``failed``, worker ``offline``) is committed to
+``outbox.sqlite`` in the state folder before anything is sent, and deleted only once the server
+acknowledged it. :class:`JobRunner <airflow_outpost.worker.runtime.job_runner.JobRunner>` sends the rows oldest first, one
+at a time, so a job's ``success`` never overtakes its ``running``; after an outage or a restart
+whatever is left is replayed in the same order. Replays are idempotent: the Edge API accepts the
+same job state twice, and :meth:`Outbox.put` does not queue a report that is already pending.
+
+Worker-state rows are only meaningful to the process that wrote them: a new process registers
+afresh, so :meth:`Outbox.drop_worker_reports` discards them at start.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from airflow_outpost.worker.edge.jobs import JobKey
+
+FINAL_STATES = ("success", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,           -- 'job' or 'worker'
+    subject TEXT NOT NULL,        -- the JobKey as JSON, or the worker name
+    state TEXT NOT NULL,
+    note TEXT,
+    created REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_once ON outbox (kind, subject, state);
+"""
+
+
+class Report(NamedTuple):
+    seq: int
+    kind: str  # "job" | "worker"
+    key: JobKey | None  # for job reports
+    subject: str
+    state: str
+    note: str | None
+    created: float
+
+
+def _subject(key: JobKey) -> str:
+    return json.dumps(key.as_dict(), sort_keys=True)
+
+
+class Outbox:
+    """A SQLite-backed FIFO of undelivered reports. ``open()``/``close()`` are idempotent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> Outbox:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a report is on disk before it is sent
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("outbox used before open()")
+        return self._db
+
+    def put(self, key: JobKey, state: str, note: str | None = None) -> int:
+        """Queue a job report durably; returns its sequence number (the pending one if already queued)."""
+        return self._put("job", _subject(key), state, note)
+
+    def put_worker(self, name: str, state: str, note: str | None = None) -> int:
+        return self._put("worker", name, state, note)
+
+    def _put(self, kind: str, subject: str, state: str, note: str | None) -> int:
+        db = self.db
+        db.execute("INSERT OR IGNORE INTO outbox (kind, subject, state, note, created) VALUES (?, ?, ?, ?, ?)",
+                   (kind, subject, state, note, time.time()))
+        row = db.execute("SELECT seq FROM outbox WHERE kind = ? AND subject = ? AND state = ?",
+                         (kind, subject, state)).fetchone()
+        return int(row[0])
+
+    def pending(self, limit: int = 100) -> list[Report]:
+        """The oldest undelivered reports, in the order they were queued."""
+        if self._db is None:
+            return []
+        rows = self.db.execute("SELECT seq, kind, subject, state, note, created FROM outbox ORDER BY seq LIMIT ?",
+                               (limit,)).fetchall()
+        return [Report(seq, kind, JobKey(**json.loads(subject)) if kind == "job" else None, subject, state, note, created)
+                for seq, kind, subject, state, note, created in rows]
+
+    def ack(self, seq: int) -> None:
+        """The server acknowledged (or definitively refused) report ``seq``: forget it."""
+        self.db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def final_state(self, key: JobKey) -> str | None:
+        """The final state queued for ``key`` and not yet delivered, if any."""
+        if self._db is None:
+            return None
+        row = self.db.execute("SELECT state FROM outbox WHERE kind = 'job' AND subject = ? AND state IN (?, ?) "
+                              "ORDER BY seq DESC LIMIT 1", (_subject(key), *FINAL_STATES)).fetchone()
+        return row[0] if row else None
+
+    def drop_job_reports(self, key: JobKey) -> int:
+        """Discard undelivered reports for ``key`` (a job this worker turned out not to own)."""
+        return self.db.execute("DELETE FROM outbox WHERE kind = 'job' AND subject = ?", (_subject(key),)).rowcount
+
+    def drop_worker_reports(self) -> int:
+        """Discard worker-state reports of a previous process (registration supersedes them)."""
+        return self.db.execute("DELETE FROM outbox WHERE kind = 'worker'").rowcount
+
+    @property
+    def depth(self) -> int:
+        """How many reports wait for the control plane (0 before ``open()``)."""
+        if self._db is None:
+            return 0
+        return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])

@@ -1,0 +1,440 @@
+"""The worker: registers with the control plane, heartbeats, fetches jobs and runs them.
+
+Lifecycle: ``await Worker(settings).run()`` returns the exit code once the worker has drained
+and reported itself offline. ``shutdown()`` (from a signal handler or a test) stops fetching
+and drains: running tasks may finish for ``drain_timeout_s``, then get SIGTERM, then SIGKILL
+after ``kill_grace_s``; every task's final state is reported. A second ``shutdown()`` (or
+``shutdown(force=True)``) skips the wait. ``shutdown()`` is safe before ``run()`` and twice.
+
+Polling is adaptive: after a fetch returned work, or when a slot frees, the worker fetches again
+at once; while nothing arrives it backs off with jitter from ``poll_min_interval_s`` to
+``poll_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from datetime import datetime, timezone
+
+import httpx
+
+from airflow_outpost.worker.config import Settings, without_credentials
+from airflow_outpost.worker.edge.client import EdgeClient
+from airflow_outpost.worker.errors import (
+    AuthError,
+    ConnectError,
+    DuplicateWorkerError,
+    NotFoundError,
+    OutpostError,
+    ServerError,
+    VersionMismatchError,
+)
+from airflow_outpost.worker.hosted.costs import BudgetGuard, CostLedger, live_tasks
+from airflow_outpost.worker.observability.prometheus import WorkerMetrics, WorkerSnapshot
+from airflow_outpost.worker.hosted.gpu import GpuAllocator, detect_gpus
+from airflow_outpost.worker.observability.health import HealthServer
+from airflow_outpost.worker.egress.gateway import Egress
+from airflow_outpost.worker.runtime.job_runner import JobRunner
+from airflow_outpost.worker.runtime.lifecycle import Lifecycle
+from airflow_outpost.worker.runtime.link import ControlPlaneLink
+from airflow_outpost.worker.edge.request_counter import RequestCounter
+from airflow_outpost.worker.hosted.model_host import ModelHost, service_available
+from airflow_outpost.worker.hosted.ray_host import RayHost, ray_available
+from airflow_outpost.worker.runtime.state import StateFolder
+from airflow_outpost.worker.processes.launcher import TaskLauncher
+from airflow_outpost.worker.edge.sysinfo import airflow_version, sysinfo
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(OutpostError):
+    """The worker cannot join the control plane; the message is the one line the CLI prints."""
+
+
+class Worker:
+    """One outpost worker process: the composition root. See the module docstring for the lifecycle.
+
+    Every part is built here and given what it needs (a few values, callbacks, the link); none
+    of them sees the ``Worker``. ``run()`` declares start order once; shutdown is its reverse.
+    ``transport`` replaces the HTTP transport to the control plane (tests).
+    """
+
+    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self.counter = RequestCounter()
+        self.link = ControlPlaneLink(queues=list(settings.queues) if settings.queues else None,
+                                     concurrency=settings.concurrency)
+        # Policy, ledger and the task processes' gateway. Told of refused starts (journaled by the
+        # job runner) and of held task requests that got through (the worker then heartbeats).
+        self.egress = Egress(settings, on_start_refused=lambda ti_id: self.jobs.journal_elsewhere(ti_id),
+                             on_upstream_back=self._control_plane_seen)
+        self.client = EdgeClient(settings, counter=self.counter, transport=transport, recorder=self.egress.record_edge)
+        self._heartbeat_due = False
+        self.state_folder = StateFolder(settings.state_folder)
+        self.draining = False
+        self.started_at = datetime.now(timezone.utc)
+        self._force = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._status_due = 0.0
+        self._previous_status: dict | None = None
+        self.gpus = GpuAllocator(detect_gpus(settings.gpus), settings.gpu_queues)
+        self.costs = CostLedger(self.state_folder.root / "costs.sqlite", settings.budgets)
+        self.budgets = BudgetGuard(self.costs)
+        self.lifecycle = Lifecycle(settings, running=lambda: len(self.jobs.running), shutdown=self.shutdown,
+                                   task_env=self._task_env)
+        # A model service the worker owns, unless the runners are absent or one is configured.
+        self.models: ModelHost | None = (
+            ModelHost(settings.state_folder, idle_s=settings.model_idle_s)
+            if settings.model_service and service_available() and not os.environ.get("OUTPOST_MODEL_SOCKET") else None)
+        # The Ray tasks use: a head the worker owns (ray = local), an existing cluster, or None
+        # (each task starts its own).
+        self.ray: RayHost | None = RayHost.from_settings(settings)
+        if self.ray is not None and self.ray.local and not ray_available():
+            log.error("ray = local needs Ray in this interpreter (the runners extra); tasks start their own Ray")
+            self.ray = None
+        self.telemetry = WorkerMetrics(self.snapshot, costs=self.costs, budgets=self.budgets,
+                                       runner_dir=settings.state_folder / "runner-metrics" if settings.metrics_port else None)
+        self.health: HealthServer | None = (
+            HealthServer(settings.metrics_host, settings.metrics_port, readiness=self.readiness,
+                         metrics=self.telemetry.render) if settings.metrics_port else None)
+        self.launcher = TaskLauncher(output_dir=self.state_folder.output_dir, prewarm=settings.prewarm,
+                                     crash_policy=settings.crash_policy)
+        self.jobs = JobRunner(settings, client=self.client, egress=self.egress, launcher=self.launcher,
+                              state_folder=self.state_folder, link=self.link, gpus=self.gpus, counter=self.counter,
+                              events=self.telemetry, costs=self.costs, budgets=self.budgets, ray=self.ray,
+                              sysinfo=self._sysinfo, on_slot_freed=self.wake)
+
+    # -- public lifecycle ------------------------------------------------------------------
+    def shutdown(self, *, force: bool = False) -> None:
+        """Stop fetching and drain; a second call (or ``force``) skips the drain wait."""
+        if self.draining or force:
+            self._force.set()
+        if not self.draining:
+            log.info("shutdown requested: no new jobs; draining %d running job(s)", len(self.jobs.running))
+        self.draining = True
+        self._wake.set()
+
+    async def run(self) -> int:
+        """Run until shut down; return the process exit code (0 after a clean drain).
+
+        Start order is declared once, below; each part's close is pushed as it starts, so what
+        started last stops first, whichever step fails. Undelivered reports stay in the outbox
+        for the next start.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            self.state_folder.acquire()
+            stack.callback(self.state_folder.release)
+            # Read before the first write: it tells whether the previous run crashed.
+            self._previous_status = self.state_folder.read_status()
+            stack.callback(self._write_status, force=True, state="offline")
+            # Before the launcher: task processes get the gateway's URL. On the previous run's port
+            # if possible, which task processes that outlived it (crash_policy adopt) still use.
+            stack.push_async_callback(self.egress.aclose)
+            await self.egress.start(self.state_folder.gateway_port())
+            if self.egress.port is not None:
+                self.state_folder.save_gateway_port(self.egress.port)
+            stack.push_async_callback(self.client.aclose)
+            # Stops the outbox sender before the client it sends with closes.
+            stack.push_async_callback(self.jobs.aclose)
+            stack.callback(self.costs.close)
+            if self.health is not None:
+                stack.push_async_callback(self.health.aclose)
+                await self.health.start()
+            stack.push_async_callback(self.launcher.aclose)
+            await self.launcher.start(self._task_env())
+            if self.models is not None:
+                stack.push_async_callback(self.models.aclose)
+                await self.models.start(self._task_env())
+            if self.ray is not None:
+                stack.push_async_callback(self.ray.aclose)
+                await self.ray.start(without_credentials(self._task_env()))
+            await self._startup()
+            # Both come up while the zygote imports Airflow. Tasks started before a service is
+            # ready would do without it (load their model, start their own Ray).
+            await asyncio.gather(*([self.models.wait_ready()] if self.models is not None else []),
+                                 *([self.ray.wait_ready()] if self.ray is not None else []))
+            stack.push_async_callback(self.lifecycle.aclose)
+            self.lifecycle.start_warming()
+            await self.jobs.recover_leftovers()
+            await self._main_loop()
+            await self.jobs.drain(self.lifecycle.drain_timeout_s(), self.settings.kill_grace_s, self._force)
+            await self._go_offline()
+        return 0
+
+    # -- environment for tasks ---------------------------------------------------------------
+    def _task_env(self) -> dict[str, str]:
+        s = self.settings
+        env = {
+            # Example DAG bundles are a control-plane convenience; loading them slows every task start.
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            # The Task SDK supervisor notices its task has exited only when its select() times out,
+            # after up to min_heartbeat_interval (default 5 s): the slot stays busy that long.
+            # 1 s frees slots promptly, at the cost of more frequent task heartbeats.
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+            **os.environ,
+        }
+        env.update({
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": self.egress.url or s.execution_api,
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(s.log_folder.resolve()),
+            "OUTPOST_WORKER_NAME": s.name,
+        })
+        if s.outage_hold_s > 0:
+            # The gateway holds a request through an outage; the Task SDK client (5 s timeout,
+            # 5 tries by default) must wait for it rather than give up and send it again.
+            env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"] = str(int(s.outage_hold_s + s.request_timeout_s + 30))
+        if self.telemetry.runner is not None:
+            env["OUTPOST_METRICS_DIR"] = str(self.telemetry.runner.folder.resolve())
+        if s.dags_folder is not None:
+            env["AIRFLOW__CORE__DAGS_FOLDER"] = str(s.dags_folder.resolve())
+        if self.models is not None:
+            env["OUTPOST_MODEL_SOCKET"] = str(self.models.socket)
+        elif not s.model_service:
+            # A service a task started would be stopped with the task's leftovers: load in-task.
+            env["OUTPOST_MODEL_SERVICE"] = "0"
+        if self.ray is not None:
+            self.ray.scrub(env)  # its variables are set per task, while the worker's Ray is up (jobrunner)
+        self.egress.apply_task_env(env)
+        return env
+
+    # -- start-up ----------------------------------------------------------------------------
+    async def _startup(self) -> None:
+        s = self.settings
+        s.log_folder.mkdir(parents=True, exist_ok=True)
+        try:
+            from airflow_outpost.worker.edge.client import retry
+
+            server = await retry(self.client.server_version, what="reach control plane",
+                                 deadline_s=s.startup_timeout_s, base_s=0.5, cap_s=3.0)
+        except ConnectError as exc:
+            raise StartupError(f"cannot reach the control plane at {s.api_url} within {s.startup_timeout_s:.0f}s: {exc}") from exc
+        except ServerError as exc:
+            raise StartupError(f"{s.api_url} does not look like an Airflow 3 API server ({exc})") from exc
+        ours = airflow_version()
+        if server.split(".")[0] != ours.split(".")[0] or not server.startswith("3."):
+            raise StartupError(f"incompatible server version: control plane runs Airflow {server}, "
+                               f"this worker runs Airflow {ours} (Task SDK); both must be Airflow 3 of the same release")
+        try:
+            try:
+                reply = await self.client.worker.register(s.name, "starting", self.link.queues, self._sysinfo(), s.team_name)
+            except DuplicateWorkerError:
+                if not self._previous_run_crashed():
+                    raise
+                # Same name, same state folder, and the process that used them is gone: this is
+                # our own previous incarnation, still "running" on the server. Sign it off.
+                log.warning("previous run of worker %r ended without signing off; marking it offline", s.name)
+                await self.client.worker.set_state(s.name, "offline", 0, self.link.queues, self._sysinfo(), None, s.team_name)
+                reply = await self.client.worker.register(s.name, "starting", self.link.queues, self._sysinfo(), s.team_name)
+        except DuplicateWorkerError as exc:
+            raise StartupError(f"a worker named {s.name!r} is already active on the control plane; "
+                               f"pick another --name or stop that worker ({exc.detail})") from exc
+        except VersionMismatchError as exc:
+            raise StartupError(f"the control plane refused this worker's versions (Airflow {ours}): {exc.detail}") from exc
+        except NotFoundError as exc:
+            raise StartupError(f"no Edge worker API at {s.edge_api} (HTTP {exc.status}); is the edge3 provider installed "
+                               "and [edge] api_enabled=True on the server?") from exc
+        except AuthError as exc:
+            raise StartupError(f"the control plane refused this worker's credentials (HTTP {exc.status}): check that "
+                               "jwt_secret matches the server's [api_auth] jwt_secret and the clocks agree") from exc
+        except ServerError as exc:
+            raise StartupError(f"registration failed: {exc}") from exc
+        self.link.registered = True
+        self.link.versions_match = bool(reply.get("versions_match", True)) if isinstance(reply, dict) else True
+        log.info("registered as %r with %s (Airflow %s); queues=%s concurrency=%d gpus=%s",
+                 s.name, s.api_url, server, ",".join(self.link.queues or ["<all>"]), self.link.concurrency,
+                 ",".join(self.gpus.devices) or "none")
+        if self.gpus.unusable_queues(self.link.queues):
+            log.warning("queues %s match gpu_queues but this host has no GPUs: their jobs will not be fetched",
+                        ",".join(self.gpus.unusable_queues(self.link.queues)))
+
+    def _previous_run_crashed(self) -> bool:
+        """True if this state folder's last status is ours (same name) and was not signed off."""
+        previous = self._previous_status
+        return bool(previous and previous.get("name") == self.settings.name
+                    and previous.get("state") != "offline" and previous.get("pid") != os.getpid())
+
+    # -- main loop ---------------------------------------------------------------------------
+    async def _main_loop(self) -> None:
+        s = self.settings
+        delay = s.poll_min_interval_s
+        next_hb = 0.0
+        next_rate_log = time.monotonic() + 60
+        while not self.draining:
+            now = time.monotonic()
+            if now >= next_hb or self._heartbeat_due:
+                self._heartbeat_due = False
+                ok = await self._heartbeat()
+                next_hb = now + (s.heartbeat_interval_s if ok else min(s.heartbeat_interval_s, self._outage_delay()))
+            if now >= next_rate_log:
+                log.info("control-plane requests/s: %s", self.counter.rates())
+                next_rate_log = now + 60
+            self.lifecycle.tick()
+            self.budgets.refresh(live_tasks(list(self.jobs.running.values())))
+            got = False
+            if self._may_fetch():
+                got = await self.jobs.fetch_one()
+            self._write_status()
+            if got:
+                delay = s.poll_min_interval_s
+                continue  # more work may be queued: ask again at once
+            timeout = min(delay, max(0.0, next_hb - time.monotonic()))
+            woken = await self._sleep(timeout)
+            if woken:
+                delay = s.poll_min_interval_s  # a slot freed: downstream work is likely queued soon
+            else:
+                delay = min(s.poll_interval_s, delay * 1.5) * random.uniform(0.8, 1.0)
+                delay = max(delay, s.poll_min_interval_s)
+
+    def _may_fetch(self) -> bool:
+        return (not self.draining and not self.link.maintenance and self.link.disconnected_since is None
+                and (self.jobs.free_slots > 0 or self.gpus.free > 0))
+
+    async def _sleep(self, timeout: float) -> bool:
+        """Sleep up to ``timeout``; return True if woken early (slot freed, shutdown)."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _control_plane_seen(self) -> None:
+        """A task request got through while we count the control plane as away: heartbeat now."""
+        if self.link.disconnected_since is not None:
+            self._heartbeat_due = True
+            self._wake.set()
+
+    def _outage_delay(self) -> float:
+        down = time.monotonic() - (self.link.disconnected_since or time.monotonic())
+        # Probe at most every 5 s: one cheap request, and a recovery is noticed within seconds.
+        return min(5.0, 0.5 + down / 10) * random.uniform(0.5, 1.0)
+
+    # -- heartbeat ---------------------------------------------------------------------------
+    def worker_state(self) -> str:
+        running = bool(self.jobs.running)
+        if running:
+            return "terminating" if self.draining else ("maintenance pending" if self.link.maintenance else "running")
+        if self.draining:
+            return "offline maintenance" if self.link.maintenance else "offline"
+        return "maintenance mode" if self.link.maintenance else "idle"
+
+    def _sysinfo(self) -> dict:
+        status, text = (logging.INFO, None) if self.link.versions_match else (logging.WARNING, "Healthy but version mismatch")
+        info = sysinfo(concurrency=self.link.concurrency, free_concurrency=self.jobs.free_slots,
+                       started=self.started_at, edge_version=self.settings.edge_provider_version,
+                       status=status, status_text=text)
+        info["gpu_slots"] = f"{self.gpus.free}/{self.gpus.total} free"
+        note = self.budgets.note()
+        if note:
+            info["budget"] = note
+        return info
+
+    async def _heartbeat(self) -> bool:
+        """Send one heartbeat and apply what the reply asks. Returns False if the server was unreachable."""
+        s = self.settings
+        state = self.worker_state()
+        try:
+            # The budget note rides along as a maintenance comment (kept by the server only in
+            # maintenance states) and in sysinfo["budget"] (always shown).
+            comments = self.link.maintenance_comments or (self.budgets.note())
+            reply = await self.client.worker.set_state(s.name, state, len(self.jobs.running), self.link.queues,
+                                                       self._sysinfo(), comments, s.team_name)
+        except (ConnectError, ServerError) as exc:
+            if exc.retryable:
+                if self.link.mark_unreachable():
+                    log.warning("control plane unreachable (%s); running tasks continue, fetching paused", exc)
+                return False
+            if isinstance(exc, VersionMismatchError):
+                log.error("server refuses this worker's version now: %s; draining", exc.detail)
+                self.shutdown()
+                return True
+            if isinstance(exc, NotFoundError):
+                # The server forgot us (e.g. deleted from the UI): register again.
+                log.warning("control plane does not know this worker (%s); registering again", exc.detail)
+                await self.client.worker.register(s.name, state, self.link.queues, self._sysinfo(), s.team_name)
+                return True
+            log.error("heartbeat rejected: %s", exc)
+            return True
+        away_s = self.link.mark_reachable()
+        if away_s is not None:
+            log.info("control plane reachable again after %.1fs", away_s)
+            self.jobs.retry_pending_reports()
+            self.egress.control_plane_back()  # held task requests retry now, not after their backoff
+        self._apply_reply(reply or {})
+        return True
+
+    def _apply_reply(self, reply: dict) -> None:
+        self.link.versions_match = bool(reply.get("versions_match", True))
+        server_state = reply.get("state")
+        if "queues" in reply and reply["queues"] != self.link.queues:
+            log.info("queues changed by the control plane: %s -> %s", self.link.queues, reply["queues"])
+            self.link.queues = reply["queues"]
+        new_conc = reply.get("concurrency")
+        if isinstance(new_conc, int) and new_conc > 0 and new_conc != self.link.concurrency:
+            log.info("concurrency changed by the control plane: %d -> %d", self.link.concurrency, new_conc)
+            self.link.concurrency = new_conc
+        if server_state == "maintenance request" and not self.link.maintenance:
+            log.info("maintenance mode requested: no new jobs until it is lifted (%s)", reply.get("maintenance_comments"))
+            self.link.maintenance = True
+        elif server_state in ("idle", "running") and self.link.maintenance:
+            log.info("maintenance mode lifted")
+            self.link.maintenance = False
+        self.link.maintenance_comments = reply.get("maintenance_comments") if self.link.maintenance else None
+        if server_state == "shutdown request" and not self.draining:
+            log.info("shutdown requested by the control plane")
+            self.shutdown()
+
+    async def _go_offline(self) -> None:
+        state = "offline maintenance" if self.link.maintenance else "offline"
+        # Through the outbox, behind the jobs' final states, so those reach the server first.
+        self.jobs.report_worker_state(state, self.link.maintenance_comments)
+        if await self.jobs.flush_outbox(30):
+            log.info("reported offline to the control plane")
+        else:
+            log.warning("could not deliver %d report(s) before exiting; they stay in the outbox and are sent at "
+                        "the next start (the server will mark this worker lost meanwhile)", self.jobs.outbox_depth)
+
+    # -- what observers read ------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        """``(ready, reason)`` for ``/readyz``."""
+        return self.link.readiness(draining=self.draining)
+
+    def snapshot(self) -> WorkerSnapshot:
+        """The worker's state now, for ``/metrics``."""
+        running = list(self.jobs.running.values())
+        return WorkerSnapshot(
+            state=self.worker_state(), reachable=self.link.reachable, concurrency=self.link.concurrency,
+            free_slots=self.jobs.free_slots, running_queues=tuple(r.job.queue for r in running),
+            live=tuple(live_tasks(running)), outbox_depth=self.jobs.outbox_depth,
+            requests_total=self.counter.total, request_rates=self.counter.rates(),
+            gpus_total=self.gpus.total, gpus_free=self.gpus.free, gpu_devices=tuple(self.gpus.devices),
+            ray=self.ray.describe() if self.ray is not None else None)
+
+    # -- status ------------------------------------------------------------------------------
+    def _write_status(self, *, force: bool = False, state: str | None = None) -> None:
+        now = time.monotonic()
+        if not force and now < self._status_due:
+            return
+        self._status_due = now + 1.0
+        self.state_folder.write_status({
+            "pid": os.getpid(), "name": self.settings.name, "api_url": self.settings.api_url,
+            "state": state or self.worker_state(), "updated": time.time(),
+            "started": self.started_at.isoformat(), "registered": self.link.registered,
+            "disconnected_since": (time.time() - (time.monotonic() - self.link.disconnected_since))
+            if self.link.disconnected_since is not None else None,
+            "last_heartbeat": self.link.last_heartbeat, "maintenance": self.link.maintenance,
+            "maintenance_comments": self.link.maintenance_comments,
+            "concurrency": self.link.concurrency, "free_slots": self.jobs.free_slots,
+            "queues": self.link.queues, "requests_per_s": self.counter.rates(), "jobs": self.jobs.describe(),
+            "gpus": {"total": self.gpus.total, "free": self.gpus.free},
+            "paused_queues": {q: p.describe() for q, p in self.budgets.paused.items()},
+            "metrics_url": self.health.url if self.health is not None else None,
+            "ray": self.ray.describe() if self.ray is not None else None,
+        })
