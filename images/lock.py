@@ -23,6 +23,8 @@ ROOT = "airflow-outpost"
 EXTRAS = ("runners",)
 # Installed by install.sh from the variant's own index, or pinned by torch itself.
 EXCLUDE_PREFIXES = ("torch", "nvidia-", "triton", "cuda-")
+# ...except NVML's bindings, a plain dependency of the runners extra (GPU inventory and metrics).
+KEEP = ("nvidia-ml-py",)
 OUT = Path(__file__).with_name("constraints.txt")
 
 
@@ -40,7 +42,7 @@ def closure() -> dict[str, str]:
         except PackageNotFoundError:
             sys.exit(f"{name} is required but not installed here; install .[runners] first")
         key = canonicalize_name(dist.metadata["Name"])
-        if key != ROOT and not key.startswith(EXCLUDE_PREFIXES):
+        if key != ROOT and (key in KEEP or not key.startswith(EXCLUDE_PREFIXES)):
             pins[key] = dist.version
         for line in dist.requires or []:
             req = Requirement(line)

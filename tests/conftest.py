@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DAGS, WorkerProc
 from airflow_outpost.worker.testing.controlplane import ControlPlane
+from airflow_outpost.worker.testing.worker_process import WorkerProc
+from tests.helpers import DAGS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_outpost
+from airflow_outpost.worker.testing.worker_process import run_outpost
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHARTS = ("embeddings_vs_batch_size.png", "index_build_recall.png", "batch_rows_per_s.png")
@@ -72,7 +72,7 @@ def test_report_json_has_every_section_with_positive_figures_and_ratios(report: 
     assert b["baseline"]["engine"] == "loop" and b["baseline"]["rows_per_s"] > 0
     assert b["ray"] and all(x["rows_per_s"] > 0 and x["vs_loop"] > 0 for x in b["ray"])
     assert {x["mode"] for x in b["ray"]} == {"one-shot", "warm, first run", "warm, next run"}
-    assert r["charts"] == dict(zip(("embeddings", "index", "batch"), CHARTS))
+    assert r["charts"] == dict(zip(("embeddings", "index", "batch"), CHARTS, strict=True))
 
 
 @pytest.mark.slow
@@ -142,8 +142,8 @@ def test_missing_model_path_is_rejected(tmp_path: Path) -> None:
 
 
 def test_failed_report_leaves_nothing_half_written(tmp_path: Path) -> None:
-    from airflow_outpost.runners.bench.run import describe_machine
     from airflow_outpost.runners.bench.report import write_report
+    from airflow_outpost.runners.bench.run import describe_machine
 
     out = tmp_path / "r"
     broken = {"machine": describe_machine(), "index": {"kinds": []}}  # chart needs fields that are missing

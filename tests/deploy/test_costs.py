@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from airflow_outpost.worker.hosted.costs import BudgetGuard, CostLedger, LiveTask
 
 
 def _ts(day: int, hour: int = 12) -> float:
-    return datetime(2030, 1, day, hour, tzinfo=timezone.utc).timestamp()
+    return datetime(2030, 1, day, hour, tzinfo=UTC).timestamp()
 
 
 class Clock:

@@ -81,6 +81,19 @@ def test_env_example_holds_only_known_settings() -> None:
     assert settings.exit_when_idle_s == 900 and settings.budgets == (("dag:nightly_embeddings", 7200.0), ("queue:gpu", 28800.0))
 
 
+WARM_DEFAULT = """
+import asyncio, os
+from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.runtime.lifecycle import Lifecycle
+settings = load_settings({"api_url": "http://127.0.0.1:9", "warm_models": "default"}, env={})
+life = Lifecycle(settings, running=lambda: 0, shutdown=lambda: None, task_env=lambda: dict(os.environ))
+async def main():
+    life.start_warming()
+    print(await life.warmed())
+asyncio.run(main())
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_cpu_image_install_steps_succeed_in_a_fresh_venv(tmp_path: Path) -> None:
@@ -91,7 +104,7 @@ def test_cpu_image_install_steps_succeed_in_a_fresh_venv(tmp_path: Path) -> None
     src.mkdir()
     for item in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / item, src / item)
-    for folder in ("worker", "runners"):
+    for folder in ("airflow_outpost", "worker", "runners"):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (src / "images").mkdir()
     for item in ("install.sh", "constraints.txt"):
@@ -108,5 +121,9 @@ def test_cpu_image_install_steps_succeed_in_a_fresh_venv(tmp_path: Path) -> None
     torch = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch; print(torch.__version__)"],
                            capture_output=True, text=True, check=True, timeout=300)
     assert torch.stdout.strip().endswith("+cpu")
+    # --warm-models default, as the worker runs it (no model service): the packaged model is there.
+    warm = subprocess.run([str(venv / "bin" / "python"), "-c", WARM_DEFAULT], capture_output=True, text=True,
+                          timeout=600, env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert warm.returncode == 0 and warm.stdout.strip() == "{'default': 'warm'}", warm.stdout + warm.stderr[-3000:]
     check = subprocess.run([sys.executable, str(IMAGES / "lock.py"), "--check"], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

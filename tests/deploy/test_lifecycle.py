@@ -96,7 +96,7 @@ def test_warm_models_calls_the_runners_warm_in_a_child_process(tmp_path: Path, m
 
     async def scenario() -> None:
         life.start_warming()
-        await life._warm
+        await life.warmed()
         await life.aclose()
 
     asyncio.run(scenario())
@@ -113,7 +113,7 @@ def test_warm_the_packaged_model_for_real(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         life.start_warming()
-        await life._warm
+        await life.warmed()
 
     asyncio.run(scenario())
     assert life.warm_result == {"default": "warm", "/no/such/model": "failed"}

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from airflow_outpost.worker.egress import ledger
 from airflow_outpost.worker.config import load_settings
-from airflow_outpost.worker.egress.policy import Policy, classify
+from airflow_outpost.worker.egress import ledger
 from airflow_outpost.worker.egress.gateway import Egress
+from airflow_outpost.worker.egress.policy import Policy, classify
 
 
 def _token(sub: str) -> str:

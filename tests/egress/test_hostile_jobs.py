@@ -15,12 +15,11 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.worker.test_jobs import GOOD
 from airflow_outpost.worker.config import load_settings
-from airflow_outpost.worker.edge.client import EdgeClient
 from airflow_outpost.worker.edge.jobs import MAX_JOB_BYTES, Job, RejectedJob, parse_job
-from airflow_outpost.worker.runtime.worker import Worker
 from airflow_outpost.worker.edge.sysinfo import airflow_version
+from airflow_outpost.worker.runtime.worker import Worker
+from tests.worker.test_jobs import GOOD
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40),

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_outpost
 from airflow_outpost.worker.egress import ledger
 from airflow_outpost.worker.egress.ledger import Entry, Ledger
+from airflow_outpost.worker.testing.worker_process import run_outpost
 
 
 def _entry(i: int, kind: str = "xcom", outcome: str = "sent", task: str = "d.t run=r1 try=1") -> Entry:

@@ -18,8 +18,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.helpers import DAGS, WorkerProc
 from airflow_outpost.worker.testing.controlplane import ControlPlane
+from airflow_outpost.worker.testing.worker_process import WorkerProc
+from tests.helpers import DAGS
 
 pytestmark = pytest.mark.controlplane  # ~40 s with its own control plane: in the default run
 

@@ -18,11 +18,11 @@ import pytest
 import trustme
 import uvicorn
 
-from airflow_outpost.worker.edge.auth import ClientCredentialsAuth, TokenFileAuth
 from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.edge.auth import ClientCredentialsAuth, TokenFileAuth
 from airflow_outpost.worker.edge.client import EdgeClient
-from airflow_outpost.worker.errors import ConfigError, ConnectError
 from airflow_outpost.worker.egress.gateway import Egress
+from airflow_outpost.worker.errors import ConfigError, ConnectError
 
 
 async def _app(scope, receive, send) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_outpost
 from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.errors import ConfigError
+from airflow_outpost.worker.testing.worker_process import run_outpost
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import run_outpost
+from airflow_outpost.worker.testing.worker_process import run_outpost
 
 pytestmark = pytest.mark.controlplane
 

@@ -11,8 +11,8 @@ import pytest
 
 from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.edge.client import EdgeClient, retry
-from airflow_outpost.worker.errors import AuthError, ConnectError, DuplicateWorkerError, TransientServerError, VersionMismatchError
 from airflow_outpost.worker.edge.jobs import JobKey
+from airflow_outpost.worker.errors import AuthError, ConnectError, DuplicateWorkerError, TransientServerError, VersionMismatchError
 
 SECRET = "s" * 64
 

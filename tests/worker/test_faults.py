@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import run_outpost
 from airflow_outpost.worker.testing.controlplane import ControlPlane
+from airflow_outpost.worker.testing.worker_process import run_outpost
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from airflow_outpost.worker.errors import JobRejected
 from airflow_outpost.worker.edge.jobs import RejectedJob, parse_job, resolve_inside
+from airflow_outpost.worker.errors import JobRejected
 
 TI_ID = "01a1fcb9-bdcd-7649-88f9-50577d090e30"
 GOOD = {

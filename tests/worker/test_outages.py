@@ -7,14 +7,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import DAGS, WorkerProc
-from tests.tcp_proxy import TcpProxy
 from airflow_outpost.worker.testing.controlplane import ControlPlane
+from airflow_outpost.worker.testing.tcp_proxy import TcpProxy
+from airflow_outpost.worker.testing.worker_process import WorkerProc
+from tests.helpers import DAGS
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 
@@ -40,7 +41,7 @@ def _gateway_back_at(w: WorkerProc) -> float | None:
         return None
     stamp, utc = found[-1]
     when = datetime.fromisoformat(stamp.replace(",", "."))
-    return when.replace(tzinfo=timezone.utc).timestamp() if utc else when.timestamp()
+    return when.replace(tzinfo=UTC).timestamp() if utc else when.timestamp()
 
 
 def test_tasks_finishing_while_the_api_server_is_down_end_with_their_true_state(

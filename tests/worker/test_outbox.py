@@ -8,8 +8,8 @@ from pathlib import Path
 import jwt
 
 from airflow_outpost.worker.edge.jobs import JobKey
-from airflow_outpost.worker.runtime.outbox import Outbox
 from airflow_outpost.worker.edge.tokens import expired_for
+from airflow_outpost.worker.runtime.outbox import Outbox
 
 A = JobKey("d", "a", "r", 1, -1, "ti-a")
 B = JobKey("d", "b", "r", 1, 3, None)

@@ -27,8 +27,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import REPO, run_outpost
 from airflow_outpost.worker.hosted.ray_host import MARKER_ENV, RayHost, marked_pids, temp_dir_for
+from airflow_outpost.worker.testing.worker_process import run_outpost
+from tests.helpers import REPO
 
 pytest.importorskip("ray")
 

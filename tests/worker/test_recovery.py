@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from airflow_outpost.worker.processes import task_main as task_process
 from airflow_outpost.worker.config import load_settings
+from airflow_outpost.worker.edge.jobs import JobKey
 from airflow_outpost.worker.egress.gateway import Egress
 from airflow_outpost.worker.hosted.gpu import GpuAllocator
-from airflow_outpost.worker.edge.jobs import JobKey
+from airflow_outpost.worker.processes import task_main as task_process
 from airflow_outpost.worker.runtime.recovery import (
     AdoptedProcess,
     decide,
@@ -234,8 +234,8 @@ def test_stopping_a_leftover_takes_its_whole_session(tmp_path: Path) -> None:
     script = ("import subprocess, sys, time; "
               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
               "print(c.pid, flush=True); time.sleep(120)")
-    leader = subprocess.Popen([sys.executable, "-c", script, "airflow_outpost.worker.processes.task_main"], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    leader = subprocess.Popen([sys.executable, "-c", script, "airflow_outpost.worker.processes.task_main"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert leader.stdout is not None
     child = int(leader.stdout.readline())
     try:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_outpost
 from airflow_outpost.worker.testing.controlplane import ControlPlane, free_port
+from airflow_outpost.worker.testing.worker_process import run_outpost
 
 
 def _assert_one_line_failure(result, fragment: str, code: int = 1) -> None:

@@ -48,8 +48,8 @@ def _default_out() -> Path:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        from airflow_outpost.runners.bench.run import BenchSettings, run_bench
         from airflow_outpost.runners.bench.report import check_output_dir, write_report
+        from airflow_outpost.runners.bench.run import BenchSettings, run_bench
         from airflow_outpost.runners.errors import (
             BackendUnavailableError,
             ModelNotFoundError,

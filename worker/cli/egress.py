@@ -46,7 +46,7 @@ def add_egress_parser(sub: Any) -> None:
     ver.set_defaults(func=cmd_verify)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -119,7 +119,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         if status.get("disconnected_since") else "connected"))
     if status.get("maintenance"):
         print(f"  maintenance: {status.get('maintenance_comments') or 'on'}")
-    print(f"  slots {status['concurrency'] - status['free_slots']}/{status['concurrency']} used, queues {','.join(status['queues'] or ['<all>'])}")
+    queues = ",".join(status["queues"] or ["<all>"])
+    print(f"  slots {status['concurrency'] - status['free_slots']}/{status['concurrency']} used, queues {queues}")
     r = status.get("requests_per_s", {})
     print(f"  requests/s: idle {r.get('idle')}, busy {r.get('busy')}, last 60s {r.get('recent')}, total {r.get('total')}")
     if (ray := status.get("ray")):

@@ -28,6 +28,9 @@ import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
 from airflow_outpost.worker.config import Settings
+from airflow_outpost.worker.edge.auth import build_auth, control_plane_ssl
+from airflow_outpost.worker.edge.jobs import MAX_JOB_BYTES, JobKey
+from airflow_outpost.worker.edge.request_counter import RequestCounter
 from airflow_outpost.worker.errors import (
     AuthError,
     ConnectError,
@@ -39,9 +42,6 @@ from airflow_outpost.worker.errors import (
     TransientServerError,
     VersionMismatchError,
 )
-from airflow_outpost.worker.edge.auth import build_auth, control_plane_ssl
-from airflow_outpost.worker.edge.jobs import MAX_JOB_BYTES, JobKey
-from airflow_outpost.worker.edge.request_counter import RequestCounter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -136,10 +136,10 @@ class EdgeClient:
             # The server compares the signed method with the *decoded* request path.
             header = self.auth.header(unquote(edge_path))
             headers["Authorization"] = (await header) if inspect.isawaitable(header) else header
-        content = None
+        content: bytes | None = None
         if body is not None:
-            content = body if isinstance(body, (str, bytes)) else json.dumps(body, default=str)
-            content = content.encode() if isinstance(content, str) else content
+            text = body if isinstance(body, (str, bytes)) else json.dumps(body, default=str)
+            content = text.encode() if isinstance(text, str) else text
             headers["Content-Type"] = "application/json"
         self.counter.record()
         try:

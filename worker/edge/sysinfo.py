@@ -43,7 +43,7 @@ def gpus() -> list[dict[str, str | int]]:
         return []
     try:
         pynvml.nvmlInit()
-        out = []
+        out: list[dict[str, str | int]] = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)

@@ -25,11 +25,11 @@ import contextlib
 import functools
 import hashlib
 import json
-import re
-import zlib
 import logging
+import re
 import socket
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -37,16 +37,16 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import uvicorn
 
-from airflow_outpost.worker.edge.auth import control_plane_ssl
 from airflow_outpost.worker.config import WORKER_CREDENTIAL_ENV
-from airflow_outpost.worker.egress.policy import Policy, Refusal, classify
+from airflow_outpost.worker.edge.auth import control_plane_ssl
 from airflow_outpost.worker.egress.ledger import Entry, Ledger
 from airflow_outpost.worker.egress.outage import OUTAGE_STATUSES, Outage
+from airflow_outpost.worker.egress.policy import Policy, Refusal, classify
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.config import Settings
-    from airflow_outpost.worker.egress.redact import LogRedactor
     from airflow_outpost.worker.edge.jobs import Job
+    from airflow_outpost.worker.egress.redact import LogRedactor
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +265,8 @@ class Gateway:
         started, attempt = time.monotonic(), 0
         try:
             while True:
-                timeout = {"timeout": outage.heartbeat_timeout_s} if heartbeat else {}
-                request = self._http.build_request(method, url, headers=headers, content=body, **timeout)
+                timeout = outage.heartbeat_timeout_s if heartbeat else httpx.USE_CLIENT_DEFAULT
+                request = self._http.build_request(method, url, headers=headers, content=body, timeout=timeout)
                 response: httpx.Response | None = None
                 try:
                     response = await self._http.send(request, stream=True)
@@ -282,7 +282,7 @@ class Gateway:
                     break
                 if response is not None:
                     await response.aclose()
-                outage.down(failure)
+                outage.down(failure or "no response")
                 if heartbeat:  # the task is alive, which is all a heartbeat says; nothing left the worker
                     outage.local_heartbeats += 1
                     await send({"type": "http.response.start", "status": 204, "headers": []})

@@ -192,7 +192,7 @@ def _rows(db: sqlite3.Connection, where: str = "", params: tuple[Any, ...] = (),
     cur = db.execute(f"SELECT id, {', '.join(FIELDS)}, hash FROM egress {where} {tail}", params)
     names = [d[0] for d in cur.description]
     for row in cur:
-        yield dict(zip(names, row))
+        yield dict(zip(names, row, strict=True))
 
 
 def verify(path: Path) -> VerifyResult:
@@ -214,7 +214,8 @@ def verify(path: Path) -> VerifyResult:
 
 def report(path: Path, *, since_s: float | None = None, task: str | None = None, top: int = 10) -> dict[str, Any]:
     """Totals by kind and the largest items, for rows newer than ``since_s`` seconds matching ``task``."""
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list[float | str] = []
     if since_s is not None:
         clauses.append("ts >= ?")
         params.append(time.time() - since_s)

@@ -89,5 +89,5 @@ class Outage:
         back = self._back
         try:
             await asyncio.wait_for(back.wait(), max(0.0, min(self.delay(attempt), remaining_s)))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

@@ -74,7 +74,7 @@ class LogRedactor:
 
     def mask(self, text: str) -> str:
         """Mask every secret this redactor knows of in ``text``."""
-        text = self._masker.redact(text)
+        text = str(self._masker.redact(text))  # a str in, a str out (the masker also walks containers)
         text = _PAIR.sub(self._mask_pair, text)
         for pattern in self._patterns:
             text = pattern.sub(MASK, text)

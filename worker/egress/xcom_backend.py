@@ -23,7 +23,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from airflow.sdk.bases.xcom import BaseXCom
@@ -95,7 +95,7 @@ def parse_reference(ref: str) -> dict[str, Any]:
             "sha256": query["sha256"], "type": query.get("type", "json"), "key": unquote(segs[5])}
 
 
-def is_reference(value: Any) -> bool:
+def is_reference(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and value.startswith(SCHEME) and "sha256=" in value
 
 

@@ -85,7 +85,7 @@ def _free_port(preferred: int | None = None) -> int:
 async def _accepts(host: str, port: int, timeout_s: float = 1.0) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     writer.close()
     with contextlib.suppress(OSError):
@@ -124,7 +124,8 @@ class RayHost:
         self.local = ray == "local"
         self.folder = Path(state_folder) / "ray"
         self.log_path = self.folder / "ray.log"
-        self.token_file = self.folder / "auth_token" if self.local else auth_token_file
+        self._own_token_file = self.folder / "auth_token"  # the local head's, written at start
+        self.token_file = self._own_token_file if self.local else auth_token_file
         self.temp_dir = temp_dir_for(state_folder)
         self.keep_warm_s = keep_warm_s
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
@@ -185,7 +186,7 @@ class RayHost:
                           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
-        write_atomic(self.token_file, (self._token + "\n").encode())  # mkstemp: mode 0600
+        write_atomic(self._own_token_file, (self._token + "\n").encode())  # mkstemp: mode 0600
         self._task = asyncio.create_task(self._supervise(), name="ray head")
 
     async def wait_ready(self, timeout_s: float | None = None) -> bool:
@@ -195,7 +196,7 @@ class RayHost:
         timeout_s = self.start_timeout_s + STOP_TIMEOUT_S if timeout_s is None else timeout_s
         try:
             ok = await asyncio.wait_for(asyncio.shield(self._first), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ok = False
         if not ok and self.local:
             log.error("the worker's Ray head is not up (see %s); tasks start their own Ray until it is, "
@@ -230,7 +231,7 @@ class RayHost:
             began = loop.time()
             try:
                 self._prepare_temp_dir(fresh=self.restarts == 0)
-                await self._spawn()
+                proc = await self._spawn()
                 ok = await self._wait_port()
             except OSError as exc:
                 log.error("cannot start the worker's Ray head: %s", exc)
@@ -238,9 +239,9 @@ class RayHost:
             self._first_result(ok)
             if ok:
                 self.up = True
-                log.info("Ray for tasks at %s (pid %d, log %s)%s", self.address, self._proc.pid, self.log_path,
+                log.info("Ray for tasks at %s (pid %d, log %s)%s", self.address, proc.pid, self.log_path,
                          f", restart {self.restarts}" if self.restarts else "")
-                code = await self._proc.wait()
+                code = await proc.wait()
                 self.up = False
                 log.error("the worker's Ray head exited with code %s: %s", code, self._log_tail())
             elif self._proc is not None and self._proc.returncode is None:
@@ -274,7 +275,7 @@ class RayHost:
                 else:
                     child.unlink(missing_ok=True)
 
-    async def _spawn(self) -> None:
+    async def _spawn(self) -> asyncio.subprocess.Process:
         self.port = _free_port(self.port)  # the same port after a restart, if still free
         self.address = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
@@ -289,6 +290,7 @@ class RayHost:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd, env=self._env, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=die_with_parent)
+        return self._proc
 
     async def _wait_port(self) -> bool:
         loop = asyncio.get_running_loop()

@@ -10,7 +10,8 @@ If the zygote dies, tasks it forked are reported as killed by SIGKILL (with ``cr
 stop`` their parent-death signal kills the task tree and the Task SDK reports them failed; the
 worker stops whatever is left of them either way) and a new zygote starts on the next launch.
 With ``crash_policy = adopt`` task processes are started without a parent-death signal, so they
-outlive a crashed worker (:mod:`airflow_outpost.worker.processes.task_main`); :mod:`airflow_outpost.worker.runtime.recovery` takes them over.
+outlive a crashed worker (:mod:`airflow_outpost.worker.processes.task_main`);
+:mod:`airflow_outpost.worker.runtime.recovery` takes them over.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class _Zygote:
                 self.proc.stdin.close()
         try:
             await asyncio.wait_for(self.proc.wait(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()

@@ -127,7 +127,8 @@ def run_request(msg: dict[str, Any]) -> int:
     except ImportError:
         pass
     return supervise_task(
-        ti=workload.ti,  # the DTO duck-types as the SDK TaskInstance, as in Airflow's own executors
+        # The DTO duck-types as the SDK TaskInstance, as in Airflow's own executors.
+        ti=workload.ti,  # type: ignore[arg-type]
         bundle_info=workload.bundle_info,
         dag_rel_path=workload.dag_rel_path,
         token=workload.token,

@@ -21,20 +21,20 @@ import random
 import signal
 import sqlite3
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from airflow_outpost.worker.runtime import recovery
-from airflow_outpost.worker.hosted.costs import live_tasks
-from airflow_outpost.worker.errors import JobRejected, OutpostError
 from airflow_outpost.worker.edge.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
+from airflow_outpost.worker.edge.tokens import expired_for
+from airflow_outpost.worker.errors import JobRejected, OutpostError
+from airflow_outpost.worker.hosted.costs import live_tasks
+from airflow_outpost.worker.processes.launcher import TaskLauncher, TaskProcess
+from airflow_outpost.worker.runtime import recovery
 from airflow_outpost.worker.runtime.outbox import Outbox, Report
 from airflow_outpost.worker.runtime.state import read_exit
-from airflow_outpost.worker.processes.launcher import TaskLauncher, TaskProcess
-from airflow_outpost.worker.edge.tokens import expired_for
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.config import Settings
@@ -259,7 +259,7 @@ class JobRunner:
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(run.proc.wait()), self.settings.poll_interval_s * 2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if (leftovers := run.proc.reap_after_task()):
                     log.warning("killed %d process(es) that %s left running after it ended", leftovers, run.job.key)
                 await self._push_logs(run)
@@ -422,7 +422,7 @@ class JobRunner:
         self.egress.record_rejected_job(f"token expired in queue: {reason}", str(key))
         if self.settings.log_policy != "none":
             with contextlib.suppress(OutpostError):
-                await self.client.logs.push(key, f"outpost: {reason}\n", datetime.now(timezone.utc).isoformat())
+                await self.client.logs.push(key, f"outpost: {reason}\n", datetime.now(UTC).isoformat())
         await self._report_final(key, "failed", note="token expired in queue")
 
     # -- logs --------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ class JobRunner:
             chunks.append(redact(run.job.key, note, True) if redact else note)
         for chunk in chunks:
             try:
-                await self.client.logs.push(run.job.key, chunk, datetime.now(timezone.utc).isoformat())
+                await self.client.logs.push(run.job.key, chunk, datetime.now(UTC).isoformat())
             except OutpostError as exc:
                 log.warning("pushing logs for %s failed: %s", run.job.key, exc)
                 break
@@ -464,17 +464,17 @@ class JobRunner:
         if tasks:
             log.info("draining %d job(s) for up to %.0fs", len(tasks), timeout_s)
             await self._wait_any(tasks, timeout_s, force)
-        left = [r for r in self.running.values() if r.proc is not None]
+        left = [(r, r.proc) for r in self.running.values() if r.proc is not None]
         if left:
             log.warning("drain timeout: sending SIGTERM to %d task(s), SIGKILL after %.0fs", len(left), grace_s)
-            for r in left:
-                r.proc.signal(signal.SIGTERM)  # the Task SDK supervisor forwards it to its task
-            await self._wait_any([r.task for r in left if r.task], grace_s, None)
-            still = [r for r in self.running.values() if r.proc is not None]
-            for r in still:
-                log.warning("SIGKILL %s (pid %d)", r.job.key, r.proc.pid)
-                r.proc.kill_task_tree()  # the supervisor reports the failure, then exits
-            await self._wait_any([r.task for r in still if r.task], 10, None)
+            for _, proc in left:
+                proc.signal(signal.SIGTERM)  # the Task SDK supervisor forwards it to its task
+            await self._wait_any([r.task for r, _ in left if r.task], grace_s, None)
+            still = [(r, r.proc) for r in self.running.values() if r.proc is not None]
+            for r, proc in still:
+                log.warning("SIGKILL %s (pid %d)", r.job.key, proc.pid)
+                proc.kill_task_tree()  # the supervisor reports the failure, then exits
+            await self._wait_any([r.task for r, _ in still if r.task], 10, None)
             for r in self.running.values():
                 if r.proc is not None:
                     r.proc.signal(signal.SIGKILL, group=True)

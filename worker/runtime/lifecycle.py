@@ -124,6 +124,13 @@ class Lifecycle:
         else:
             log.error("warming models failed (exit %s); tasks will load them cold:\n%s", proc.returncode, text[-2000:])
 
+    async def warmed(self) -> dict[str, str]:
+        """Wait for the warming started by :meth:`start_warming` (if any); return each model's
+        outcome, ``"warm"`` or ``"failed"``. Cancelling the wait does not stop the warming."""
+        if self._warm is not None:
+            await asyncio.shield(self._warm)
+        return dict(self.warm_result)
+
     async def aclose(self) -> None:
         task, self._warm = self._warm, None
         if task is not None and not task.done():

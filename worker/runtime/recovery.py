@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import psutil
 
 from airflow_outpost.worker.edge.jobs import Job
-from airflow_outpost.worker.runtime.state import read_exit
 from airflow_outpost.worker.processes.launcher import TaskProcess
+from airflow_outpost.worker.runtime.state import read_exit
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.runtime.job_runner import RunningJob
@@ -147,8 +147,9 @@ def stop_process_tree(pid: int, start_time: float | None = None) -> int:
     """
     targets: dict[int, psutil.Process] = {}
     try:
-        root: psutil.Process | None = psutil.Process(pid)
-        zombie = root.status() == psutil.STATUS_ZOMBIE
+        leader = psutil.Process(pid)
+        zombie = leader.status() == psutil.STATUS_ZOMBIE
+        root: psutil.Process | None = leader
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         root, zombie = None, False
     if root is not None and not zombie:

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from airflow_outpost.worker.errors import OutpostError
 from airflow_outpost.worker.edge.jobs import JobKey
+from airflow_outpost.worker.errors import OutpostError
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -19,12 +19,15 @@ import logging
 import os
 import random
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 
 from airflow_outpost.worker.config import Settings, without_credentials
 from airflow_outpost.worker.edge.client import EdgeClient
+from airflow_outpost.worker.edge.request_counter import RequestCounter
+from airflow_outpost.worker.edge.sysinfo import airflow_version, sysinfo
+from airflow_outpost.worker.egress.gateway import Egress
 from airflow_outpost.worker.errors import (
     AuthError,
     ConnectError,
@@ -35,19 +38,16 @@ from airflow_outpost.worker.errors import (
     VersionMismatchError,
 )
 from airflow_outpost.worker.hosted.costs import BudgetGuard, CostLedger, live_tasks
-from airflow_outpost.worker.observability.prometheus import WorkerMetrics, WorkerSnapshot
 from airflow_outpost.worker.hosted.gpu import GpuAllocator, detect_gpus
+from airflow_outpost.worker.hosted.model_host import ModelHost, service_available
+from airflow_outpost.worker.hosted.ray_host import RayHost, ray_available
 from airflow_outpost.worker.observability.health import HealthServer
-from airflow_outpost.worker.egress.gateway import Egress
+from airflow_outpost.worker.observability.prometheus import WorkerMetrics, WorkerSnapshot
+from airflow_outpost.worker.processes.launcher import TaskLauncher
 from airflow_outpost.worker.runtime.job_runner import JobRunner
 from airflow_outpost.worker.runtime.lifecycle import Lifecycle
 from airflow_outpost.worker.runtime.link import ControlPlaneLink
-from airflow_outpost.worker.edge.request_counter import RequestCounter
-from airflow_outpost.worker.hosted.model_host import ModelHost, service_available
-from airflow_outpost.worker.hosted.ray_host import RayHost, ray_available
 from airflow_outpost.worker.runtime.state import StateFolder
-from airflow_outpost.worker.processes.launcher import TaskLauncher
-from airflow_outpost.worker.edge.sysinfo import airflow_version, sysinfo
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Worker:
         self._heartbeat_due = False
         self.state_folder = StateFolder(settings.state_folder)
         self.draining = False
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self._force = asyncio.Event()
         self._wake = asyncio.Event()
         self._status_due = 0.0
@@ -299,7 +299,7 @@ class Worker:
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def wake(self) -> None:

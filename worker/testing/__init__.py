@@ -1,5 +1,9 @@
-"""What tests, the demo and the benchmarks share: an embedded, throw-away Airflow 3 control plane.
+"""What tests, the demo and the benchmarks share: a real control plane, real worker processes, faults.
 
-:mod:`.controlplane` starts a real ``airflow api-server``, ``scheduler`` and ``dag-processor`` (SQLite,
-Edge executor, loopback ports) in a temporary ``AIRFLOW_HOME``. Needs the ``dev`` extra.
+* :mod:`.controlplane`: ``ControlPlane`` starts a real ``airflow api-server``, ``scheduler`` and
+  ``dag-processor`` (SQLite, Edge executor, loopback ports) in a temporary ``AIRFLOW_HOME``.
+  Needs the ``dev`` extra.
+* :mod:`.worker_process`: ``WorkerProc`` runs ``outpost worker`` against it; ``run_outpost`` runs
+  the CLI to completion.
+* :mod:`.tcp_proxy`: ``TcpProxy``, a loopback proxy a fault test can cut and restore.
 """
