@@ -11,7 +11,8 @@ Hierarchy::
     │   ├── VersionMismatchError      400 on register/heartbeat: server refuses our versions
     │   └── NotFoundError             404: e.g. worker unknown to the server, Edge API off
     ├── ConnectError                  no answer at all (refused, DNS, timeout, TLS): retryable
-    └── JobRejected                   a fetched job is malformed or hostile; never retried
+    ├── JobRejected                   a fetched job is malformed or hostile; never retried
+    └── StartupError                  the worker cannot join the control plane (the CLI prints it)
 """
 
 from __future__ import annotations
@@ -67,3 +68,7 @@ class ConnectError(OutpostError):
 
 class JobRejected(OutpostError):
     """A fetched job failed validation; it is reported failed and never run."""
+
+
+class StartupError(OutpostError):
+    """The worker cannot join the control plane; the message is the one line the CLI prints."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -51,9 +52,17 @@ def test_editable_install_has_one_import_root(tmp_path: Path) -> None:
 
 
 def test_wheel_in_a_fresh_venv_has_one_import_root_and_a_working_cli(tmp_path: Path) -> None:
+    # Built from a copy of what the images copy too, so no build/ folder of an earlier build in the
+    # checkout (setuptools reuses it) can slip a removed module into the wheel.
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / item, src / item)
+    for folder in ("airflow_outpost", "worker", "runners"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     [wheel] = wheels.glob("airflow_outpost-*.whl")
     venv = tmp_path / "venv"

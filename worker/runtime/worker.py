@@ -33,8 +33,8 @@ from airflow_outpost.worker.errors import (
     ConnectError,
     DuplicateWorkerError,
     NotFoundError,
-    OutpostError,
     ServerError,
+    StartupError,
     VersionMismatchError,
 )
 from airflow_outpost.worker.hosted.costs import BudgetGuard, CostLedger, live_tasks
@@ -50,10 +50,6 @@ from airflow_outpost.worker.runtime.link import ControlPlaneLink
 from airflow_outpost.worker.runtime.state import StateFolder
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(OutpostError):
-    """The worker cannot join the control plane; the message is the one line the CLI prints."""
 
 
 class Worker:
