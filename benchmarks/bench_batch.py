@@ -27,13 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks._machine import summary as machine  # noqa: E402
+from airflow_outpost.runners.batch.example_models import PrototypeClassifier  # noqa: E402
 from airflow_outpost.runners.batch.inference import run_plain_loop  # noqa: E402
+from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session  # noqa: E402
 from airflow_outpost.runners.bench.run import BATCH_LABELS as LABELS  # noqa: E402
 from airflow_outpost.runners.bench.run import ray_batch_rows  # noqa: E402
 from airflow_outpost.runners.bench.run import write_batch_corpus as corpus  # noqa: E402
-from airflow_outpost.runners.batch.example_models import PrototypeClassifier  # noqa: E402
-from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session  # noqa: E402
+from benchmarks._machine import summary as machine  # noqa: E402
 
 
 def model_path() -> str:

@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._machine import summary as machine  # noqa: E402
 from airflow_outpost.worker.testing.controlplane import ControlPlane  # noqa: E402
+from benchmarks._machine import summary as machine  # noqa: E402
 
 DAGS = Path(__file__).parent / "dags"
 ACCESS_RE = re.compile(r"^(\S+) .*\[http\.access\].*path=(/edge_worker/v1/\S+)")
@@ -176,7 +176,8 @@ def main() -> int:
             results.append(bench(c, cp, args.chain_runs, args.idle_s))
     base = results[0]
     print(f"\nmachine: {machine()}\n")
-    hdr = f"{'worker':26} {'chain8 s':>9} {'x stock':>8} {'fanout50 s':>11} {'x stock':>8} {'q->start p50':>12} {'p95':>7} {'idle req/s':>10}"
+    hdr = (f"{'worker':26} {'chain8 s':>9} {'x stock':>8} {'fanout50 s':>11} {'x stock':>8} "
+           f"{'q->start p50':>12} {'p95':>7} {'idle req/s':>10}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:

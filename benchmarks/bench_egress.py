@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 
 from airflow_outpost.worker.config import load_settings  # noqa: E402
-from airflow_outpost.worker.testing.controlplane import ControlPlane  # noqa: E402
-from airflow_outpost.worker.egress.policy import classify  # noqa: E402
 from airflow_outpost.worker.egress.gateway import Egress  # noqa: E402
 from airflow_outpost.worker.egress.ledger import Entry  # noqa: E402
+from airflow_outpost.worker.egress.policy import classify  # noqa: E402
+from airflow_outpost.worker.testing.controlplane import ControlPlane  # noqa: E402
 
 DAGS = Path(__file__).parent / "dags"
 DAG = "bench_egress"

@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from benchmarks._machine import describe as machine  # noqa: E402
 from airflow_outpost.runners.bench.run import best_of as best  # noqa: E402
 from airflow_outpost.runners.bench.run import make_texts, text_vocabulary  # noqa: E402
+from benchmarks._machine import describe as machine  # noqa: E402
 
 
 def main() -> int:
@@ -46,8 +46,8 @@ def main() -> int:
 
     from sentence_transformers import SentenceTransformer
 
-    from airflow_outpost.runners.embeddings.embedder import Embedder, packaged_model_path
     from airflow_outpost.runners.embeddings.corpus import embed_corpus
+    from airflow_outpost.runners.embeddings.embedder import Embedder, packaged_model_path
     from airflow_outpost.runners.store.region_store import Store
 
     model = packaged_model_path()

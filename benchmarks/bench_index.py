@@ -20,16 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._machine import summary as machine  # noqa: E402
 from airflow_outpost.runners.bench.run import structured_vectors as structured  # noqa: E402
 from airflow_outpost.runners.bench.run import write_vector_shard as write  # noqa: E402
 from airflow_outpost.runners.index.build import IndexConfig, build_index, update_index  # noqa: E402
-
-
+from benchmarks._machine import summary as machine  # noqa: E402
 
 
 def run(n: int, dim: int, kinds: list[str], work: Path) -> list[dict]:
@@ -54,7 +50,7 @@ def run(n: int, dim: int, kinds: list[str], work: Path) -> list[dict]:
         add = structured(n // 100, dim, seed=1)
         write(emb, "shard-new", add, 10 * n)
         (emb / "deleted_ids.json").write_text(json.dumps(list(range(0, n, 1000))))
-        inc = update_index(work / f"idx-ivf-{n}", emb)
+        inc = update_index(emb, work / f"idx-ivf-{n}")
         full = build_index(emb, work / f"idx-ivf-full-{n}", configs["ivf"])
         rows.append({"n": n, "kind": "ivf", "incremental_s": inc["seconds"], "incremental_recall@10": inc["recall"],
                      "rebuild_s": full["seconds"], "rebuild_recall@10": full["recall"],

@@ -44,8 +44,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._machine import summary as machine  # noqa: E402
 from airflow_outpost.worker.testing.controlplane import ControlPlane  # noqa: E402
+from benchmarks._machine import summary as machine  # noqa: E402
 
 DAGS = Path(__file__).parent / "dags"
 BACKOFF_CAP_S = 5.0  # worker/outage.py and the worker's heartbeat backoff

@@ -2,66 +2,130 @@
 
 Nothing here imports ``worker``; the worker hands task processes their configuration through
 the environment (``OUTPOST_STORE_ROOT``, ``OUTPOST_REGION``, ...).
+
+The names below are the DAG-author API. Importing this package is cheap: FAISS, torch, Ray,
+sentence-transformers, pyarrow, ONNX Runtime, CTranslate2 and numpy are imported by the calls
+that use them, not here, so a DAG file can import it at parse time. Every runner returns a plain
+dict for XCom, typed by a ``TypedDict`` of :mod:`.results`; every error is a ``RunnerError``
+(hierarchy in :mod:`.errors`). Lower-level helpers (lineage hashes, the model service process,
+chunk keys) stay in their submodules.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from airflow_outpost.runners.assets import emit
+from airflow_outpost.runners.batch.example_models import PrototypeClassifier
+from airflow_outpost.runners.batch.inference import BatchConfig, list_partitions, run_batch_inference, run_plain_loop
+from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
+from airflow_outpost.runners.batch.retrieval import QueryRetriever
+from airflow_outpost.runners.embeddings.chunking import ChunkingConfig, chunk_text
+from airflow_outpost.runners.embeddings.corpus import embed_corpus, read_catalog, read_vectors
+from airflow_outpost.runners.embeddings.documents import read_documents
+from airflow_outpost.runners.embeddings.embedder import Embedder, packaged_model_path
+from airflow_outpost.runners.errors import (
+    BackendUnavailableError,
+    DimensionMismatchError,
+    DuplicateIdError,
+    EmptyCorpusError,
+    EncodingError,
+    GpuMemoryError,
+    IndexStateError,
+    InputError,
+    ManifestError,
+    MissingFieldError,
+    ModelError,
+    ModelNotFoundError,
+    ModelServiceError,
+    QualityGateError,
+    RayAuthError,
+    RayConnectError,
+    RunnerError,
+    SettingError,
+    StoreError,
+)
+from airflow_outpost.runners.index.build import IndexConfig, build_index, update_index
+from airflow_outpost.runners.index.search import IndexSearcher
+from airflow_outpost.runners.index.versions import current_version, list_versions, promote, rollback
+from airflow_outpost.runners.model_service.client import ModelClient, ServiceEmbedder, make_embedder
+from airflow_outpost.runners.results import (
+    AssetExtra,
+    BackendInfo,
+    BatchSummary,
+    EmbedSummary,
+    IndexSummary,
+    ModelLineage,
+    PromoteResult,
+    RaySessionInfo,
+    RollbackResult,
+    WarmActorsSummary,
+)
+from airflow_outpost.runners.store.region_store import Store
 
-# Public names -> defining module. Imported on first use, so ``import runners`` stays cheap
-# (FAISS, Ray and torch load only when a task uses them).
-_LAZY = {
-    "IndexConfig": "airflow_outpost.runners.index.build",
-    "IndexStateError": "airflow_outpost.runners.index.build",
-    "build_index": "airflow_outpost.runners.index.build",
-    "update_index": "airflow_outpost.runners.index.build",
-    "promote": "airflow_outpost.runners.index.build",
-    "rollback": "airflow_outpost.runners.index.build",
-    "current_version": "airflow_outpost.runners.index.build",
-    "list_versions": "airflow_outpost.runners.index.build",
-    "IndexSearcher": "airflow_outpost.runners.index.search",
-    "BatchConfig": "airflow_outpost.runners.batch.inference",
-    "run_batch_inference": "airflow_outpost.runners.batch.inference",
-    "run_plain_loop": "airflow_outpost.runners.batch.inference",
-    "list_partitions": "airflow_outpost.runners.batch.inference",
-    "RayConfig": "airflow_outpost.runners.batch.ray_session",
-    "RayAuthError": "airflow_outpost.runners.batch.ray_session",
-    "RayConnectError": "airflow_outpost.runners.batch.ray_session",
-    "ray_session": "airflow_outpost.runners.batch.ray_session",
-    "PrototypeClassifier": "airflow_outpost.runners.batch.example_models",
-    "Store": "airflow_outpost.runners.store.region_store",
-    "hash_bytes": "airflow_outpost.runners.store.region_store",
-    "hash_text": "airflow_outpost.runners.store.region_store",
-    "hash_file": "airflow_outpost.runners.store.region_store",
-    "hash_tree": "airflow_outpost.runners.store.region_store",
-    "input_record": "airflow_outpost.runners.store.region_store",
-    "model_record": "airflow_outpost.runners.store.region_store",
-    "code_version": "airflow_outpost.runners.store.region_store",
-    "Embedder": "airflow_outpost.runners.embeddings.embedder",
-    "packaged_model_path": "airflow_outpost.runners.embeddings.embedder",
-    "ChunkingConfig": "airflow_outpost.runners.embeddings.chunking",
-    "chunk_text": "airflow_outpost.runners.embeddings.chunking",
-    "read_documents": "airflow_outpost.runners.embeddings.documents",
-    "embed_corpus": "airflow_outpost.runners.embeddings.corpus",
-    "read_catalog": "airflow_outpost.runners.embeddings.corpus",
-    "read_vectors": "airflow_outpost.runners.embeddings.corpus",
-    "chunk_key": "airflow_outpost.runners.embeddings.corpus",
-    "RunnerError": "airflow_outpost.runners.errors",
-    "ModelClient": "airflow_outpost.runners.model_service.client",
-    "ServiceEmbedder": "airflow_outpost.runners.model_service.client",
-    "make_embedder": "airflow_outpost.runners.model_service.client",
-    "ModelService": "airflow_outpost.runners.model_service.service",
-    "ModelServiceError": "airflow_outpost.runners.model_service.protocol",
-    "GpuMemoryError": "airflow_outpost.runners.model_service.protocol",
-    "QueryRetriever": "airflow_outpost.runners.batch.retrieval",
-    "emit": "airflow_outpost.runners.assets",
-}
-
-__all__: list[str] = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'runners' has no attribute {name!r}")
+__all__ = [
+    # store
+    "Store",
+    # embeddings
+    "ChunkingConfig",
+    "Embedder",
+    "chunk_text",
+    "embed_corpus",
+    "packaged_model_path",
+    "read_catalog",
+    "read_documents",
+    "read_vectors",
+    # the worker's model service, from a task
+    "ModelClient",
+    "ServiceEmbedder",
+    "make_embedder",
+    # indexes
+    "IndexConfig",
+    "IndexSearcher",
+    "build_index",
+    "current_version",
+    "list_versions",
+    "promote",
+    "rollback",
+    "update_index",
+    # batch inference
+    "BatchConfig",
+    "PrototypeClassifier",
+    "QueryRetriever",
+    "RayConfig",
+    "list_partitions",
+    "ray_session",
+    "run_batch_inference",
+    "run_plain_loop",
+    # Airflow assets
+    "emit",
+    # results (TypedDicts of the summary dicts)
+    "AssetExtra",
+    "BackendInfo",
+    "BatchSummary",
+    "EmbedSummary",
+    "IndexSummary",
+    "ModelLineage",
+    "PromoteResult",
+    "RaySessionInfo",
+    "RollbackResult",
+    "WarmActorsSummary",
+    # errors
+    "BackendUnavailableError",
+    "DimensionMismatchError",
+    "DuplicateIdError",
+    "EmptyCorpusError",
+    "EncodingError",
+    "GpuMemoryError",
+    "IndexStateError",
+    "InputError",
+    "ManifestError",
+    "MissingFieldError",
+    "ModelError",
+    "ModelNotFoundError",
+    "ModelServiceError",
+    "QualityGateError",
+    "RayAuthError",
+    "RayConnectError",
+    "RunnerError",
+    "SettingError",
+    "StoreError",
+]

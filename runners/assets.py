@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from airflow_outpost.runners.errors import RunnerError
+from airflow_outpost.runners.results import AssetExtra
 
-__all__ = ["MAX_EXTRA_BYTES", "emit"]
+__all__ = ["MAX_EXTRA_BYTES", "AssetExtra", "emit"]
 
 # An event's extra lives in the metadata database and travels to every consumer: keep it small.
 MAX_EXTRA_BYTES = 64 * 1024
@@ -27,15 +28,17 @@ def _uri(asset: Any) -> str:
     return str(getattr(asset, "uri", asset))
 
 
-def emit(asset: Any, summary: Mapping[str, Any], *, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def emit(asset: Any, summary: Mapping[str, Any], *, context: Mapping[str, Any] | None = None) -> AssetExtra:
     """Attach ``summary`` as the extra of the event the running task emits for ``asset``.
 
     ``asset`` is an ``airflow.sdk.Asset`` (or its URI) that the task declares in ``outlets``;
-    ``context`` defaults to the running task's. Returns the extra as stored (a JSON copy: tuples
-    become lists, other non-JSON values their ``str``). Calling it again for the same asset
-    merges into the same event. Raises ``RunnerError`` if the task does not declare the asset
-    (Airflow would silently drop the event) or the summary is larger than ``MAX_EXTRA_BYTES``.
-    Nothing is sent until the task succeeds; a failed task emits no event.
+    ``context`` defaults to the running task's. Returns the extra as stored, an ``AssetExtra``:
+    a JSON copy of ``summary`` with the same keys (tuples become lists, other non-JSON values
+    their ``str``; a runner's summary, e.g. an ``IndexSummary``, comes back unchanged). Calling it
+    again for the same asset merges into the same event. Raises ``RunnerError`` if the task does
+    not declare the asset (Airflow would silently drop the event) or the summary is larger than
+    ``MAX_EXTRA_BYTES``. Nothing is sent until the task succeeds; a failed try emits no event, so
+    a retried task emits one event, from the try that succeeds.
     """
     from airflow.sdk import Asset, get_current_context
 

@@ -2,7 +2,9 @@
 
 One root, ``RunnerError``; every subclass says through ``retryable`` whether running the same
 task again, unchanged, can succeed. Bad input and bad configuration never can: the task should
-fail and be reported, not retried.
+fail and be reported, not retried. Every class here is exported from ``airflow_outpost.runners``;
+the modules that raise them also re-export them (``airflow_outpost.runners.index.versions.IndexStateError``
+is this module's class).
 
     RunnerError                         (retryable = False)
     +-- StoreError                      store root missing/unusable, bad kind or name
@@ -14,14 +16,42 @@ fail and be reported, not retried.
     |   +-- DuplicateIdError            two rows with the same ``id``
     +-- ModelError                      the model cannot be used
     |   +-- ModelNotFoundError          the model path does not exist / is not a model directory
+    |   +-- ModelServiceError           (retryable) the model service cannot be started/reached, or broke the protocol
+    |   +-- GpuMemoryError              (retryable) loading would oversubscribe GPU memory
     +-- DimensionMismatchError          new vectors do not match the dimension of existing shards
     +-- BackendUnavailableError         a requested device/backend is not present on this host
-    +-- SettingError                    a setting has a value that is not allowed (names both)
+    |   +-- QualityGateError            the int8 build of a model misses the quality floor
+    +-- IndexStateError                 the index directory cannot do what was asked (no version, gate failed)
+    +-- RayConnectError                 (retryable) the Ray cluster could not be reached
+    +-- RayAuthError                    the Ray cluster needs a token that is missing, unreadable or wrong
+    +-- SettingError                    a setting or argument has a value that is not allowed (names both)
 
 Nothing in this module imports ``worker``; the worker package has its own root exception.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "DimensionMismatchError",
+    "DuplicateIdError",
+    "EmptyCorpusError",
+    "EncodingError",
+    "GpuMemoryError",
+    "IndexStateError",
+    "InputError",
+    "ManifestError",
+    "MissingFieldError",
+    "ModelError",
+    "ModelNotFoundError",
+    "ModelServiceError",
+    "QualityGateError",
+    "RayAuthError",
+    "RayConnectError",
+    "RunnerError",
+    "SettingError",
+    "StoreError",
+]
 
 
 class RunnerError(Exception):
@@ -75,6 +105,18 @@ class ModelNotFoundError(ModelError):
     """The model path does not exist or is not a sentence-transformers model directory."""
 
 
+class ModelServiceError(ModelError):
+    """The model service could not be started or reached, or broke the protocol. Retryable."""
+
+    retryable = True
+
+
+class GpuMemoryError(ModelError):
+    """Loading the model would oversubscribe GPU memory. Retryable: other models may be released."""
+
+    retryable = True
+
+
 class DimensionMismatchError(RunnerError):
     """Vectors would be appended to shards of a different dimension."""
 
@@ -83,5 +125,27 @@ class BackendUnavailableError(RunnerError):
     """A requested device or inference backend is not available on this host."""
 
 
+class QualityGateError(BackendUnavailableError):
+    """The int8 build of this model misses the quality floor; use an fp32 backend instead."""
+
+
+class IndexStateError(RunnerError):
+    """The index directory cannot do what was asked (no such version, nothing to roll back to, gate failed)."""
+
+
+class RayConnectError(RunnerError):
+    """The Ray cluster could not be reached; may succeed on retry (cluster restarting, network)."""
+
+    retryable = True
+
+
+class RayAuthError(RunnerError):
+    """The cluster needs a token that is missing, unreadable or wrong; retrying will not help."""
+
+
 class SettingError(RunnerError):
-    """A setting (e.g. of ``airflow_outpost.runners.bench.run``) has a value that is not allowed; the message names both."""
+    """A setting or argument has a value that is not allowed; the message names both.
+
+    Raised for bad ``airflow_outpost.runners.bench.run`` settings, and by ``update_index`` when its
+    arguments look swapped (0.1 took ``update_index(index_dir, embeddings_dir)``).
+    """

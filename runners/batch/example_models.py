@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from airflow_outpost.runners.errors import InputError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["PrototypeClassifier"]
 
@@ -41,6 +43,7 @@ class PrototypeClassifier:
     ) -> None:
         # Runners never reach the hub at run time; a missing local file must fail, not download.
         os.environ["HF_HUB_OFFLINE"] = "1"
+        import numpy as np
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -61,6 +64,8 @@ class PrototypeClassifier:
         self.prototypes = np.stack(protos).astype(np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
         if self.text_column not in batch:
             raise InputError(f"batch has no {self.text_column!r} column (columns: {sorted(batch)})")
         texts = [str(t) for t in batch[self.text_column]]

@@ -5,7 +5,9 @@ that each construct the model class once, and the driver writing results, all ov
 ``run_plain_loop`` is the baseline a user would write by hand (read a partition, infer, write)
 and produces the same output. Both write one ``part-NNNNN.parquet`` per input partition, rows
 in input order, plus ``manifest.json`` (inputs + hashes, model + weights hash, code version)
-inside a directory that appears under its final name only when complete (``atomic_directory``).
+inside a directory that appears under its final name only when complete (``atomic_directory``),
+and return a ``airflow_outpost.runners.results.BatchSummary``. pyarrow, numpy and Ray are imported
+when a run starts, not with this module.
 
 The model is any class following ``airflow_outpost.runners.batch.example_models``: ``__init__(**model_kwargs)`` does the
 expensive setup, ``__call__(batch: dict[str, np.ndarray]) -> dict`` returns one row per input row.
@@ -21,20 +23,21 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
-
-from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_directory, atomic_write_json
+from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
 from airflow_outpost.runners.batch.warm_actors import WarmPool
 from airflow_outpost.runners.errors import InputError
-from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
+from airflow_outpost.runners.results import BatchSummary, WarmActorsSummary
+from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_directory, atomic_write_json
 from airflow_outpost.runners.store.region_store import code_version, input_record, model_record
 
-__all__ = ["BatchConfig", "list_partitions", "run_batch_inference", "run_plain_loop"]
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+__all__ = ["BatchConfig", "BatchSummary", "list_partitions", "run_batch_inference", "run_plain_loop"]
 
 log = logging.getLogger(__name__)
 _FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -124,6 +127,10 @@ def list_partitions(input_path: str | os.PathLike[str] | Sequence[str | os.PathL
 
 
 def _read_partition(path: Path) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
     try:
         return pq.read_table(path) if path.suffix == ".parquet" else pajson.read_json(path)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -132,6 +139,8 @@ def _read_partition(path: Path) -> pa.Table:
 
 def _count_rows(path: Path) -> int:
     if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
         return pq.ParquetFile(path).metadata.num_rows
     with open(path, "rb") as fh:
         return sum(1 for line in fh if line.strip())
@@ -142,6 +151,9 @@ def _to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def _check_rows(out: Mapping[str, Any], n: int, where: str) -> pa.Table:
+    import numpy as np
+    import pyarrow as pa
+
     table = pa.table({k: np.asarray(v) for k, v in out.items()})
     if table.num_rows != n:
         raise InputError(f"model returned {table.num_rows} rows for {n} input rows", path=where)
@@ -150,6 +162,8 @@ def _check_rows(out: Mapping[str, Any], n: int, where: str) -> pa.Table:
 
 def _read_task(batch: pa.Table) -> pa.Table:
     """Ray task: read one partition and tag its rows with the partition path."""
+    import pyarrow as pa
+
     path = batch.column(_PATH_COLUMN)[0].as_py()
     table = _read_partition(Path(path))
     return table.append_column(_PATH_COLUMN, pa.array([path] * table.num_rows, type=pa.string()))
@@ -162,6 +176,8 @@ class _ModelActor:
         self.model = model_cls(**model_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import pyarrow as pa
+
         paths = batch.pop(_PATH_COLUMN)
         table = _check_rows(self.model(batch), len(paths), str(paths[0]) if len(paths) else "?")
         return table.append_column(_PATH_COLUMN, pa.array(paths.tolist(), type=pa.string()))
@@ -184,6 +200,8 @@ class _PartitionWriter:
         return f"part-{i:05d}.parquet"
 
     def write(self, part: int, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
         if part != self._current:
             self._close()
             self._current = part
@@ -204,6 +222,9 @@ class _PartitionWriter:
             self._writer = None
 
     def finish(self, schema: pa.Schema | None) -> list[dict[str, Any]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         self._close()
         for i, n in enumerate(self.rows):
             # A partition with no rows still gets its (empty) output, so outputs map 1:1 to inputs.
@@ -221,22 +242,23 @@ def _lineage(partitions: list[Path], model_cls: type, model_kwargs: Mapping[str,
     return {"inputs": [input_record(p) for p in partitions], "model": model, "code_version": code_version()}
 
 
-def _summary(output_dir: Path, outputs: list[dict[str, Any]], engine: str, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+def _summary(output_dir: Path, outputs: list[dict[str, Any]], engine: str, seconds: float) -> BatchSummary:
     rows = sum(o["rows"] for o in outputs)
     return {"output_dir": str(output_dir), "engine": engine, "partitions": len(outputs), "rows": rows,
             "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 2) if seconds > 0 else None,
-            "manifest": str(output_dir / "manifest.json"), **extra}
+            "manifest": str(output_dir / "manifest.json")}
 
 
 def run_plain_loop(
     input_path: Any, output_dir: str | os.PathLike[str], model_cls: type,
     model_kwargs: Mapping[str, Any] | None = None, *, batch_size: int = 256, log_every_s: float = 10.0,
-) -> dict[str, Any]:
+) -> BatchSummary:
     """Baseline: in this process, for each partition read it, call the model per batch, write it.
 
-    Same output layout and manifest as ``run_batch_inference``. Returns the summary dict
-    (``rows``, ``seconds``, ``rows_per_s``, ``output_dir``). ``output_dir`` must not exist; a
-    crash or cancel leaves only a ``.tmp-`` directory next to it, so a retry starts clean.
+    Same output layout and manifest as ``run_batch_inference``. Returns a ``BatchSummary``
+    (``rows``, ``seconds``, ``rows_per_s``, ``output_dir``; ``engine="loop"``). ``output_dir``
+    must not exist; a crash or cancel leaves only a ``.tmp-`` directory next to it, so a retry
+    starts clean.
     """
     started = time.perf_counter()
     model_kwargs = dict(model_kwargs or {})
@@ -258,7 +280,7 @@ def run_plain_loop(
         seconds = time.perf_counter() - started
         atomic_write_json(tmp / "manifest.json", {**_lineage(partitions, model_cls, model_kwargs), "engine": "loop",
                                                   "outputs": outputs, "rows": writer.done, "seconds": seconds})
-    return _summary(output_dir, outputs, "loop", seconds, {})
+    return _summary(output_dir, outputs, "loop", seconds)
 
 
 def _gpus_per_actor(config: BatchConfig, resources: Mapping[str, float]) -> float:
@@ -271,15 +293,18 @@ def run_batch_inference(
     input_path: Any, output_dir: str | os.PathLike[str], model_cls: type,
     model_kwargs: Mapping[str, Any] | None = None, *, config: BatchConfig | None = None,
     ray_config: RayConfig | None = None,
-) -> dict[str, Any]:
+) -> BatchSummary:
     """Run ``model_cls`` over every row of the input partitions on Ray; write results locally.
 
     Ray is started on demand or joined per ``ray_config`` (see ``airflow_outpost.runners.batch.ray_session``) and
     shut down afterwards unless the caller had it running. Each actor builds the model once.
     On GPU clusters actors get ``gpus_per_actor`` GPUs and ``device="cuda"`` if the model takes
     a ``device`` argument and none was given. Output rows equal ``run_plain_loop``'s, row for
-    row. Returns the summary dict (``rows``, ``seconds``, ``rows_per_s``, ``actors``, ...).
-    ``output_dir`` must not exist; a failure or cancel leaves no output under its final name.
+    row. Returns a ``BatchSummary`` (``rows``, ``seconds``, ``rows_per_s``, ``actors``,
+    ``ray_address``, and ``warm_actors`` when ``keep_warm_s > 0``; ``engine="ray"``).
+    ``output_dir`` must not exist; a failure or cancel leaves no output under its final name
+    (only a ``.tmp-`` directory next to it), so a retry starts clean. A batch whose warm actor
+    died is resent once to a new actor; other failures fail the call.
     """
     import ray
 
@@ -312,7 +337,7 @@ def run_batch_inference(
             log.info("batch inference: %d rows in %d partitions, %d actor(s), %s GPU/actor%s",
                      total, len(partitions), config.actors, gpus,
                      f", kept warm {keep_warm_s:g}s" if keep_warm_s else "")
-            extra: dict[str, Any] = {}
+            warm: WarmActorsSummary | None = None
             with atomic_directory(output_dir) as tmp:
                 writer = _PartitionWriter(tmp, partitions, total, config.log_every_s)
                 if keep_warm_s:
@@ -322,8 +347,7 @@ def run_batch_inference(
                         schema = _run_on_warm_actors(ds, pool.start(), writer, config.batch_size)
                     finally:
                         pool.close()
-                    extra["warm_actors"] = {"reused": pool.reused, "started": config.actors - pool.reused,
-                                            "keep_warm_s": keep_warm_s}
+                    warm = {"reused": pool.reused, "started": config.actors - pool.reused, "keep_warm_s": keep_warm_s}
                 else:
                     ds = ds.map_batches(
                         _ModelActor, fn_constructor_kwargs={"model_cls": model_cls, "model_kwargs": model_kwargs},
@@ -332,19 +356,24 @@ def run_batch_inference(
                         num_cpus=config.cpus_per_actor, num_gpus=gpus,
                     )
                     schema = None
-                    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                        block = cast("pa.Table", batch)  # batch_format="pyarrow": Arrow tables
                         _write_block(writer, block)
                         schema = block.drop_columns([_PATH_COLUMN]).schema
                 outputs = writer.finish(schema)
                 seconds = time.perf_counter() - started
                 atomic_write_json(tmp / "manifest.json", {
                     **_lineage(partitions, model_cls, model_kwargs), "engine": "ray", "outputs": outputs,
-                    "rows": writer.done, "seconds": seconds, "actors": config.actors, "gpus_per_actor": gpus, **extra,
+                    "rows": writer.done, "seconds": seconds, "actors": config.actors, "gpus_per_actor": gpus,
+                    **({"warm_actors": warm} if warm is not None else {}),
                 })
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-    return _summary(output_dir, outputs, "ray", seconds, {"actors": config.actors, "gpus_per_actor": gpus,
-                                                          "ray_address": session["address"], **extra})
+    summary = _summary(output_dir, outputs, "ray", seconds)
+    summary["actors"], summary["gpus_per_actor"], summary["ray_address"] = config.actors, gpus, session["address"]
+    if warm is not None:
+        summary["warm_actors"] = warm
+    return summary
 
 
 def _run_on_warm_actors(ds: Any, pool: WarmPool, writer: _PartitionWriter, batch_size: int) -> pa.Schema | None:

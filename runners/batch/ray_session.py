@@ -33,22 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_outpost.runners.errors import RunnerError
+# Defined with the other runner errors; re-exported here, where they are raised.
+from airflow_outpost.runners.errors import RayAuthError, RayConnectError
+from airflow_outpost.runners.results import RaySessionInfo
 
-__all__ = ["RayAuthError", "RayConfig", "RayConnectError", "ray_session"]
+__all__ = ["RayAuthError", "RayConfig", "RayConnectError", "RaySessionInfo", "ray_session"]
 
 log = logging.getLogger(__name__)
 _AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
-class RayConnectError(RunnerError):
-    """The Ray cluster could not be reached; may succeed on retry (cluster restarting, network)."""
-
-    retryable = True
-
-
-class RayAuthError(RunnerError):
-    """The cluster needs a token that is missing, unreadable or wrong; retrying will not help."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +109,7 @@ class RayConfig:
 def _reset_ray_auth_cache() -> None:
     # The core caches mode and token per process; refresh both so a later session sees new values.
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # private, untyped
     except ImportError:  # pragma: no cover - Ray builds without token auth
         return
     Config.initialize("")
@@ -138,14 +130,16 @@ def _probe(address: str, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(config: RayConfig | None = None) -> Iterator[dict[str, Any]]:
-    """Connect to (or start) Ray for the duration of the block; yield ``{"address", "started", "resources"}``.
+def ray_session(config: RayConfig | None = None) -> Iterator[RaySessionInfo]:
+    """Connect to (or start) Ray for the duration of the block; yield a ``RaySessionInfo``
+    (``address``, ``started``, ``reused``, ``resources``).
 
     ``config=None`` means ``RayConfig.from_env()``: the worker's Ray if it set one, else local.
     If Ray is already initialised in this process the existing connection is used and left
     open. Otherwise the session calls ``ray.shutdown()`` on exit, which also stops a local Ray
-    it started. Raises RayAuthError (missing/unreadable/rejected token) or RayConnectError
-    (nothing listening at the address), never hangs past Ray's bounded connect retries.
+    it started. Raises RayAuthError (missing/unreadable/rejected token; not retryable) or
+    RayConnectError (nothing listening at the address; retryable), never hangs past Ray's
+    bounded connect retries. Auth variables it set are restored on exit, also on error.
     """
     import ray
 

@@ -9,11 +9,12 @@ vectors come from the worker's warm model service, so an actor loads no model at
 from __future__ import annotations
 
 import os
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from airflow_outpost.runners.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["QueryRetriever"]
 
@@ -39,6 +40,8 @@ class QueryRetriever:
         self.text_column, self.id_column, self.k = text_column, id_column, k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
         if self.text_column not in batch:
             raise InputError(f"batch has no {self.text_column!r} column (columns: {sorted(batch)})")
         vectors = self.embedder.embed([str(t) for t in batch[self.text_column]])

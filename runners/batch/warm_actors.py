@@ -10,7 +10,8 @@ existing cluster) finds them by name and sends its batches straight to them.
 
 Lifetime: an actor unused for ``keep_warm_s`` kills itself, which gives its CPUs and GPUs back to
 Ray. A run holds its actors from start to end (reading may take longer than ``keep_warm_s``);
-a hold not refreshed for ``HOLD_TTL_S`` is ignored, so a crashed driver cannot pin them forever. Before creating actors that do not fit in what the cluster has free, idle warm actors of
+a hold not refreshed for ``HOLD_TTL_S`` is ignored, so a crashed driver cannot pin them forever.
+Before creating actors that do not fit in what the cluster has free, idle warm actors of
 other models are released, so warm actors never keep a new model off the GPU. A batch whose
 actor died under it (idle expiry racing a new run, OOM) is sent once more to a fresh actor;
 models are deterministic per batch, so a resend gives the same rows.
@@ -25,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +121,11 @@ class WarmModel:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
-def _remote_class():
+def _remote_class() -> Any:
     import ray
 
-    return ray.remote(concurrency_groups={"status": 1})(
+    # concurrency_groups is a real option of ray.remote for actor classes; its typed overloads lack it.
+    return ray.remote(concurrency_groups={"status": 1})(  # type: ignore[call-overload]
         type("WarmModel", (WarmModel,), {"status": ray.method(concurrency_group="status")(WarmModel.status)})
     )
 
@@ -180,7 +182,7 @@ class WarmPool:
             num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0,
         ).remote(*self.args)
 
-    def _wait_ready(self, slots) -> None:
+    def _wait_ready(self, slots: Iterable[int]) -> None:
         import ray
 
         refs = {self.actors[i].status.remote(self.args[3], hold=self.run): i for i in slots}
@@ -249,7 +251,7 @@ def list_warm() -> list[dict[str, Any]]:
             continue
         try:
             actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
-            status = ray.get(actor.status.remote(), timeout=2.0)
+            status: Any = ray.get(actor.status.remote(), timeout=2.0)
         except Exception:  # noqa: BLE001 - dying or unreachable: report it without status
             actor, status = None, None
         out.append({"name": entry["name"], "actor": actor, "status": status})

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_directory
 from airflow_outpost.runners.bench.run import machine_summary
 from airflow_outpost.runners.errors import SettingError
+from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_directory
 
 __all__ = ["CHARTS", "check_output_dir", "render_markdown", "write_report"]
 

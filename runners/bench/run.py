@@ -18,6 +18,7 @@ Nothing is written outside a temporary directory, which is removed on return or 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import random
@@ -26,11 +27,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from airflow_outpost.runners.errors import SettingError
+
+if TYPE_CHECKING:
+    from airflow_outpost.runners.results import IndexSummary
 
 __all__ = [
     "BATCH_LABELS", "SECTIONS", "BenchSettings", "best_of", "describe_machine", "machine_summary", "make_texts",
@@ -234,8 +238,14 @@ class _Steps:
             self._bar.close()
 
 
-def _ratio(a: float, b: float) -> float:
-    return round(a / b, 3) if b > 0 else 0.0
+def _ratio(a: float | None, b: float | None) -> float:
+    # None: a rate the runner could not measure (zero seconds); no ratio either.
+    return round(a / b, 3) if a is not None and b is not None and b > 0 else 0.0
+
+
+def _recall(summary: IndexSummary) -> float | None:
+    """An index build's recall@k, rounded; None only for a build without evaluation queries."""
+    return None if summary["recall"] is None else round(summary["recall"], 4)
 
 
 # --- sections -------------------------------------------------------------------------------
@@ -257,7 +267,7 @@ def _embed_device(settings: BenchSettings, model: Path, device: str, n: int, siz
     points: dict[str, list[dict[str, Any]]] = {"naive": [], "runner": []}
     for bs in sizes:
         bar.step(f"{device} naive bs={bs}")
-        t = best_of(lambda bs=bs: naive.encode(texts, batch_size=bs), repeats)
+        t = best_of(functools.partial(naive.encode, texts, batch_size=bs), repeats)
         points["naive"].append({"batch_size": bs, "per_s": round(n / t, 1)})
         bar.done()
         bar.step(f"{device} runner bs={bs}")
@@ -338,9 +348,9 @@ def bench_index(settings: BenchSettings, devices: list[str], work: Path, progres
             bar.step(f"build {kind}")
             built = build_index(emb, work / f"idx-{kind}", cfg)
             searcher = IndexSearcher(work / f"idx-{kind}", k=10)
-            search_s = best_of(lambda searcher=searcher: searcher.search(queries), 3)
+            search_s = best_of(functools.partial(searcher.search, queries), 3)
             kinds.append({"kind": kind, "params": searcher.manifest["params"], "build_s": built["seconds"],
-                          "recall@10": round(float(built["recall"]), 4),
+                          "recall@10": _recall(built),
                           "queries_per_s": round(n_queries / search_s, 1)})
             bar.done()
         flat = kinds[0]
@@ -351,7 +361,7 @@ def bench_index(settings: BenchSettings, devices: list[str], work: Path, progres
         bar.step("incremental ivf")
         write_vector_shard(emb, "shard-new", structured_vectors(max(1, n // 100), dim, seed=1), 10 * n)
         (emb / "deleted_ids.json").write_text(str(list(range(0, n, 1000))))
-        inc = update_index(work / "idx-ivf", emb)
+        inc = update_index(emb, work / "idx-ivf")
         bar.done()
         bar.step("rebuild ivf")
         full = build_index(emb, work / "idx-ivf-rebuild", configs["ivf"])
@@ -363,14 +373,14 @@ def bench_index(settings: BenchSettings, devices: list[str], work: Path, progres
                      "queries_per_s": flat["queries_per_s"]},
         "kinds": kinds,
         "incremental": {"added": max(1, n // 100), "deleted": len(range(0, n, 1000)), "mode": inc["mode"],
-                        "update_s": inc["seconds"], "update_recall@10": round(float(inc["recall"]), 4),
-                        "rebuild_s": full["seconds"], "rebuild_recall@10": round(float(full["recall"]), 4),
+                        "update_s": inc["seconds"], "update_recall@10": _recall(inc),
+                        "rebuild_s": full["seconds"], "rebuild_recall@10": _recall(full),
                         "speedup": _ratio(full["seconds"], inc["seconds"])},
     }
 
 
 def ray_batch_rows(work: Path, kw: dict[str, Any], actors: int, cores: int, batch_size: int,
-                   loop_rows_per_s: float) -> list[dict[str, Any]]:
+                   loop_rows_per_s: float | None) -> list[dict[str, Any]]:
     """Ray runs with ``actors`` actors on the session's Ray, three ways, each vs the plain loop.
 
     ``one-shot``: Ray Data's actor pool, built for this run (start, imports, model load
@@ -378,13 +388,13 @@ def ray_batch_rows(work: Path, kw: dict[str, Any], actors: int, cores: int, batc
     run``: a second run reusing them, as a later task on a worker with ``--ray`` does.
     The warm actors are released before returning.
     """
-    from airflow_outpost.runners.batch.warm_actors import release_idle
-    from airflow_outpost.runners.batch.inference import BatchConfig, run_batch_inference
     from airflow_outpost.runners.batch.example_models import PrototypeClassifier
+    from airflow_outpost.runners.batch.inference import BatchConfig, run_batch_inference
+    from airflow_outpost.runners.batch.warm_actors import release_idle
 
     threads = max(1, cores // actors)
     kwargs = {**kw, "threads": threads}
-    rows = []
+    rows: list[dict[str, Any]] = []
     # Actors reserve a little under their share so the light read tasks always fit.
     cpus = round((cores - 0.25) / actors, 3)
     for mode, keep in (("one-shot", 0.0), ("warm, first run", 600.0), ("warm, next run", 600.0)):
@@ -399,8 +409,8 @@ def ray_batch_rows(work: Path, kw: dict[str, Any], actors: int, cores: int, batc
 
 def bench_batch(settings: BenchSettings, model: Path, work: Path, progress: bool) -> dict[str, Any]:
     """Rows/s of Ray batch inference (1 and all-cores actors) vs the plain loop, same total threads."""
-    from airflow_outpost.runners.batch.inference import run_plain_loop
     from airflow_outpost.runners.batch.example_models import PrototypeClassifier
+    from airflow_outpost.runners.batch.inference import run_plain_loop
     from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
 
     parts = 4 if settings.quick else 16

@@ -30,16 +30,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
-
-from airflow_outpost.runners.store.atomic import atomic_write_json, atomic_writer
 from airflow_outpost.runners.embeddings.chunking import ChunkingConfig, chunk_text
 from airflow_outpost.runners.embeddings.documents import read_documents
 from airflow_outpost.runners.embeddings.embedder import Embedder
 from airflow_outpost.runners.errors import DimensionMismatchError, ManifestError
+from airflow_outpost.runners.results import BackendInfo, EmbedSummary, ModelLineage
+from airflow_outpost.runners.store.atomic import atomic_write_json, atomic_writer
 from airflow_outpost.runners.store.region_store import Store, code_version, hash_file, hash_text, input_record
+
+if TYPE_CHECKING:
+    import numpy as np
 
 KIND = "embeddings"
 DTYPES = ("float32", "float16")
@@ -74,7 +76,12 @@ def _read_catalog(store: Store, name: str, manifest: dict[str, Any] | None) -> d
 
 
 def read_catalog(store: Store, name: str) -> list[dict[str, Any]]:
-    """Every live chunk of ``embeddings/<name>`` (dicts with the catalog columns); [] if none."""
+    """Every live chunk of ``embeddings/<name>`` (dicts with the catalog columns); [] if none.
+
+    How a DAG turns the chunk ids that ``QueryRetriever`` or ``IndexSearcher`` return back into
+    texts and document ids. Reads only the catalog the manifest names, so it never sees a
+    half-written version.
+    """
     return list(_read_catalog(store, name, store.read_manifest(KIND, name)).values())
 
 
@@ -85,6 +92,8 @@ def read_vectors(
 
     Reads only; shards are memory-mapped, so asking for a few ids is cheap.
     """
+    import numpy as np
+
     manifest = store.read_manifest(KIND, name)
     catalog = _read_catalog(store, name, manifest)
     wanted = list(catalog) if chunk_ids is None else chunk_ids
@@ -113,8 +122,8 @@ def embed_corpus(
     dtype: str = "float32",
     encoder: str = "auto",
     **embedder_kwargs: Any,
-) -> dict[str, Any]:
-    """Bring ``embeddings/<name>`` up to date with the corpus; return a small XCom summary.
+) -> EmbedSummary:
+    """Bring ``embeddings/<name>`` up to date with the corpus; return an ``EmbedSummary`` for XCom.
 
     ``store``: a Store, a root path, or None (``OUTPOST_STORE_ROOT``). ``name`` defaults to the
     corpus file stem. Pass a loaded ``embedder`` to reuse it (``model`` and
@@ -128,6 +137,8 @@ def embed_corpus(
     before any write, so a bad input raises a ``RunnerError`` and leaves the store untouched.
     Cancelling mid-run leaves the previous version intact; re-running finishes the job.
     """
+    import numpy as np
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
     store = store if isinstance(store, Store) else Store(store)
@@ -193,19 +204,23 @@ def embed_corpus(
             src = by_hash[row["content_hash"]]
             row.update(shard=src["shard"], row=src["row"])
 
-    summary_base = {
-        "name": name, "documents": len(docs), "chunks": len(current),
-        "embedded": len(unique), "reused": len(added) + len(updated) - len(todo),
-        "added": len(added), "updated": len(updated), "deleted": len(deleted),
-        "deleted_documents": len(deleted_docs), "dim": embedder.dim, "dtype": dtype,
-        "model": {k: embedder.record[k] for k in ("name", "revision", "weights_sha256")},
-        "backend": {k: v for k, v in embedder.describe().items() if k != "model"},
-        "code_version": code_version(),
-        "manifest_uri": store.uri(manifest_path),
-    }
+    lineage: ModelLineage = {"name": embedder.record["name"], "revision": embedder.record["revision"],
+                             "weights_sha256": embedder.record["weights_sha256"]}
+    backend = cast(BackendInfo, {k: v for k, v in embedder.describe().items() if k != "model"})
+
+    def summary(changed: bool, version: int, catalog_sha256: str) -> EmbedSummary:
+        return {
+            "name": name, "documents": len(docs), "chunks": len(current),
+            "embedded": len(unique), "reused": len(added) + len(updated) - len(todo),
+            "added": len(added), "updated": len(updated), "deleted": len(deleted),
+            "deleted_documents": len(deleted_docs), "dim": embedder.dim, "dtype": dtype,
+            "model": lineage, "backend": backend, "code_version": code_version(),
+            "manifest_uri": store.uri(manifest_path),
+            "changed": changed, "version": version, "catalog_sha256": catalog_sha256,
+        }
+
     if previous is not None and not (added or updated or deleted):
-        return summary_base | {"changed": False, "version": previous["version"],
-                               "catalog_sha256": previous["catalog_sha256"]}
+        return summary(False, previous["version"], previous["catalog_sha256"])
 
     version = (previous["version"] + 1) if previous else 1
     tag = f"v{version:06d}"
@@ -216,7 +231,7 @@ def embed_corpus(
         hashes = list(unique)
         with atomic_writer(store.path(KIND, name, "shards", f"shard-{tag}.npy")) as fh:
             np.save(fh, vectors.astype(dtype), allow_pickle=False)
-        first_id = {}
+        first_id: dict[str, str] = {}
         for cid in todo:
             first_id.setdefault(current[cid]["content_hash"], cid)
         atomic_write_json(store.path(KIND, name, "shards", f"shard-{tag}.ids.json"),
@@ -261,9 +276,9 @@ def embed_corpus(
         "counts": {"documents": len(docs), "chunks": len(current)},
     }
     store.write_manifest(KIND, name, body, inputs=[input_record(corpus)], model=embedder.record)
-    out = summary_base | {"changed": True, "version": version, "catalog_sha256": catalog_sha,
-                          "catalog_uri": store.uri(store.path(KIND, name, catalog_name)),
-                          "changes_uri": store.uri(store.path(KIND, name, changes_name))}
+    out = summary(True, version, catalog_sha)
+    out["catalog_uri"] = store.uri(store.path(KIND, name, catalog_name))
+    out["changes_uri"] = store.uri(store.path(KIND, name, changes_name))
     if "shard" in written:
         out["shard_uri"] = store.uri(store.path(KIND, name, *written["shard"].split("/")))
         out["shard_sha256"] = shard_entries[-1]["sha256"]

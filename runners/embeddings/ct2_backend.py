@@ -27,17 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from airflow_outpost.runners.store.atomic import atomic_directory
 from airflow_outpost.runners.embeddings.onnx_backend import _encode_torch, _features, calibration_texts
-from airflow_outpost.runners.errors import BackendUnavailableError
+from airflow_outpost.runners.errors import BackendUnavailableError, QualityGateError
+from airflow_outpost.runners.store.atomic import atomic_directory
 
 BUILD_VERSION = 1
 # The quality bar for the CPU fast path (mean cosine to the fp32 model on calibration texts).
 VERIFY_COSINE = 0.99
-
-
-class QualityGateError(BackendUnavailableError):
-    """The int8 build of this model misses the quality floor; use an fp32 backend instead."""
 
 
 def default_threads() -> int:

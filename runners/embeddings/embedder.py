@@ -29,12 +29,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from airflow_outpost.runners.errors import BackendUnavailableError, ModelError, ModelNotFoundError
 from airflow_outpost.runners.store.region_store import ENV_ROOT, Store, model_record
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BACKENDS = ("auto", "torch", "ct2", "ct2-int8", "onnx", "onnx-int8")
 CPU_ONLY = ("ct2", "ct2-int8", "onnx", "onnx-int8")
@@ -133,8 +134,7 @@ class Embedder:
         self._st = self._load(device)
         self.tokenizer = self._st.tokenizer
         self.max_seq_length = int(self._st.max_seq_length)
-        get_dim = getattr(self._st, "get_embedding_dimension", None) or getattr(
-            self._st, "get_sentence_embedding_dimension")
+        get_dim = getattr(self._st, "get_embedding_dimension", None) or self._st.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self._input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                              if n in self.tokenizer.model_input_names]
@@ -211,6 +211,8 @@ class Embedder:
 
         Rows are L2-normalized when ``normalize`` is set (or when the model normalizes itself).
         """
+        import numpy as np
+
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
@@ -246,6 +248,8 @@ class Embedder:
         return batches
 
     def _pad(self, idx: np.ndarray, ids: list[list[int]]) -> dict[str, np.ndarray]:
+        import numpy as np
+
         length = max(len(ids[i]) for i in idx)
         pad_id = self.tokenizer.pad_token_id or 0
         input_ids = np.full((len(idx), length), pad_id, dtype=np.int64)

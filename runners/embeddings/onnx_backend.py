@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from airflow_outpost.runners.store.atomic import atomic_directory
 from airflow_outpost.runners.errors import BackendUnavailableError
+from airflow_outpost.runners.store.atomic import atomic_directory
 
 BUILD_VERSION = 1
 # Predicted loss budget (1 - mean cosine) for the greedy pick, and the floor the real int8

@@ -4,12 +4,13 @@
 IVF or HNSW index, measures recall@k against exact search on held-out queries, writes a new
 versioned directory atomically and promotes it to ``current`` only if recall passes the gate.
 ``update_index`` applies new shards and deleted ids to the current version without retraining
-(Flat and IVF; HNSW cannot remove and falls back to a rebuild). Every call returns a small
-summary dict for XCom (counts, version, recall, paths), never vectors.
+(Flat and IVF; HNSW cannot remove and falls back to a rebuild). Both take the source first, then
+the target: ``(embeddings_dir, index_dir)``. Every call returns a small summary dict for XCom
+(``airflow_outpost.runners.results.IndexSummary``: counts, version, recall, paths), never vectors.
 
 Layout and promotion: see ``airflow_outpost.runners.index.versions``. GPU FAISS is used for training and
 adding when a GPU build of FAISS and a GPU are present (``device="auto"``); HNSW and updates
-run on CPU.
+run on CPU. FAISS and numpy are imported when a build runs, not with this module.
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
-import numpy as np
-
-from airflow_outpost.runners.store.atomic import atomic_directory
-from airflow_outpost.runners.index.recall import ExactTopK, recall_at_k
+from airflow_outpost.runners.errors import BackendUnavailableError, DimensionMismatchError, InputError, SettingError
 from airflow_outpost.runners.index.versions import (
+    CURRENT,
     INDEX_FILE,
     MANIFEST,
+    VERSIONS,
     IndexStateError,
     current_version,
+    is_index_dir,
     list_versions,
     next_version,
     promote,
@@ -42,13 +42,21 @@ from airflow_outpost.runners.index.versions import (
     sweep_temporaries,
     version_dir,
 )
-from airflow_outpost.runners.index.shards import Shard, discover_shards, iter_batches, read_deleted_ids, sample_rows
-from airflow_outpost.runners.errors import BackendUnavailableError, DimensionMismatchError, InputError
+from airflow_outpost.runners.results import IndexSummary
+from airflow_outpost.runners.store.atomic import atomic_directory
 from airflow_outpost.runners.store.region_store import code_version, hash_file
+
+if TYPE_CHECKING:
+    import faiss
+    import numpy as np
+
+    from airflow_outpost.runners.index.recall import ExactTopK
+    from airflow_outpost.runners.index.shards import Shard
 
 __all__ = [
     "IndexConfig",
     "IndexStateError",
+    "IndexSummary",
     "build_index",
     "current_version",
     "list_versions",
@@ -59,7 +67,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _KINDS = ("auto", "flat", "ivf", "hnsw")
-_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+_METRICS = ("ip", "l2")
 # Exact truth is kept this many times deeper than k so deletions rarely force a full rescan.
 _TRUTH_DEPTH = 4
 
@@ -95,7 +103,7 @@ class IndexConfig:
     def __post_init__(self) -> None:
         checks = [
             ("kind", self.kind in _KINDS, f"one of {_KINDS}"),
-            ("metric", self.metric in _METRICS, f"one of {tuple(_METRICS)}"),
+            ("metric", self.metric in _METRICS, f"one of {_METRICS}"),
             ("device", self.device in ("auto", "cpu", "gpu"), "'auto', 'cpu' or 'gpu'"),
             ("min_recall", 0.0 <= self.min_recall <= 1.0, "in [0, 1]"),
             ("nlist", self.nlist is None or self.nlist >= 1, ">= 1 or None"),
@@ -106,6 +114,12 @@ class IndexConfig:
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"IndexConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+
+def _faiss_metric(metric: str) -> int:
+    import faiss
+
+    return {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}[metric]
 
 
 def _choose_kind(config: IndexConfig, n: int) -> str:
@@ -123,6 +137,8 @@ def _nlist(config: IndexConfig, n: int) -> int:
 
 
 def _use_gpu(config: IndexConfig) -> bool:
+    import faiss
+
     available = faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_gpu")
     if config.device == "gpu" and not available:
         raise BackendUnavailableError("IndexConfig.device='gpu' but no GPU build of FAISS or no GPU is present")
@@ -130,18 +146,25 @@ def _use_gpu(config: IndexConfig) -> bool:
 
 
 def _new_index(kind: str, dim: int, n: int, config: IndexConfig) -> tuple[faiss.Index, dict[str, Any]]:
-    metric = _METRICS[config.metric]
+    import faiss
+
+    metric = _faiss_metric(config.metric)
     if kind == "flat":
         return faiss.index_factory(dim, "IDMap2,Flat", metric), {}
     if kind == "ivf":
         nlist = _nlist(config, n)
         return faiss.index_factory(dim, f"IVF{nlist},Flat", metric), {"nlist": nlist, "nprobe": config.nprobe}
     index = faiss.index_factory(dim, f"IDMap2,HNSW{config.hnsw_m},Flat", metric)
-    faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efConstruction = config.hnsw_ef_construction
+    # IDMap2 -> the HNSW index inside it; faiss's SWIG stubs type every downcast as the base Index.
+    idmap: Any = faiss.downcast_index(index)
+    inner: Any = faiss.downcast_index(idmap.index)
+    inner.hnsw.efConstruction = config.hnsw_ef_construction
     return index, {"M": config.hnsw_m, "ef_construction": config.hnsw_ef_construction, "ef_search": config.hnsw_ef_search}
 
 
 def _set_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) -> None:
+    import faiss
+
     space = faiss.ParameterSpace()
     if kind == "ivf":
         space.set_index_parameter(index, "nprobe", int(params["nprobe"]))
@@ -176,6 +199,8 @@ def _embeddings_lineage(emb_dir: Path) -> dict[str, Any]:
 
 
 def _queries_array(queries: Any, dim: int) -> np.ndarray:
+    import numpy as np
+
     arr = np.load(queries, allow_pickle=False) if isinstance(queries, (str, os.PathLike)) else np.asarray(queries)
     if arr.ndim != 2 or arr.shape[1] != dim:
         raise DimensionMismatchError(f"evaluation queries have shape {arr.shape}; the vectors have dimension {dim}")
@@ -186,6 +211,9 @@ def _write_version(
     index_dir: Path, index: faiss.Index, truth: ExactTopK, deleted: np.ndarray,
     id_strings: dict[int, str], manifest: dict[str, Any],
 ) -> tuple[str, Path]:
+    import faiss
+    import numpy as np
+
     index_dir.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(index_dir)
     version = next_version(index_dir)
@@ -209,7 +237,9 @@ def _finish(
     index_dir: Path, index: faiss.Index, kind: str, params: dict[str, Any], truth: ExactTopK,
     config: IndexConfig, manifest: dict[str, Any], deleted: np.ndarray, id_strings: dict[int, str],
     do_promote: bool, started: float,
-) -> dict[str, Any]:
+) -> IndexSummary:
+    from airflow_outpost.runners.index.recall import recall_at_k
+
     k = config.eval_k
     if len(truth.queries):
         _set_search_params(index, kind, params)
@@ -233,23 +263,33 @@ def _finish(
         "version": version, "path": str(path), "index_dir": str(index_dir), "kind": kind, "count": int(index.ntotal),
         "dim": int(index.d), "recall": recall, "k": k, "min_recall": config.min_recall, "passed": passed,
         "promoted": current_version(index_dir) == version, "current": current_version(index_dir),
-        "previous": before, "mode": manifest.get("mode"), "seconds": manifest["build_seconds"],
+        "previous": before, "mode": manifest["mode"], "seconds": manifest["build_seconds"],
     }
 
 
 def build_index(
     embeddings_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], config: IndexConfig | None = None,
-    *, queries: Any = None, promote: bool = True, on_progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Build a new index version from every shard of ``embeddings_dir``; promote it if recall passes.
+    *, queries: Any = None, auto_promote: bool = True, on_progress: ProgressFn | None = None,
+) -> IndexSummary:
+    """Build a new index version from every shard of ``embeddings_dir`` into ``index_dir``.
 
-    ``queries`` (array or .npy path) are the held-out evaluation queries; by default
-    ``eval_queries`` rows are sampled from the data and kept out of IVF training. Returns the
-    summary dict (``version``, ``path``, ``count``, ``recall``, ``passed``, ``promoted``,
-    ``current``...). Input errors (dimension mismatch naming the file, bad dtype) raise before
-    anything is written. A cancel or crash leaves only a ``.tmp-`` directory and ``current``
-    unchanged; retrying builds a fresh version.
+    With ``auto_promote`` (the default) the new version becomes ``current`` if its recall passes
+    ``config.min_recall``; with ``auto_promote=False`` it is only written, for a later
+    ``promote(index_dir, version)``. ``queries`` (array or .npy path) are the held-out evaluation
+    queries; by default ``eval_queries`` rows are sampled from the data and kept out of IVF
+    training. ``on_progress(done, total)`` is called after each added batch.
+
+    Returns an ``IndexSummary`` (``version``, ``path``, ``count``, ``recall``, ``passed``,
+    ``promoted``, ``current``...). Input errors (dimension mismatch naming the file, bad dtype)
+    raise before anything is written. A cancel or crash leaves only a ``.tmp-`` directory and
+    ``current`` unchanged; retrying builds a fresh version (the next build sweeps the leftover).
     """
+    import faiss
+    import numpy as np
+
+    from airflow_outpost.runners.index.recall import ExactTopK
+    from airflow_outpost.runners.index.shards import discover_shards, iter_batches, read_deleted_ids, sample_rows
+
     started = time.perf_counter()
     config = config or IndexConfig()
     emb_dir, index_dir = Path(embeddings_dir), Path(index_dir)
@@ -274,7 +314,7 @@ def build_index(
         log.info("training IVF%d on %d sampled vectors", params["nlist"], len(train))
         work.train(train)
         del train
-    truth = ExactTopK(q_vec, config.eval_k * _TRUTH_DEPTH, _METRICS[config.metric])
+    truth = ExactTopK(q_vec, config.eval_k * _TRUTH_DEPTH, _faiss_metric(config.metric))
     id_strings: dict[int, str] = {}
     done = 0
     for ids, vectors, strings in iter_batches(shards, config.add_batch_rows, exclude=deleted):
@@ -282,7 +322,7 @@ def build_index(
         # Ground truth rides on the same pass, so the data is read once.
         truth.add(ids, vectors)
         if strings is not None:
-            id_strings.update(zip(ids.tolist(), strings))
+            id_strings.update(zip(ids.tolist(), strings, strict=True))
         done += len(ids)
         log.info("index build %s: added %d/%d vectors", index_dir.name, done, total)
         if on_progress is not None:
@@ -290,31 +330,61 @@ def build_index(
     if done == 0:
         raise InputError("no vectors left to index (every id is deleted)", path=str(emb_dir))
     index = faiss.index_gpu_to_cpu(work) if gpu else work
-    manifest = {
+    manifest: dict[str, Any] = {
         "mode": "rebuild", "base_version": None, "gpu": gpu, "shards": [_shard_record(s, emb_dir) for s in shards],
         "embeddings": _embeddings_lineage(emb_dir), "deleted_ids": int(deleted.size),
     }
     manifest["inputs"] = [{"path": str(s.vectors.resolve()), "sha256": r["sha256"], "bytes": r["size"]}
-                          for s, r in zip(shards, manifest["shards"])]
+                          for s, r in zip(shards, manifest["shards"], strict=True)]
     manifest["model"] = manifest["embeddings"].get("model")
-    return _finish(index_dir, index, kind, params, truth, config, manifest, deleted, id_strings, promote, started)
+    return _finish(index_dir, index, kind, params, truth, config, manifest, deleted, id_strings, auto_promote, started)
+
+
+def _check_not_swapped(emb_dir: Path, index_dir: Path) -> None:
+    """Refuse a 0.1-style ``update_index(index_dir, embeddings_dir)`` call before it does anything."""
+    from airflow_outpost.runners.index.shards import has_shards
+
+    found = []
+    if is_index_dir(emb_dir):
+        found.append(f"embeddings_dir={str(emb_dir)!r} is an index directory (it has {CURRENT} or {VERSIONS}/)")
+    if has_shards(index_dir):
+        found.append(f"index_dir={str(index_dir)!r} holds embedding shards (*.npy)")
+    if found:
+        raise SettingError(
+            f"update_index: the arguments look swapped: {' and '.join(found)}. Since 0.2 the order is "
+            "update_index(embeddings_dir, index_dir), source then target as in build_index "
+            "(0.1 took update_index(index_dir, embeddings_dir))"
+        )
 
 
 def update_index(
-    index_dir: str | os.PathLike[str], embeddings_dir: str | os.PathLike[str], config: IndexConfig | None = None,
-    *, promote: bool = True, allow_rebuild: bool = True, on_progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Apply new shards and newly deleted ids of ``embeddings_dir`` to the current version.
+    embeddings_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], config: IndexConfig | None = None,
+    *, auto_promote: bool = True, allow_rebuild: bool = True, on_progress: ProgressFn | None = None,
+) -> IndexSummary:
+    """Apply new shards and newly deleted ids of ``embeddings_dir`` to the current version in ``index_dir``.
 
+    Source then target, as in ``build_index`` (0.1 took ``update_index(index_dir, embeddings_dir)``;
+    a call whose ``embeddings_dir`` is an index directory or whose ``index_dir`` holds shards
+    raises ``SettingError`` saying the arguments look swapped, before anything is read or written).
     Shards already in the current version are skipped; rows of new shards replace rows with
-    the same id (upsert). The result is written as a new version and gated like a build.
-    Falls back to ``build_index`` (``mode="rebuild"`` in the summary) when a known shard
-    changed or disappeared, or deletions hit an HNSW index; with ``allow_rebuild=False`` that
-    raises IndexStateError instead. ``config`` defaults to the current version's. Retrying
-    after a crash redoes the same delta.
+    the same id (upsert). The result is written as a new version and gated like a build, and
+    promoted if it passes when ``auto_promote`` is set. Falls back to ``build_index``
+    (``mode="rebuild"`` in the summary) when a known shard changed or disappeared, or deletions
+    hit an HNSW index; with ``allow_rebuild=False`` that raises IndexStateError instead.
+    ``config`` defaults to the current version's.
+
+    Returns an ``IndexSummary`` like ``build_index``. A cancel or crash leaves ``current``
+    unchanged and at most a ``.tmp-`` directory; retrying redoes the same delta.
     """
+    import faiss
+    import numpy as np
+
+    from airflow_outpost.runners.index.recall import ExactTopK
+    from airflow_outpost.runners.index.shards import discover_shards, iter_batches, read_deleted_ids
+
     started = time.perf_counter()
-    index_dir, emb_dir = Path(index_dir), Path(embeddings_dir)
+    emb_dir, index_dir = Path(embeddings_dir), Path(index_dir)
+    _check_not_swapped(emb_dir, index_dir)
     base = current_version(index_dir)
     if base is None:
         raise IndexStateError(f"{index_dir}: no current version to update; run build_index first")
@@ -343,14 +413,14 @@ def update_index(
         if not allow_rebuild:
             raise IndexStateError(f"{index_dir}: incremental update impossible ({reason}) and allow_rebuild=False")
         log.info("index %s: full rebuild because %s", index_dir, reason)
-        return build_index(emb_dir, index_dir, config, promote=promote, on_progress=on_progress)
+        return build_index(emb_dir, index_dir, config, auto_promote=auto_promote, on_progress=on_progress)
 
     index = faiss.read_index(str(vdir / INDEX_FILE))
     if config.threads:
         faiss.omp_set_num_threads(config.threads)
     if new_deleted.size:
-        index.remove_ids(new_deleted)
-    truth = ExactTopK(np.load(vdir / "eval_queries.npy"), config.eval_k * _TRUTH_DEPTH, _METRICS[config.metric])
+        index.remove_ids(new_deleted)  # type: ignore[arg-type]  # the Python wrapper takes an id array
+    truth = ExactTopK(np.load(vdir / "eval_queries.npy"), config.eval_k * _TRUTH_DEPTH, _faiss_metric(config.metric))
     truth.ids, truth.scores = np.load(vdir / "eval_truth_ids.npy"), np.load(vdir / "eval_truth_scores.npy")
     id_strings = _load_id_strings(vdir)
     removed = [new_deleted]
@@ -359,12 +429,13 @@ def update_index(
     done = 0
     for ids, vectors, strings in iter_batches(new, config.add_batch_rows, exclude=all_deleted):
         if kind != "hnsw":
-            index.remove_ids(ids)  # upsert: a re-embedded document replaces its old vector
+            # Upsert: a re-embedded document replaces its old vector (the wrapper takes an id array).
+            index.remove_ids(ids)  # type: ignore[arg-type]
         index.add_with_ids(vectors, ids)
         removed.append(ids)
         added_batches.append((ids, vectors))
         if strings is not None:
-            id_strings.update(zip(ids.tolist(), strings))
+            id_strings.update(zip(ids.tolist(), strings, strict=True))
         done += len(ids)
         log.info("index update %s: added %d/%d vectors", index_dir.name, done, total)
         if on_progress is not None:
@@ -381,7 +452,7 @@ def update_index(
         for ids, vectors, _ in iter_batches(shards, config.add_batch_rows, exclude=all_deleted):
             truth.add(ids, vectors)
     records = list(vm["shards"]) + [_shard_record(s, emb_dir) for s in new]
-    manifest = {
+    manifest: dict[str, Any] = {
         "mode": "incremental", "base_version": base, "gpu": False, "shards": records,
         "embeddings": _embeddings_lineage(emb_dir), "deleted_ids": int(all_deleted.size),
         "added": done, "removed": int(new_deleted.size),
@@ -394,12 +465,14 @@ def update_index(
         params["nprobe"] = config.nprobe
     elif kind == "hnsw":
         params["ef_search"] = config.hnsw_ef_search
-    return _finish(index_dir, index, kind, params, truth, config, manifest, all_deleted, id_strings, promote, started)
+    return _finish(index_dir, index, kind, params, truth, config, manifest, all_deleted, id_strings, auto_promote, started)
 
 
 def _load_id_strings(vdir: Path) -> dict[int, str]:
+    import numpy as np
+
     if not (vdir / "id_keys.npy").is_file():
         return {}
     keys = np.load(vdir / "id_keys.npy")
     values = np.load(vdir / "id_strings.npy")
-    return dict(zip(keys.tolist(), values.tolist()))
+    return dict(zip(keys.tolist(), values.tolist(), strict=True))

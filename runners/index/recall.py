@@ -62,7 +62,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each query's true top-k ids that ``found`` (same shape) contains."""
     hits = 0
     total = 0
-    for f, t in zip(found, truth):
+    for f, t in zip(found, truth, strict=True):
         t = t[t >= 0]
         total += len(t)
         hits += len(np.intersect1d(f[f >= 0], t, assume_unique=False))

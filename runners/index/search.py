@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
-import numpy as np
-
-from airflow_outpost.runners.index.versions import INDEX_FILE, IndexStateError, current_version, read_version_manifest, version_dir
 from airflow_outpost.runners.errors import DimensionMismatchError
 from airflow_outpost.runners.index.build import _load_id_strings, _set_search_params
+from airflow_outpost.runners.index.versions import INDEX_FILE, IndexStateError, current_version, read_version_manifest, version_dir
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["IndexSearcher"]
 
@@ -29,6 +30,8 @@ class IndexSearcher:
         self, index_dir: str | os.PathLike[str], *, version: str | None = None, k: int = 10,
         nprobe: int | None = None, ef_search: int | None = None, vector_column: str = "vector",
     ) -> None:
+        import faiss
+
         self.index_dir = Path(index_dir)
         self.version = version or current_version(self.index_dir)
         if self.version is None:
@@ -43,12 +46,17 @@ class IndexSearcher:
         self._strings = _load_id_strings(vdir)
 
     def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` of the ``k`` (default: the searcher's) nearest vectors of each query row."""
+        import numpy as np
+
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if q.shape[1] != self.index.d:
             raise DimensionMismatchError(f"queries have dimension {q.shape[1]}, index {self.version} has {self.index.d}")
         return self.index.search(q, k or self.k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
         scores, ids = self.search(np.stack(list(batch[self.vector_column])))
         out = dict(batch)
         if self._strings:

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from airflow_outpost.runners.store.atomic import TMP_PREFIX
 from airflow_outpost.runners.errors import DimensionMismatchError, InputError
+from airflow_outpost.runners.store.atomic import TMP_PREFIX
 
 _VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -142,6 +142,13 @@ def discover_shards(directory: str | Path) -> list[Shard]:
     return shards
 
 
+def has_shards(directory: str | Path) -> bool:
+    """True if ``directory`` holds vector files in either layout above (``*.npy``, or ``shards/*.npy``
+    as ``embed_corpus`` writes them). Looks at names only; an index directory never has either."""
+    root = Path(directory)
+    return any(root.glob("*.npy")) or any(root.glob("shards/*.npy"))
+
+
 def read_deleted_ids(directory: str | Path) -> np.ndarray:
     """All deleted document ids of an embeddings directory, as sorted unique int64."""
     root = Path(directory)
@@ -179,7 +186,7 @@ def iter_batches(
     shards = list(shards)
     replaced = superseded_ids(shards) if latest_only else [np.empty(0, dtype=np.int64)] * len(shards)
     base_exclude = exclude if exclude is not None else np.empty(0, dtype=np.int64)
-    for shard, superseded in zip(shards, replaced):
+    for shard, superseded in zip(shards, replaced, strict=True):
         exclude = np.union1d(base_exclude, superseded) if superseded.size else base_exclude
         vectors = np.load(shard.vectors, mmap_mode="r", allow_pickle=False)
         ids, strings = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
@@ -192,7 +199,7 @@ def iter_batches(
                 keep = ~np.isin(batch_ids, exclude, assume_unique=False)
                 if not keep.all():
                     batch_ids, batch_vec = batch_ids[keep], batch_vec[keep]
-                    batch_str = [s for s, k in zip(batch_str, keep) if k] if batch_str is not None else None
+                    batch_str = [s for s, k in zip(batch_str, keep, strict=True) if k] if batch_str is not None else None
             if len(batch_ids):
                 yield batch_ids, batch_vec, batch_str
 

@@ -24,8 +24,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from airflow_outpost.runners.errors import IndexStateError, ManifestError, StoreError
+from airflow_outpost.runners.results import PromoteResult, RollbackResult
 from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_symlink, atomic_write_json
-from airflow_outpost.runners.errors import ManifestError, RunnerError, StoreError
 from airflow_outpost.runners.store.region_store import SCHEMA_VERSION, code_version
 
 VERSIONS = "versions"
@@ -35,8 +36,9 @@ INDEX_FILE = "index.faiss"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 
-class IndexStateError(RunnerError):
-    """The index directory cannot do what was asked (no such version, nothing to roll back to, gate failed)."""
+def is_index_dir(path: Path) -> bool:
+    """True if ``path`` has this layout (a ``current`` link or a ``versions/`` folder); reads nothing else."""
+    return (path / CURRENT).is_symlink() or (path / VERSIONS).is_dir()
 
 
 def version_dir(index_dir: Path, version: str) -> Path:
@@ -46,9 +48,9 @@ def version_dir(index_dir: Path, version: str) -> Path:
     return index_dir / VERSIONS / version
 
 
-def list_versions(index_dir: Path) -> list[str]:
-    """Complete (renamed-into-place) versions, oldest first; temporaries are skipped."""
-    base = index_dir / VERSIONS
+def list_versions(index_dir: str | os.PathLike[str]) -> list[str]:
+    """Complete (renamed-into-place) versions, oldest first; temporaries are skipped. Reads only."""
+    base = Path(index_dir) / VERSIONS
     if not base.is_dir():
         return []
     return sorted(p.name for p in base.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST).is_file())
@@ -78,7 +80,7 @@ def sweep_temporaries(index_dir: Path) -> int:
 
 
 def current_version(index_dir: str | os.PathLike[str]) -> str | None:
-    """Name of the promoted version (``current`` symlink target), or None if none was promoted."""
+    """Name of the promoted version (``current`` symlink target), or None if none was promoted. Reads only."""
     link = Path(index_dir) / CURRENT
     try:
         target = os.readlink(link)
@@ -145,16 +147,17 @@ def _write_index_manifest(index_dir: Path, history: list[str], event: dict[str, 
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def promote(index_dir: str | os.PathLike[str], version: str, *, min_recall: float | None = None) -> dict[str, Any]:
+def promote(index_dir: str | os.PathLike[str], version: str, *, min_recall: float | None = None) -> PromoteResult:
     """Point ``current`` at ``version`` atomically, if its recorded recall passes the gate.
 
     ``min_recall`` defaults to the threshold recorded when the version was built. Raises
     IndexStateError (and changes nothing) if the version is missing or its recall is below
-    the threshold. Idempotent: promoting the current version again is a no-op.
-    Returns ``{"current", "previous", "recall"}``.
+    the threshold. Idempotent, so safe to retry: promoting the current version again is a no-op.
+    A crash between the link and the manifest write is repaired on next use (the link wins).
+    Returns a ``PromoteResult`` (``current``, ``previous``, ``recall``).
     """
     index_dir = Path(index_dir)
     vm = read_version_manifest(index_dir, version)
@@ -177,11 +180,13 @@ def promote(index_dir: str | os.PathLike[str], version: str, *, min_recall: floa
     return {"current": version, "previous": previous, "recall": recall}
 
 
-def rollback(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Point ``current`` back at the version promoted before it; return ``{"current", "rolled_back"}``.
+def rollback(index_dir: str | os.PathLike[str]) -> RollbackResult:
+    """Point ``current`` back at the version promoted before it; return a ``RollbackResult``
+    (``current``, ``rolled_back``).
 
     Raises IndexStateError if there is no earlier promoted version. Each call steps back one
-    promotion; the rolled-back version stays on disk and can be promoted again.
+    promotion, so it is not idempotent: a retry after a successful call steps back again. The
+    rolled-back version stays on disk and can be promoted again.
     """
     index_dir = Path(index_dir)
     manifest = read_index_manifest(index_dir)

@@ -26,10 +26,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from airflow_outpost.runners.embeddings.embedder import PACKAGED_MODEL_NAME, resolve_model_path
 from airflow_outpost.runners.model_service.protocol import (
     ENV_IDLE,
     ModelServiceError,
@@ -40,7 +39,9 @@ from airflow_outpost.runners.model_service.protocol import (
     send_message,
     socket_path,
 )
-from airflow_outpost.runners.embeddings.embedder import PACKAGED_MODEL_NAME, resolve_model_path
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["ENCODERS", "ModelClient", "ServiceEmbedder", "make_embedder", "ping"]
 
@@ -271,6 +272,8 @@ class ServiceEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Float32 (n, dim) vectors, L2-normalised when ``normalize``; as ``Embedder.embed`` returns them."""
+        import numpy as np
+
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         out, resp = self.client.encode(list(texts), self.model_path, **self._request)

@@ -16,16 +16,19 @@ import socket
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from airflow_outpost.runners.errors import (
     BackendUnavailableError,
+    GpuMemoryError,
     ModelError,
     ModelNotFoundError,
+    ModelServiceError,
     RunnerError,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ENV_SOCKET = "OUTPOST_MODEL_SOCKET"
 ENV_IDLE = "OUTPOST_MODEL_IDLE_S"
@@ -38,18 +41,6 @@ WIRE_DTYPES = ("float32", "float16")
 _LEN = struct.Struct(">I")
 # The longest path a UNIX socket address can hold on Linux (sun_path is 108 bytes, NUL included).
 _MAX_SOCKET_PATH = 107
-
-
-class ModelServiceError(ModelError):
-    """The model service could not be started or reached, or broke the protocol. Retryable."""
-
-    retryable = True
-
-
-class GpuMemoryError(ModelError):
-    """Loading the model would oversubscribe GPU memory. Retryable: other models may be released."""
-
-    retryable = True
 
 
 _ERRORS: dict[str, type[RunnerError]] = {
@@ -129,12 +120,16 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
 
 def array_payload(vectors: np.ndarray, dtype: str) -> tuple[dict[str, Any], bytes]:
     """Header fields and little-endian bytes for a 2-D array sent as ``dtype``."""
+    import numpy as np
+
     arr = np.ascontiguousarray(vectors, dtype=np.dtype(dtype).newbyteorder("<"))
     return {"shape": list(arr.shape), "dtype": dtype}, arr.tobytes()
 
 
 def array_from(header: dict[str, Any], payload: bytes) -> np.ndarray:
     """Rebuild the array described by ``header`` from ``payload`` (checked against the shape)."""
+    import numpy as np
+
     dtype = header.get("dtype")
     if dtype not in WIRE_DTYPES:
         raise ModelServiceError(f"model service sent vectors of dtype {dtype!r}; expected one of {WIRE_DTYPES}")

@@ -42,10 +42,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_outpost.runners.errors import ModelError, RunnerError
 from airflow_outpost.runners.model_service.protocol import (
     PROTOCOL,
     GpuMemoryError,
@@ -56,7 +58,6 @@ from airflow_outpost.runners.model_service.protocol import (
     send_message,
     socket_path,
 )
-from airflow_outpost.runners.errors import ModelError, RunnerError
 
 __all__ = ["ModelService", "main"]
 
@@ -91,7 +92,7 @@ class ModelService:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, idle_s: float | None = None,
                  gpu_reserve_mb: int | None = None, threads: int | None = None, persistent: bool = False,
-                 clock=time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = socket_path(path)
         self.idle_s = idle_seconds(idle_s)
         self.gpu_reserve_mb = int(os.environ.get(ENV_GPU_RESERVE, DEFAULT_GPU_RESERVE_MB)

@@ -49,8 +49,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_write_json
 from airflow_outpost.runners.errors import ManifestError, StoreError
+from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_write_json
 
 ENV_ROOT = "OUTPOST_STORE_ROOT"
 KINDS = ("corpora", "embeddings", "indexes", "results", "models")
@@ -222,7 +222,7 @@ class Store:
             inputs=[dict(i) for i in inputs],
             model=dict(model) if model is not None else None,
             code_version=code_version(),
-            written_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            written_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
         atomic_write_json(self.manifest_path(kind, name), manifest)
         return manifest

@@ -61,7 +61,7 @@ def make_corpus(directory: Path, partitions: int = 3, rows: int = 24, fmt: str =
         if fmt == "parquet":
             pq.write_table(pa.table({"id": ids, "text": texts}), path)
         else:
-            path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts)))
+            path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts, strict=True)))
         files.append(path)
     return files
 
@@ -102,7 +102,7 @@ class RayCluster:
         self.procs.append(proc)
         return proc
 
-    def start(self, timeout_s: float = 120.0) -> "RayCluster":
+    def start(self, timeout_s: float = 120.0) -> RayCluster:
         self._ray("--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_node}",
                   "--include-dashboard=false", f"--temp-dir={self.temp_dir}")
         self._wait_port(timeout_s)

@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_outpost.runners.batch.inference import BatchConfig, list_partitions, run_batch_inference, run_plain_loop
-from airflow_outpost.runners.errors import InputError
 from airflow_outpost.runners.batch.example_models import PrototypeClassifier
-from airflow_outpost.runners.batch.ray_session import RayAuthError, RayConfig, RayConnectError
+from airflow_outpost.runners.batch.inference import BatchConfig, list_partitions, run_batch_inference, run_plain_loop
+from airflow_outpost.runners.batch.ray_session import RayConfig
+from airflow_outpost.runners.errors import InputError, RayAuthError, RayConnectError
 from tests.runners.conftest_ray import classifier_kwargs, free_port, make_corpus
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pyarrow.json as pajson
 import pytest
 
-from airflow_outpost.runners.batch.inference import BatchConfig, run_batch_inference
 from airflow_outpost.runners.batch.example_models import PrototypeClassifier
-from airflow_outpost.runners.batch.ray_session import RayAuthError, RayConfig
+from airflow_outpost.runners.batch.inference import BatchConfig, run_batch_inference
+from airflow_outpost.runners.batch.ray_session import RayConfig
+from airflow_outpost.runners.errors import RayAuthError
 from tests.runners.conftest_ray import RayCluster, classifier_kwargs, make_corpus
 from tests.runners.test_batch import FailingModel, assert_same_rows, read_output
 
@@ -127,8 +128,8 @@ def test_warm_model_actors_outlive_the_task_process_that_started_them(
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     finally:
         # The cluster is shared by the module: give back the CPU the warm actor holds.
-        from airflow_outpost.runners.batch.warm_actors import release_idle
         from airflow_outpost.runners.batch.ray_session import ray_session
+        from airflow_outpost.runners.batch.warm_actors import release_idle
 
         with ray_session(RayConfig(address=cluster.address, auth_token_path=str(token_file))):
             release_idle(need_cpus=float("inf"))

@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_outpost.runners.batch.warm_actors import list_warm
-from airflow_outpost.runners.batch.inference import BatchConfig, run_batch_inference
-from airflow_outpost.runners.errors import ModelNotFoundError
 from airflow_outpost.runners.batch.example_models import PrototypeClassifier
+from airflow_outpost.runners.batch.inference import BatchConfig, run_batch_inference
 from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
+from airflow_outpost.runners.batch.warm_actors import list_warm
+from airflow_outpost.runners.errors import ModelNotFoundError
 from tests.runners.conftest_ray import classifier_kwargs, make_corpus
 from tests.runners.test_batch import assert_same_rows, in_process, read_output
 
@@ -139,8 +139,8 @@ def test_keep_warm_comes_from_the_worker_environment(monkeypatch: pytest.MonkeyP
 
 
 def test_actors_that_cannot_be_placed_time_out_clearly_and_leave_nothing(ray_2cpu) -> None:
-    from airflow_outpost.runners.batch.warm_actors import WarmPool
     from airflow_outpost.runners.batch.inference import _ModelActor
+    from airflow_outpost.runners.batch.warm_actors import WarmPool
 
     # 3 CPUs per actor on a 2-CPU Ray can never be placed: a bounded wait, then a clear error.
     pool = WarmPool(_ModelActor, LengthModel, {}, n=1, cpus=3, gpus=0, keep_warm_s=30, start_timeout_s=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -9,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_outpost.runners.store import atomic as _atomic
 from airflow_outpost.runners.embeddings.chunking import ChunkingConfig, chunk_text
 from airflow_outpost.runners.embeddings.corpus import embed_corpus, read_catalog, read_vectors
+from airflow_outpost.runners.store import atomic as _atomic
 from tests.runners.conftest import make_docs, tree, write_jsonl
 
 
@@ -32,7 +33,7 @@ def test_first_run_writes_shards_catalog_and_manifest(tmp_path, store, torch_emb
     assert len(ids) == summary["chunks"] and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     ref = torch_embedder.embed([d["text"] for d in docs])
-    got = dict(zip(ids, vectors))
+    got = dict(zip(ids, vectors, strict=True))
     assert min(float(got[f"doc-{i}#0"] @ ref[i]) for i in range(12)) > 0.9999
     assert len(set(keys.tolist())) == len(ids)
 
@@ -59,7 +60,7 @@ def test_changing_one_document_reembeds_only_its_chunks(tmp_path, store, torch_e
     assert torch_embedder.texts_encoded - texts_before == 1
     assert (summary["embedded"], summary["updated"], summary["added"]) == (1, 1, 0)
     ids, _, vectors = read_vectors(store, "c")
-    old, new = dict(zip(ids_before, vec_before)), dict(zip(ids, vectors))
+    old, new = dict(zip(ids_before, vec_before, strict=True)), dict(zip(ids, vectors, strict=True))
     for cid in ids:
         if cid.startswith("doc-3#"):
             assert float(old[cid] @ new[cid]) < 0.99
@@ -126,7 +127,7 @@ def test_token_chunking_with_overlap(torch_embedder, tmp_path, store):
     chunks = chunk_text(torch_embedder.tokenizer, text, cfg)
     assert len(chunks) > 2 and all(c.n_tokens <= 32 for c in chunks)
     tok = torch_embedder.tokenizer
-    for a, b in zip(chunks, chunks[1:]):
+    for a, b in itertools.pairwise(chunks):
         tail = tok(a.text, add_special_tokens=False)["input_ids"][-8:]
         head = tok(b.text, add_special_tokens=False)["input_ids"][:8]
         assert tail == head  # the overlap repeats exactly overlap_tokens tokens

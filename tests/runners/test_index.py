@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from airflow_outpost.runners.errors import DimensionMismatchError, InputError
-from airflow_outpost.runners.index.build import IndexConfig, IndexStateError, build_index, current_version, list_versions, promote, rollback, update_index
+from airflow_outpost.runners.errors import DimensionMismatchError, IndexStateError, InputError, SettingError
+from airflow_outpost.runners.index.build import IndexConfig, build_index, current_version, list_versions, promote, rollback, update_index
 from airflow_outpost.runners.index.search import IndexSearcher
 from tests.runners.conftest_index import make_embeddings, structured_vectors, write_deleted, write_shard
 
@@ -85,7 +85,7 @@ def test_incremental_update_matches_full_rebuild(tmp_path: Path, kind: str) -> N
     make_embeddings(emb, 400, DIM, shards=1, seed=1, id_offset=10_000)
     deleted = [3, 17, 2500, 10_005]
     write_deleted(emb, deleted)
-    inc = update_index(tmp_path / "inc", emb)
+    inc = update_index(emb, tmp_path / "inc")
     full = build_index(emb, tmp_path / "full", cfg)
     assert inc["mode"] == "incremental" and inc["promoted"]
     assert inc["count"] == full["count"] == 4000 + 400 - len(deleted)
@@ -101,7 +101,7 @@ def test_incremental_update_matches_full_rebuild(tmp_path: Path, kind: str) -> N
     # The gate's truth was updated from the cached lists; it must agree with a fresh exact scan.
     assert inc["recall"] == pytest.approx(1.0, abs=0.01)
     # Nothing new: a second update adds and removes nothing.
-    again = update_index(tmp_path / "inc", emb)
+    again = update_index(emb, tmp_path / "inc")
     assert again["mode"] == "incremental" and again["count"] == inc["count"]
 
 
@@ -110,9 +110,38 @@ def test_update_with_deletions_on_hnsw_falls_back_to_rebuild(emb: Path, tmp_path
     build_index(emb, idx, IndexConfig(kind="hnsw", hnsw_m=16))
     write_deleted(emb, [1, 2, 3])
     with pytest.raises(IndexStateError, match="HNSW"):
-        update_index(idx, emb, allow_rebuild=False)
-    out = update_index(idx, emb)
+        update_index(emb, idx, allow_rebuild=False)
+    out = update_index(emb, idx)
     assert out["mode"] == "rebuild" and out["count"] == 6000 - 3
+
+
+def test_update_with_the_0_1_argument_order_is_refused_and_changes_nothing(emb: Path, tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    v1 = build_index(emb, idx, IndexConfig(kind="flat"))["version"]
+    make_embeddings(emb, 100, DIM, shards=1, seed=1, id_offset=10_000)
+    index_manifest = (idx / "manifest.json").read_bytes()
+
+    # 0.1 order, update_index(index_dir, embeddings_dir): both arguments give it away.
+    with pytest.raises(SettingError, match="arguments look swapped") as err:
+        update_index(idx, emb)
+    message = str(err.value)
+    assert f"embeddings_dir={str(idx)!r} is an index directory" in message
+    assert f"index_dir={str(emb)!r} holds embedding shards" in message
+    assert "Since 0.2 the order is update_index(embeddings_dir, index_dir)" in message
+    assert list_versions(idx) == [v1] and current_version(idx) == v1
+    assert (idx / "manifest.json").read_bytes() == index_manifest
+    assert not (emb / "versions").exists() and not (emb / "current").exists()
+
+    # Either side alone is enough: an index as the source, or shards where the index should go.
+    with pytest.raises(SettingError, match=r"embeddings_dir=.* is an index directory.*update_index\(embeddings_dir, index_dir\)"):
+        update_index(idx, tmp_path / "new-index")
+    with pytest.raises(SettingError, match=r"index_dir=.* holds embedding shards.*update_index\(embeddings_dir, index_dir\)"):
+        update_index(emb, emb)
+    assert not (tmp_path / "new-index").exists() and list_versions(idx) == [v1]
+
+    # The 0.2 order goes through.
+    out = update_index(emb, idx)
+    assert out["mode"] == "incremental" and out["count"] == 6000 + 100 and out["current"] == out["version"] != v1
 
 
 def test_dimension_mismatch_is_a_clear_error_and_writes_nothing(emb: Path, tmp_path: Path) -> None:
@@ -130,7 +159,7 @@ def test_dimension_mismatch_is_a_clear_error_and_writes_nothing(emb: Path, tmp_p
     v1 = build_index(emb, idx, IndexConfig(kind="flat"))["version"]
     write_shard(emb, "shard-zzz", structured_vectors(10, DIM + 8, seed=3), np.arange(90_000, 90_010))
     with pytest.raises(DimensionMismatchError, match="shard-zzz.npy"):
-        update_index(idx, emb)
+        update_index(emb, idx)
     assert list_versions(idx) == [v1] and current_version(idx) == v1
 
 
@@ -242,7 +271,7 @@ def test_embeddings_manifest_layout_later_shard_replaces_an_updated_row(tmp_path
     write_shard(emb / "shards", "shard-v000003", moved, np.array(["c5"]))
     manifest["shards"].append({"vectors": "shards/shard-v000003.npy", "ids": "shards/shard-v000003.ids.npy"})
     (emb / "manifest.json").write_text(json.dumps(manifest))
-    inc = update_index(tmp_path / "idx", emb)
+    inc = update_index(emb, tmp_path / "idx")
     full = build_index(emb, tmp_path / "full", cfg)
     assert inc["mode"] == "incremental" and inc["count"] == full["count"] == 299
     for where in ("idx", "full"):

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 
 from airflow_outpost.runners import ModelClient, ModelServiceError, ServiceEmbedder, embed_corpus
-from airflow_outpost.runners.model_service.protocol import GpuMemoryError
 from airflow_outpost.runners.embeddings.chunking import ChunkingConfig, chunk_text
-from airflow_outpost.runners.errors import ModelError, ModelNotFoundError
+from airflow_outpost.runners.errors import GpuMemoryError, ModelError, ModelNotFoundError
 from airflow_outpost.runners.model_service.client import make_embedder, ping
 from airflow_outpost.runners.model_service.service import ModelService
 from tests.helpers import REPO

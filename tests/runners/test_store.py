@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from airflow_outpost.runners.store import atomic as _atomic
 from airflow_outpost.runners.errors import ManifestError, StoreError
+from airflow_outpost.runners.store import atomic as _atomic
 from airflow_outpost.runners.store.region_store import ENV_ROOT, Store, hash_file, hash_tree, input_record
 
 

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
     d = sub.add_parser("demo", help="start a local control plane and a worker, run an example DAG")
-    d.add_argument("--dag", default="outpost_rag_pipeline", help="example DAG to run (outpost_example: the minimal tour)")
+    d.add_argument("--dag", default="outpost_rag_pipeline",
+                   help="example DAG to run (outpost_example: the minimal tour; outpost_search: the README example)")
     d.add_argument("--keep", action="store_true", help="keep the temporary AIRFLOW_HOME")
     d.set_defaults(func=_cmd_demo)
     from airflow_outpost.worker.cli.egress import add_egress_parser

@@ -94,7 +94,8 @@ def outpost_rag_pipeline():
     @task
     def documents_arrive(**context) -> dict:
         """Write the corpus; on later runs revise about 2% of the documents."""
-        from airflow_outpost.runners import Store, hash_file
+        from airflow_outpost.runners import Store
+        from airflow_outpost.runners.store.region_store import hash_file
 
         store = Store()
         path = store.path("corpora", NAME, "documents.jsonl")
@@ -135,9 +136,9 @@ def outpost_rag_pipeline():
         emb_dir, index_dir = store.path("embeddings", NAME), store.path("indexes", NAME)
         config = IndexConfig(kind="flat", eval_queries=50, min_recall=float(context["params"]["min_recall"]))
         if current_version(index_dir) is None:
-            summary = build(emb_dir, index_dir, config, promote=False)
+            summary = build(emb_dir, index_dir, config, auto_promote=False)
         else:
-            summary = update_index(index_dir, emb_dir, promote=False)
+            summary = update_index(emb_dir, index_dir, auto_promote=False)
         return {k: summary[k] for k in ("version", "mode", "kind", "count", "recall", "k", "min_recall",
                                         "passed", "current", "index_dir")}
 
@@ -153,9 +154,8 @@ def outpost_rag_pipeline():
 
     @task(outlets=[INDEX_ASSET])
     def promote(gated: dict) -> dict:
-        from airflow_outpost.runners import emit
+        from airflow_outpost.runners import Store, emit
         from airflow_outpost.runners import promote as promote_version
-        from airflow_outpost.runners.store.region_store import Store
 
         result = promote_version(gated["index_dir"], gated["version"], min_recall=gated["min_recall"])
         summary = {"index": INDEX_ASSET.uri, "version": result["current"], "previous": result["previous"],

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
 
 class TcpProxy:
@@ -49,7 +51,7 @@ class TcpProxy:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
-    def _call(self, fn) -> None:
+    def _call(self, fn: Callable[[], Any]) -> None:
         async def run() -> None:
             fn()
         asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
