@@ -31,6 +31,11 @@ CRASH_POLICIES = ("stop", "adopt")
 _RAY_ADDRESS_RE = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$")
 
 
+# A clean stop, after the drain timeout and the kill grace: how long tasks killed with SIGKILL get
+# to have their failure reported, and how long the final reports (jobs, then "offline") may take.
+AFTER_KILL_WAIT_S = 10.0
+OFFLINE_FLUSH_S = 30.0
+
 # Environment variables that authenticate the *worker*; task processes and helpers never see them.
 WORKER_CREDENTIAL_ENV = ("OUTPOST_JWT_SECRET", "OUTPOST_JWT_SECRET_FILE", "AIRFLOW__API_AUTH__JWT_SECRET",
                          "OUTPOST_TOKEN_FILE", "OUTPOST_OIDC_CLIENT_SECRET_FILE", "OUTPOST_CLIENT_KEY")
@@ -189,6 +194,14 @@ class Settings:
     def region_store(self) -> Path:
         """Root of the region-local store (XCom values that must not leave the region)."""
         return self.store_root or self.state_folder / "store"
+
+    def stop_budget_s(self, *, preempted: bool = False) -> float:
+        """The longest a clean stop can take, from SIGTERM to exit: drain, kill grace, the wait
+        after SIGKILL and the final-report flush. A supervisor's stop timeout (systemd
+        ``TimeoutStopSec``, Kubernetes ``terminationGracePeriodSeconds``, ``docker stop -t``) must
+        be at least this, or it kills the worker before every final state is reported."""
+        drain = min(self.preemption_drain_timeout_s, self.drain_timeout_s) if preempted else self.drain_timeout_s
+        return drain + self.kill_grace_s + AFTER_KILL_WAIT_S + OFFLINE_FLUSH_S
 
     def secret(self) -> str | None:
         """The shared JWT secret, read from ``jwt_secret_file`` when given (re-read on each call)."""

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from airflow_outpost.worker.config import AFTER_KILL_WAIT_S
 from airflow_outpost.worker.edge.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
 from airflow_outpost.worker.edge.tokens import expired_for
 from airflow_outpost.worker.errors import JobRejected, OutpostError
@@ -474,7 +475,7 @@ class JobRunner:
             for r, proc in still:
                 log.warning("SIGKILL %s (pid %d)", r.job.key, proc.pid)
                 proc.kill_task_tree()  # the supervisor reports the failure, then exits
-            await self._wait_any([r.task for r, _ in still if r.task], 10, None)
+            await self._wait_any([r.task for r, _ in still if r.task], AFTER_KILL_WAIT_S, None)
             for r in self.running.values():
                 if r.proc is not None:
                     r.proc.signal(signal.SIGKILL, group=True)

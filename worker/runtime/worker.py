@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 import httpx
 
-from airflow_outpost.worker.config import Settings, without_credentials
+from airflow_outpost.worker.config import OFFLINE_FLUSH_S, Settings, without_credentials
 from airflow_outpost.worker.edge.client import EdgeClient
 from airflow_outpost.worker.edge.request_counter import RequestCounter
 from airflow_outpost.worker.edge.sysinfo import airflow_version, sysinfo
@@ -391,7 +391,7 @@ class Worker:
         state = "offline maintenance" if self.link.maintenance else "offline"
         # Through the outbox, behind the jobs' final states, so those reach the server first.
         self.jobs.report_worker_state(state, self.link.maintenance_comments)
-        if await self.jobs.flush_outbox(30):
+        if await self.jobs.flush_outbox(OFFLINE_FLUSH_S):
             log.info("reported offline to the control plane")
         else:
             log.warning("could not deliver %d report(s) before exiting; they stay in the outbox and are sent at "
