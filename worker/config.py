@@ -9,6 +9,7 @@ the value and what is allowed, before anything starts.
 
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import os
 import re
@@ -35,6 +36,10 @@ _RAY_ADDRESS_RE = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253
 # to have their failure reported, and how long the final reports (jobs, then "offline") may take.
 AFTER_KILL_WAIT_S = 10.0
 OFFLINE_FLUSH_S = 30.0
+# After a preemption notice the machine goes away on the cloud's clock (30 s on some clouds):
+# the grace and both waits shrink so that drain (15 s by default) + 15 s fits.
+PREEMPTION_KILL_GRACE_S = 5.0
+PREEMPTION_WAIT_S = 5.0
 
 # Environment variables that authenticate the *worker*; task processes and helpers never see them.
 WORKER_CREDENTIAL_ENV = ("OUTPOST_JWT_SECRET", "OUTPOST_JWT_SECRET_FILE", "AIRFLOW__API_AUTH__JWT_SECRET",
@@ -94,7 +99,7 @@ class Settings:
     gpus: tuple[str, ...] | None = None  # None = detect (NVML, torch); () = none
     exit_when_idle_s: float = 0.0  # 0 = never
     preemption_notice_file: Path | None = None
-    preemption_drain_timeout_s: float = 30.0
+    preemption_drain_timeout_s: float = 15.0
     warm_models: tuple[str, ...] = ()
     # Keep embedding models loaded across tasks in a worker-owned model service (runners extra).
     model_service: bool = True
@@ -200,8 +205,10 @@ class Settings:
         after SIGKILL and the final-report flush. A supervisor's stop timeout (systemd
         ``TimeoutStopSec``, Kubernetes ``terminationGracePeriodSeconds``, ``docker stop -t``) must
         be at least this, or it kills the worker before every final state is reported."""
-        drain = min(self.preemption_drain_timeout_s, self.drain_timeout_s) if preempted else self.drain_timeout_s
-        return drain + self.kill_grace_s + AFTER_KILL_WAIT_S + OFFLINE_FLUSH_S
+        if preempted:
+            drain = min(self.preemption_drain_timeout_s, self.drain_timeout_s)
+            return drain + min(self.kill_grace_s, PREEMPTION_KILL_GRACE_S) + 2 * PREEMPTION_WAIT_S
+        return self.drain_timeout_s + self.kill_grace_s + AFTER_KILL_WAIT_S + OFFLINE_FLUSH_S
 
     def secret(self) -> str | None:
         """The shared JWT secret, read from ``jwt_secret_file`` when given (re-read on each call)."""
@@ -400,25 +407,92 @@ def _parse_budgets(raw: Any) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(out.items()))
 
 
-def load_settings(
+# Settings that give the worker a credential; without any, Airflow's own configuration is read.
+_CREDENTIAL_SETTINGS = ("jwt_secret", "jwt_secret_file", "token_file", "oidc_token_url")
+
+
+def airflow_jwt_secret(env: Mapping[str, str]) -> str | None:
+    """``[api_auth] jwt_secret`` from Airflow's configuration as the stock worker reads it (env
+    ``AIRFLOW__API_AUTH__JWT_SECRET``, else ``airflow.cfg``); None if neither has one."""
+    if env.get("AIRFLOW__API_AUTH__JWT_SECRET"):
+        return env["AIRFLOW__API_AUTH__JWT_SECRET"]
+    cfg = env.get("AIRFLOW_CONFIG")
+    if not cfg:
+        home = env.get("AIRFLOW_HOME") or (str(Path(env["HOME"]) / "airflow") if env.get("HOME") else None)
+        cfg = str(Path(home) / "airflow.cfg") if home else None
+    if not cfg:
+        return None
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(cfg, encoding="utf-8")
+    except (OSError, configparser.Error):
+        return None
+    value = parser.get("api_auth", "jwt_secret", fallback="").strip()
+    return value or None
+
+
+def require_credentials(s: Settings) -> None:
+    """Raise ConfigError (exit 2 at start, before anything is started) if the worker has no way to
+    authenticate, or its secret file cannot be read."""
+    if not (s.jwt_secret or s.jwt_secret_file or s.token_file or s.oidc_token_url):
+        raise ConfigError("jwt_secret", None, "required: set OUTPOST_JWT_SECRET or OUTPOST_JWT_SECRET_FILE (the "
+                          "control plane's [api_auth] jwt_secret), AIRFLOW__API_AUTH__JWT_SECRET or [api_auth] "
+                          "jwt_secret in airflow.cfg, or an OIDC token (--token-file / --oidc-token-url)")
+    for name in ("jwt_secret_file", "token_file", "oidc_client_secret_file"):
+        path = getattr(s, name)
+        if path is not None:
+            try:
+                Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(name, str(path), f"must be a file this user can read ({exc.strerror})") from None
+
+
+def require_writable(s: Settings) -> None:
+    """Raise ConfigError if the state or log folder cannot be created or written by this user."""
+    for name in ("state_folder", "log_folder"):
+        folder = Path(getattr(s, name))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(name, str(folder), f"must be a folder this user (uid {os.getuid()}) can create and "
+                              f"write ({exc.strerror}); create it and give it to this user, or choose another") from None
+
+
+def _read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings in a TOML file: top-level keys, a ``[worker]`` table, or both (the table wins),
+    plus tables that are settings themselves (``[budgets]``) wherever they stand."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", str(path), "the config file does not exist") from None
+    except PermissionError:
+        raise ConfigError("config", str(path), "the config file is not readable by this user") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"not valid TOML: {exc}") from None
+    table = data.pop("worker", {})
+    if not isinstance(table, dict):
+        raise ConfigError("worker", table, f"in {path}: [worker] must be a table of settings")
+    return {**data, **table}
+
+
+def collect_settings(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config_file: str | os.PathLike[str] | None = None,
-) -> Settings:
-    """Build :class:`Settings` from flags (already parsed, ``None`` = not given), env and a file."""
+) -> dict[str, Any]:
+    """The converted values of every setting given by flags, env or the file (flags win over the
+    environment, which wins over the file), without defaults or cross-checks: what commands that
+    only need one setting (``outpost status``: the state folder) read."""
     env = os.environ if env is None else env
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     path = config_file or flags.pop("config", None) or env.get(ENV_PREFIX + "CONFIG")
     values: dict[str, Any] = {}
     if path:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError("config", str(path), "the config file does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", str(path), f"not valid TOML: {exc}") from None
-        data = data.get("worker", data)  # a [worker] table or top-level keys
+        data = _read_config_file(path)
         for key, raw in data.items():
             if key not in _FIELDS:
                 raise ConfigError(key, raw, f"unknown setting in {path}; known: {', '.join(sorted(_FIELDS))}")
@@ -431,6 +505,27 @@ def load_settings(
         if key not in _FIELDS:
             raise ConfigError(key, raw, "unknown setting")
         values[key] = _convert(key, raw)
+    return values
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from flags (already parsed, ``None`` = not given), env and a file.
+
+    With no ``OUTPOST_*`` credential at all, the control plane's ``[api_auth] jwt_secret`` is taken
+    from Airflow's own configuration, as the stock ``airflow edge worker`` does:
+    ``AIRFLOW__API_AUTH__JWT_SECRET``, else ``[api_auth] jwt_secret`` in ``$AIRFLOW_CONFIG`` or
+    ``$AIRFLOW_HOME/airflow.cfg`` (``~/airflow/airflow.cfg``).
+    """
+    env = os.environ if env is None else env
+    values = collect_settings(flags, env, config_file)
+    if not any(values.get(k) for k in _CREDENTIAL_SETTINGS):
+        secret = airflow_jwt_secret(env)
+        if secret:
+            values["jwt_secret"] = secret
     if "api_url" not in values:
         raise ConfigError("api_url", None, "required: pass --api-url, set OUTPOST_API_URL, or api_url in the config file")
     try:

@@ -78,9 +78,6 @@ def ping(path: str | os.PathLike[str] | None = None, timeout_s: float = 2.0) -> 
 def _service_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AIRFLOW") and not any(m in k.upper() for m in _SECRET_MARKERS)}
-    # The service must import this package even when the task's cwd put it on sys.path.
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env["HF_HUB_OFFLINE"] = "1"  # the service never downloads: local model directories only
     return env
 

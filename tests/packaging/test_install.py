@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import build_wheel, fresh_venv
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,30 +52,8 @@ def test_editable_install_has_one_import_root(tmp_path: Path) -> None:
 
 
 def test_wheel_in_a_fresh_venv_has_one_import_root_and_a_working_cli(tmp_path: Path) -> None:
-    # Built from a copy of what the images copy too, so no build/ folder of an earlier build in the
-    # checkout (setuptools reuses it) can slip a removed module into the wheel.
-    src = tmp_path / "src"
-    src.mkdir()
-    for item in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / item, src / item)
-    for folder in ("airflow_outpost", "worker", "runners"):
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    wheels = tmp_path / "wheels"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
-    [wheel] = wheels.glob("airflow_outpost-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    venv, site = fresh_venv(tmp_path, build_wheel(tmp_path))
     py = venv / "bin" / "python"
-    install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
-                             capture_output=True, text=True, timeout=300)
-    assert install.returncode == 0, install.stderr
-    # The dependencies come from this interpreter's site-packages through a plain path entry, which
-    # adds their folder but does not run the .pth files in it (so not this checkout's editable finder).
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     names = {p.name for p in site.iterdir()}
     assert "airflow_outpost" in names and not names & {"worker", "runners"}
     assert (site / "airflow_outpost" / "py.typed").is_file()

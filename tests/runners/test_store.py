@@ -34,7 +34,7 @@ def test_manifest_round_trip_records_lineage(store, tmp_path):
                                    model={"name": "m", "weights_sha256": "sha256:00"})
     got = store.read_manifest("results", "r1")
     assert got == written
-    assert got["rows"] == 3 and got["code_version"] == "0.1.0"
+    assert got["rows"] == 3 and got["code_version"] == "0.2.0"
     assert got["inputs"][0]["sha256"] == hash_file(src)
     assert got["model"]["name"] == "m"
     assert store.list("results") == ["r1"]

@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -266,20 +265,14 @@ def test_outpost_status_shows_the_ray(tmp_path: Path) -> None:
 
 
 def test_metrics_say_where_the_ray_is_and_whether_it_answers(tmp_path: Path) -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from airflow_outpost.worker.observability.prometheus import _ray_families
+    from airflow_outpost.worker.observability.prometheus import WorkerMetrics, WorkerSnapshot
 
     host = RayHost("10.0.0.5:6379", tmp_path, keep_warm_s=1)
     host.up, host.restarts = False, 3
-
-    class Collector:
-        def collect(self):
-            return _ray_families(SimpleNamespace(ray=host))
-
-    registry = CollectorRegistry()
-    registry.register(Collector())
-    text = generate_latest(registry).decode()
+    snapshot = WorkerSnapshot(state="idle", reachable=True, concurrency=1, free_slots=1, running_queues=(), live=(),
+                              outbox_depth=0, requests_total=0, request_rates={}, gpus_total=0, gpus_free=0,
+                              gpu_devices=(), ray=host.describe())
+    text = WorkerMetrics(lambda: snapshot).render().decode()
     assert 'outpost_ray_up{address="10.0.0.5:6379",mode="cluster"} 0.0' in text
     assert "outpost_ray_restarts_total 3.0" in text
 

@@ -20,8 +20,8 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 
 
-def add_bench_parser(sub: Any) -> None:
-    b = sub.add_parser("bench", help="benchmark embeddings, indexes and batch inference on this machine; "
+def add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    b = sub.add_parser("bench", parents=[common], help="benchmark embeddings, indexes and batch inference on this machine; "
                                      "write a Markdown + JSON report with PNG charts")
     b.add_argument("--out", default=None, help="report folder (default ./outpost-bench-<date>); "
                                                 "must not exist or be empty")

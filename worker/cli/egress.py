@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from airflow_outpost.worker.cli.local import add_state_args, state_folder_for
 from airflow_outpost.worker.egress import ledger
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -24,25 +24,23 @@ def _duration_s(text: str) -> float:
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
-def _ledger_path(state_folder: str | None) -> Path:
-    folder = Path(state_folder or os.environ.get("OUTPOST_STATE_FOLDER")
-                  or Path(os.environ.get("OUTPOST_HOME", Path.home() / ".outpost")) / "state")
-    return folder / "egress.sqlite"
+def _ledger_path(args: argparse.Namespace) -> Path:
+    return state_folder_for(args) / "egress.sqlite"
 
 
-def add_egress_parser(sub: Any) -> None:
+def add_egress_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``egress report`` and ``egress verify`` on the ``outpost`` sub-parsers."""
     eg = sub.add_parser("egress", help="what left the region: report and verify the egress ledger")
     eg_sub = eg.add_subparsers(dest="egress_command", required=True)
-    rep = eg_sub.add_parser("report", help="totals by kind and the largest items")
+    rep = eg_sub.add_parser("report", parents=[common], help="totals by kind and the largest items")
     rep.add_argument("--since", type=_duration_s, default=None, help="only the last 90s / 15m / 24h / 7d")
     rep.add_argument("--task", default=None, help="only tasks whose label contains this (dag.task, run id, ...)")
     rep.add_argument("--top", type=int, default=10, help="how many of the largest items (default 10)")
-    rep.add_argument("--state-folder", default=None)
+    add_state_args(rep)
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(func=cmd_report)
-    ver = eg_sub.add_parser("verify", help="check the hash chain; exit 1 at the first tampered row")
-    ver.add_argument("--state-folder", default=None)
+    ver = eg_sub.add_parser("verify", parents=[common], help="check the hash chain; exit 1 at the first tampered row")
+    add_state_args(ver)
     ver.set_defaults(func=cmd_verify)
 
 
@@ -55,7 +53,7 @@ def _size(n: float) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    path = _ledger_path(args.state_folder)
+    path = _ledger_path(args)
     if not path.exists():
         print(f"no egress ledger at {path}", file=sys.stderr)
         return 1
@@ -81,7 +79,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    path = _ledger_path(args.state_folder)
+    path = _ledger_path(args)
     if not path.exists():
         print(f"no egress ledger at {path}", file=sys.stderr)
         return 1

@@ -1,8 +1,10 @@
-"""``outpost`` command line: ``worker``, ``status``, ``demo``, ``egress`` and ``bench``.
+"""``outpost`` command line: ``worker``, ``status``, ``stop``, ``maintenance``, ``demo``, ``egress``, ``bench``.
 
 Signals are installed here and nowhere else: the first SIGTERM/SIGINT drains, the second skips
 the drain wait. Known failures print one line to stderr and exit non-zero, never a traceback:
-exit 2 for a bad setting, 1 for anything that stops the worker from joining or running.
+exit 2 for a bad setting (a missing credential, an unwritable folder: found before anything
+starts), 1 for anything that stops the worker from joining or running. A clean stop exits 0, or
+3 after ``exit_when_idle_s`` and 4 after a preemption notice.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
-from airflow_outpost.worker.config import _FIELDS, load_settings
+from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, pid_alive, state_folder_for
+from airflow_outpost.worker.config import _FIELDS, load_settings, require_credentials, require_writable
 from airflow_outpost.worker.errors import ConfigError, OutpostError
 
 EXIT_CONFIG = 2
@@ -61,14 +62,51 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "ray_auth_token_file": "file holding an existing Ray cluster's auth token (tasks get RAY_AUTH_TOKEN_PATH)",
         "ray_keep_warm_s": "how long tasks' Ray model actors stay warm when idle (default: model_idle_s)",
         "budgets": "daily budgets, e.g. queue:gpu=2h,dag:train=30m (also --budget, repeatable)",
+        "push_log_chunk_size": "characters per pushed log chunk (default 512000)",
+        "startup_timeout_s": "how long to retry reaching the control plane at start (default 15)",
+        "request_timeout_s": "per-request HTTP timeout (default 30)",
+        "outage_hold_s": "while the control plane is unreachable, how long a task's request is held before it fails "
+                         "(0 = fail at once; default 900)",
+        "confirm_start_s": "SQLite control planes: confirm a task start after this long before running it "
+                           "(~0.3; default 0 = off)",
+        "jwt_issuer": "iss claim, if the server sets [api_auth] jwt_issuer",
+        "team_name": "team for Airflow's multi-team mode",
+        "edge_provider_version": "edge3 version reported to the server's version check (default: installed edge3)",
+        "model_service": "start the runners' model service so models stay loaded across tasks (true/false; default true)",
+        "model_idle_s": "release a model the service has not used for this long (default 600)",
+        "region": "region name carried by region-local XCom references and policy messages (default 'default')",
+        "region_local_xcom": "keep large or data-typed XCom values in the region, send a reference (true/false; default true)",
+        "xcom_threshold_bytes": "serialized size above which an XCom value stays in the region (default 65536)",
+        "max_xcom_bytes": "largest XCom body sent to the control plane; bigger ones fail the task (0 = no limit)",
+        "logs": "what leaves with task logs: none, redacted or full (default none; full with --push-logs)",
+        "redacted_log_max_bytes": "cap of the redacted log copy per task try (default 262144)",
+        "redact_patterns": "extra regexes masked in redacted logs, one per line",
+        "secrets": "local-only, local-first or central: where tasks' Variables/Connections may come from "
+                   "(default local-first)",
+        "rendered_fields": "local (keep rendered template fields in the region) or full (default local)",
+        "store_root": "region-local store root (default <state-folder>/store)",
+        "token_file": "OIDC mode: present the token in this file (re-read when it changes)",
+        "oidc_token_url": "OIDC mode: OAuth2 token endpoint for the client-credentials grant",
+        "oidc_client_id": "OIDC mode: client id",
+        "oidc_client_secret_file": "OIDC mode: file holding the client secret (re-read at each refresh)",
+        "oidc_audience": "OIDC mode: audience asked for (must match [edge] jwt_audience)",
+        "oidc_scope": "OIDC mode: scope asked for",
+        "ca_bundle": "CA bundle for the control plane's TLS certificate (default: system CAs)",
+        "client_cert": "client certificate (PEM) for mTLS",
+        "client_key": "client key, if not in the client certificate's PEM",
     }
     aliases = {"exit_when_idle_s": ["--exit-when-idle"]}
     for name in _FIELDS:
         if name == "jwt_secret":
             continue  # secrets on the command line end up in `ps`; use env or a file
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, *aliases.get(name, []), dest=name, default=None,
-                       help=helps.get(name, f"see README (env OUTPOST_{name.upper()})"))
+        env = f" [env OUTPOST_{name.upper()}]"
+        if str(_FIELDS[name].type).startswith("bool"):
+            # `--push-logs` alone means true; `--push-logs false` still turns it off.
+            p.add_argument(flag, *aliases.get(name, []), dest=name, default=None, nargs="?", const="true",
+                           metavar="BOOL", help=helps[name] + env)
+        else:
+            p.add_argument(flag, *aliases.get(name, []), dest=name, default=None, help=helps[name] + env)
     p.add_argument("--budget", dest="budget_items", action="append", default=None, metavar="KEY=DURATION",
                    help="one daily budget, e.g. --budget queue:gpu=2h (repeatable; joins --budgets)")
 
@@ -86,6 +124,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if getattr(args, "budget_items", None):
         flags["budgets"] = ",".join([*([flags["budgets"]] if flags.get("budgets") else []), *args.budget_items])
     settings = load_settings(flags)
+    # Before anything starts (health server, zygote, model service, Ray): a bad setting is exit 2,
+    # which a supervisor does not restart.
+    require_credentials(settings)
+    require_writable(settings)
     from airflow_outpost.worker.runtime.worker import Worker
 
     async def main() -> int:
@@ -99,15 +141,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    folder = Path(args.state_folder or os.environ.get("OUTPOST_STATE_FOLDER")
-                  or Path(os.environ.get("OUTPOST_HOME", Path.home() / ".outpost")) / "state")
+    folder = state_folder_for(args)
     from airflow_outpost.worker.runtime.state import StateFolder
 
     status = StateFolder(folder).read_status()
     if status is None:
         print(f"no worker status in {folder}", file=sys.stderr)
         return EXIT_FAILED
-    alive = _pid_alive(status.get("pid"))
+    alive = pid_alive(status.get("pid"))
     if args.json:
         print(json.dumps({**status, "alive": alive}, indent=1))
         return 0 if alive else EXIT_FAILED
@@ -135,18 +176,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if alive else EXIT_FAILED
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from airflow_outpost.worker.cli.demo import run_demo
 
@@ -155,26 +184,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outpost", description="Airflow 3 remote worker (Edge API + Task SDK)")
-    parser.add_argument("--log-level", default=os.environ.get("OUTPOST_LOG_LEVEL", "INFO"))
+    log_help = "DEBUG, INFO, WARNING or ERROR (env OUTPOST_LOG_LEVEL; default INFO)"
+    parser.add_argument("--log-level", default=os.environ.get("OUTPOST_LOG_LEVEL", "INFO"), help=log_help)
+    # The same option after the subcommand (`outpost worker --log-level DEBUG`); unset there, the
+    # top-level value stands.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help=log_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("worker", help="join a control plane and run its tasks")
+    w = sub.add_parser("worker", parents=[common], help="join a control plane and run its tasks")
     _add_settings_flags(w)
     w.set_defaults(func=_cmd_worker)
-    st = sub.add_parser("status", help="show the running worker's state, jobs and request rate")
-    st.add_argument("--state-folder", default=None)
+    st = sub.add_parser("status", parents=[common], help="show the running worker's state, jobs and request rate")
+    add_state_args(st)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
-    d = sub.add_parser("demo", help="start a local control plane and a worker, run an example DAG")
+    add_local_parsers(sub, common)
+    d = sub.add_parser("demo", parents=[common], help="start a local control plane and a worker, run an example DAG")
     d.add_argument("--dag", default="outpost_rag_pipeline",
                    help="example DAG to run (outpost_example: the minimal tour; outpost_search: the README example)")
     d.add_argument("--keep", action="store_true", help="keep the temporary AIRFLOW_HOME")
     d.set_defaults(func=_cmd_demo)
     from airflow_outpost.worker.cli.egress import add_egress_parser
 
-    add_egress_parser(sub)
+    add_egress_parser(sub, common)
     from airflow_outpost.worker.cli.bench import add_bench_parser
 
-    add_bench_parser(sub)
+    add_bench_parser(sub, common)
     return parser
 
 

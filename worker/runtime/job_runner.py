@@ -459,8 +459,10 @@ class JobRunner:
                 log.warning("could not journal the pushed log offset of %s: %s", run.job.key, exc)
 
     # -- drain -------------------------------------------------------------------------------
-    async def drain(self, timeout_s: float, grace_s: float, force: asyncio.Event) -> None:
-        """Wait for running jobs (up to ``timeout_s`` or until ``force``), then SIGTERM, then SIGKILL."""
+    async def drain(self, timeout_s: float, grace_s: float, force: asyncio.Event,
+                    after_kill_s: float = AFTER_KILL_WAIT_S) -> None:
+        """Wait for running jobs (up to ``timeout_s`` or until ``force``), then SIGTERM, then SIGKILL
+        after ``grace_s``, then up to ``after_kill_s`` for the killed tasks' failures to be reported."""
         tasks = [r.task for r in self.running.values() if r.task is not None]
         if tasks:
             log.info("draining %d job(s) for up to %.0fs", len(tasks), timeout_s)
@@ -475,7 +477,7 @@ class JobRunner:
             for r, proc in still:
                 log.warning("SIGKILL %s (pid %d)", r.job.key, proc.pid)
                 proc.kill_task_tree()  # the supervisor reports the failure, then exits
-            await self._wait_any([r.task for r, _ in still if r.task], AFTER_KILL_WAIT_S, None)
+            await self._wait_any([r.task for r, _ in still if r.task], after_kill_s, None)
             for r in self.running.values():
                 if r.proc is not None:
                     r.proc.signal(signal.SIGKILL, group=True)

@@ -86,12 +86,15 @@ class Lifecycle:
             log.info("no work for %s (exit_when_idle_s): signing off and exiting", format_duration(now - self.idle_since))
             self._shutdown()
 
+    def preempted_now(self) -> bool:
+        """True after a preemption notice, or while the notice file exists (a SIGTERM then counts too)."""
+        s = self.settings
+        return self.preempted or (s.preemption_notice_file is not None and s.preemption_notice_file.exists())
+
     def drain_timeout_s(self) -> float:
         """The drain timeout to use now: short after a preemption notice, else ``drain_timeout_s``."""
         s = self.settings
-        if self.preempted or (s.preemption_notice_file is not None and s.preemption_notice_file.exists()):
-            return min(s.preemption_drain_timeout_s, s.drain_timeout_s)
-        return s.drain_timeout_s
+        return min(s.preemption_drain_timeout_s, s.drain_timeout_s) if self.preempted_now() else s.drain_timeout_s
 
     # -- model warming -----------------------------------------------------------------------
     def start_warming(self) -> None:

@@ -186,3 +186,29 @@ class StateFolder:
             return json.loads((self.root / "status.json").read_text())
         except FileNotFoundError:
             return None
+
+    # -- requests from the local CLI (outpost maintenance) ------------------------------------
+    @property
+    def maintenance_request_file(self) -> Path:
+        return self.root / "maintenance-request.json"
+
+    def request_maintenance(self, on: bool, comments: str | None = None) -> None:
+        """Ask the running worker to enter (``on``) or leave maintenance; it reads the request at
+        its next main-loop turn (within ``poll_interval_s``). A later request replaces an unread one."""
+        write_json_atomic(self.maintenance_request_file, {"maintenance": "on" if on else "off", "comments": comments})
+
+    def take_maintenance_request(self) -> tuple[bool, str | None] | None:
+        """The pending local maintenance request (and remove it), or None. A malformed one is dropped."""
+        path = self.maintenance_request_file
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            data = None
+        path.unlink(missing_ok=True)
+        if not isinstance(data, dict) or data.get("maintenance") not in ("on", "off"):
+            return None
+        comments = data.get("comments")
+        return data["maintenance"] == "on", comments if isinstance(comments, str) else None
+

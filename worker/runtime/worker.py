@@ -23,10 +23,16 @@ from datetime import UTC, datetime
 
 import httpx
 
-from airflow_outpost.worker.config import OFFLINE_FLUSH_S, Settings, without_credentials
+from airflow_outpost.worker.config import (
+    OFFLINE_FLUSH_S,
+    PREEMPTION_KILL_GRACE_S,
+    PREEMPTION_WAIT_S,
+    Settings,
+    without_credentials,
+)
 from airflow_outpost.worker.edge.client import EdgeClient
 from airflow_outpost.worker.edge.request_counter import RequestCounter
-from airflow_outpost.worker.edge.sysinfo import airflow_version, sysinfo
+from airflow_outpost.worker.edge.sysinfo import airflow_version, edge_provider_version, sysinfo
 from airflow_outpost.worker.egress.gateway import Egress
 from airflow_outpost.worker.errors import (
     AuthError,
@@ -50,6 +56,11 @@ from airflow_outpost.worker.runtime.link import ControlPlaneLink
 from airflow_outpost.worker.runtime.state import StateFolder
 
 log = logging.getLogger(__name__)
+
+# Exit codes of a clean stop, besides 0 (a signal, or a shutdown request from the control plane):
+# the wrapper of a rented machine powers it off on these, not after an operator's stop.
+EXIT_IDLE = 3  # exit_when_idle_s passed without work
+EXIT_PREEMPTED = 4  # drained after a preemption notice
 
 
 class Worker:
@@ -116,7 +127,8 @@ class Worker:
         self._wake.set()
 
     async def run(self) -> int:
-        """Run until shut down; return the process exit code (0 after a clean drain).
+        """Run until shut down; return the process exit code: 0 after a clean drain, ``EXIT_IDLE``
+        (3) after ``exit_when_idle_s``, ``EXIT_PREEMPTED`` (4) after a preemption notice.
 
         Start order is declared once, below; each part's close is pushed as it starts, so what
         started last stops first, whichever step fails. Undelivered reports stay in the outbox
@@ -158,9 +170,15 @@ class Worker:
             self.lifecycle.start_warming()
             await self.jobs.recover_leftovers()
             await self._main_loop()
-            await self.jobs.drain(self.lifecycle.drain_timeout_s(), self.settings.kill_grace_s, self._force)
-            await self._go_offline()
-        return 0
+            preempted = self.lifecycle.preempted_now()
+            if preempted:  # the cloud's clock: a shorter grace and shorter waits (see config)
+                await self.jobs.drain(self.lifecycle.drain_timeout_s(),
+                                      min(self.settings.kill_grace_s, PREEMPTION_KILL_GRACE_S), self._force,
+                                      after_kill_s=PREEMPTION_WAIT_S)
+            else:
+                await self.jobs.drain(self.lifecycle.drain_timeout_s(), self.settings.kill_grace_s, self._force)
+            await self._go_offline(PREEMPTION_WAIT_S if preempted else OFFLINE_FLUSH_S)
+        return EXIT_PREEMPTED if preempted else EXIT_IDLE if self.lifecycle.exited_idle else 0
 
     # -- environment for tasks ---------------------------------------------------------------
     def _task_env(self) -> dict[str, str]:
@@ -212,8 +230,12 @@ class Worker:
             raise StartupError(f"{s.api_url} does not look like an Airflow 3 API server ({exc})") from exc
         ours = airflow_version()
         if server.split(".")[0] != ours.split(".")[0] or not server.startswith("3."):
-            raise StartupError(f"incompatible server version: control plane runs Airflow {server}, "
-                               f"this worker runs Airflow {ours} (Task SDK); both must be Airflow 3 of the same release")
+            raise StartupError(f"incompatible server version: control plane runs Airflow {server}, this worker runs "
+                               f"Airflow {ours} (Task SDK); both must be Airflow 3")
+        if server.split(".")[:2] != ours.split(".")[:2]:
+            # The Execution API changes between minor releases; the server's own check decides below.
+            log.warning("the control plane runs Airflow %s and this worker's Task SDK is for Airflow %s: task "
+                        "payloads differ between minor releases; run a worker of the control plane's line", server, ours)
         try:
             try:
                 reply = await self.client.worker.register(s.name, "starting", self.link.queues, self._sysinfo(), s.team_name)
@@ -229,7 +251,12 @@ class Worker:
             raise StartupError(f"a worker named {s.name!r} is already active on the control plane; "
                                f"pick another --name or stop that worker ({exc.detail})") from exc
         except VersionMismatchError as exc:
-            raise StartupError(f"the control plane refused this worker's versions (Airflow {ours}): {exc.detail}") from exc
+            raise StartupError(
+                f"the control plane (Airflow {server}) refused this worker's versions (Airflow {ours}, edge3 "
+                f"{s.edge_provider_version or edge_provider_version(None)}): {exc.detail}. Either set [edge] "
+                f"minimum_acceptable_core_version_for_workers = {ours} (and, for an edge3 mismatch, "
+                "minimum_acceptable_edge_version_for_workers) on the server (edge3 3.6.0 or later), or run a worker "
+                f"whose Airflow is {server}; --edge-provider-version sets the edge3 version reported") from exc
         except NotFoundError as exc:
             raise StartupError(f"no Edge worker API at {s.edge_api} (HTTP {exc.status}); is the edge3 provider installed "
                                "and [edge] api_enabled=True on the server?") from exc
@@ -269,6 +296,7 @@ class Worker:
                 log.info("control-plane requests/s: %s", self.counter.rates())
                 next_rate_log = now + 60
             self.lifecycle.tick()
+            self._apply_local_maintenance()
             self.budgets.refresh(live_tasks(list(self.jobs.running.values())))
             got = False
             if self._may_fetch():
@@ -387,11 +415,25 @@ class Worker:
             log.info("shutdown requested by the control plane")
             self.shutdown()
 
-    async def _go_offline(self) -> None:
+    def _apply_local_maintenance(self) -> None:
+        """``outpost maintenance on|off`` on this host: enter or leave maintenance, tell the server now."""
+        request = self.state_folder.take_maintenance_request()
+        if request is None:
+            return
+        on, comments = request
+        if on:
+            log.info("maintenance mode requested locally: no new jobs until it is lifted (%s)", comments or "no comment")
+            self.link.maintenance, self.link.maintenance_comments = True, comments or "maintenance requested on the worker host"
+        elif self.link.maintenance:
+            log.info("maintenance mode lifted locally")
+            self.link.maintenance, self.link.maintenance_comments = False, None
+        self._heartbeat_due = True
+
+    async def _go_offline(self, flush_s: float) -> None:
         state = "offline maintenance" if self.link.maintenance else "offline"
         # Through the outbox, behind the jobs' final states, so those reach the server first.
         self.jobs.report_worker_state(state, self.link.maintenance_comments)
-        if await self.jobs.flush_outbox(OFFLINE_FLUSH_S):
+        if await self.jobs.flush_outbox(flush_s):
             log.info("reported offline to the control plane")
         else:
             log.warning("could not deliver %d report(s) before exiting; they stay in the outbox and are sent at "
