@@ -9,7 +9,6 @@ the value and what is allowed, before anything starts.
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from airflow_outpost.worker.errors import ConfigError
+from airflow_outpost.worker.preflight import airflow_jwt_secret
 from airflow_outpost.worker.units import parse_duration
 
 ENV_PREFIX = "OUTPOST_"
@@ -409,56 +409,6 @@ def _parse_budgets(raw: Any) -> tuple[tuple[str, float], ...]:
 
 # Settings that give the worker a credential; without any, Airflow's own configuration is read.
 _CREDENTIAL_SETTINGS = ("jwt_secret", "jwt_secret_file", "token_file", "oidc_token_url")
-
-
-def airflow_jwt_secret(env: Mapping[str, str]) -> str | None:
-    """``[api_auth] jwt_secret`` from Airflow's configuration as the stock worker reads it (env
-    ``AIRFLOW__API_AUTH__JWT_SECRET``, else ``airflow.cfg``); None if neither has one."""
-    if env.get("AIRFLOW__API_AUTH__JWT_SECRET"):
-        return env["AIRFLOW__API_AUTH__JWT_SECRET"]
-    cfg = env.get("AIRFLOW_CONFIG")
-    if not cfg:
-        home = env.get("AIRFLOW_HOME") or (str(Path(env["HOME"]) / "airflow") if env.get("HOME") else None)
-        cfg = str(Path(home) / "airflow.cfg") if home else None
-    if not cfg:
-        return None
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read(cfg, encoding="utf-8")
-    except (OSError, configparser.Error):
-        return None
-    value = parser.get("api_auth", "jwt_secret", fallback="").strip()
-    return value or None
-
-
-def require_credentials(s: Settings) -> None:
-    """Raise ConfigError (exit 2 at start, before anything is started) if the worker has no way to
-    authenticate, or its secret file cannot be read."""
-    if not (s.jwt_secret or s.jwt_secret_file or s.token_file or s.oidc_token_url):
-        raise ConfigError("jwt_secret", None, "required: set OUTPOST_JWT_SECRET or OUTPOST_JWT_SECRET_FILE (the "
-                          "control plane's [api_auth] jwt_secret), AIRFLOW__API_AUTH__JWT_SECRET or [api_auth] "
-                          "jwt_secret in airflow.cfg, or an OIDC token (--token-file / --oidc-token-url)")
-    for name in ("jwt_secret_file", "token_file", "oidc_client_secret_file"):
-        path = getattr(s, name)
-        if path is not None:
-            try:
-                Path(path).read_bytes()
-            except OSError as exc:
-                raise ConfigError(name, str(path), f"must be a file this user can read ({exc.strerror})") from None
-
-
-def require_writable(s: Settings) -> None:
-    """Raise ConfigError if the state or log folder cannot be created or written by this user."""
-    for name in ("state_folder", "log_folder"):
-        folder = Path(getattr(s, name))
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(name, str(folder), f"must be a folder this user (uid {os.getuid()}) can create and "
-                              f"write ({exc.strerror}); create it and give it to this user, or choose another") from None
 
 
 def _read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

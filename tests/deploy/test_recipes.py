@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from airflow_outpost.worker.cli.main import build_parser
-from airflow_outpost.worker.config import _FIELDS, airflow_jwt_secret, load_settings
+from airflow_outpost.worker.config import _FIELDS, load_settings
+from airflow_outpost.worker.preflight import airflow_jwt_secret
 from airflow_outpost.worker.testing.worker_process import run_outpost
 from tests.helpers import DAGS, REPO, build_wheel, fresh_venv
 

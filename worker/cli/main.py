@@ -19,8 +19,9 @@ import sys
 import time
 
 from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, pid_alive, state_folder_for
-from airflow_outpost.worker.config import _FIELDS, load_settings, require_credentials, require_writable
+from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.errors import ConfigError, OutpostError
+from airflow_outpost.worker.preflight import require_credentials, require_writable
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
