@@ -52,7 +52,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "metrics_port": "port of the health/metrics server; 0 = off (default 9464)",
         "gpu_queues": "queue names/globs whose tasks take GPUs, one per pool slot (default gpu*)",
         "gpus": "GPU devices to hand out, e.g. 0,1,2,3 or none (default: detect)",
-        "exit_when_idle_s": "drain, sign off and exit 0 after this long without work, e.g. 15m (default: never)",
+        "exit_when_idle_s": "drain, sign off and exit 3 after this long without work, e.g. 15m (default: never)",
         "preemption_notice_file": "when this file appears (spot preemption notice), drain with the short timeout",
         "preemption_drain_timeout_s": "drain timeout after a preemption notice (default 30)",
         "warm_models": "comma-separated embedding models to load once at start",

@@ -1,12 +1,12 @@
 """Rented-machine lifecycle: exit when idle, drain fast on a preemption notice, warm models at start.
 
 * ``exit_when_idle_s``: after that long with no job running and none fetched, the worker shuts
-  down like on SIGTERM (drain, report offline) and ``run()`` returns 0, so a wrapper script or
-  the cloud can stop the machine.
+  down like on SIGTERM (drain, report offline) and ``run()`` returns 3, so a wrapper script or
+  the cloud can stop the machine (and tell it from an operator's stop, which returns 0).
 * ``preemption_notice_file``: when the file appears (a spot-termination watcher writes it), the
   worker stops fetching and drains with ``preemption_drain_timeout_s`` instead of
-  ``drain_timeout_s``. A SIGTERM that arrives while the file exists drains with the short
-  timeout too.
+  ``drain_timeout_s``, a shorter grace and shorter waits, and ``run()`` returns 4. A SIGTERM that
+  arrives while the file exists drains the same way.
 * ``warm_models``: loaded once in a separate process at start, so the first task does not pay
   for building caches (ONNX export, quantisation) and reading weights from a cold disk. The
   worker process itself never imports the runners' heavy dependencies.
