@@ -76,6 +76,11 @@ def test_systemd_unit_runs_the_worker_and_outlasts_its_drain() -> None:
     for folder in (env["OUTPOST_HOME"], env["OUTPOST_LOG_FOLDER"]):
         assert any(folder == w or folder.startswith(w + "/") for w in writable), folder
     assert service["EnvironmentFile"] == "/etc/outpost/outpost.env"
+    # The host's user and group have the images' ids, so one secret-file mode serves both.
+    header = (IMAGES / "outpost-worker.service").read_text()
+    assert "groupadd --system --gid 10001 outpost" in header and "useradd --system --uid 10001 --gid outpost" in header
+    for variant in ("cpu", "cuda"):
+        assert "groupadd --gid 10001 outpost" in (IMAGES / variant / "Dockerfile").read_text()
 
 
 def _env_example(commented: bool = True) -> dict[str, str]:
