@@ -110,7 +110,7 @@ def test_worker_refuses_hostile_jobs_reports_them_and_keeps_serving(tmp_path: Pa
         httpx.Response(200, json=_job(1, log_path="../../etc/passwd")),          # traversal
         httpx.Response(200, json=_job(2, dag_rel_path="/etc/passwd")),           # absolute path
         httpx.Response(200, json=_job(3, log_path="escape/attempt=1.log")),      # symlink escape
-        httpx.Response(200, json=_job(4, type="ExecuteCallback")),               # unknown workload
+        httpx.Response(200, json=_job(4, type="TestConnection")),                # unknown workload
         httpx.Response(200, content=json.dumps({**GOOD, "pad": "x" * (MAX_JOB_BYTES + 10)}).encode()),  # huge
     ]
     fake = FakeEdgeApi(replies)

@@ -49,7 +49,9 @@ def test_good_job_parses() -> None:
         ("try_number", "1", "'try_number' must be an integer", False),
         ("task_instance_id", "not-a-uuid", "not a UUID", False),
         ("concurrency_slots", 0, "concurrency_slots 0", True),
-        ("command.type", "ExecuteCallback", "unsupported workload type", True),
+        ("command.type", "TestConnection", "unsupported workload type 'TestConnection'; supported: ExecuteTask, "
+                                           "ExecuteCallback", True),
+        ("command.type", "ExecuteCallback", "command: missing field 'callback'", True),  # a task's body
         ("command.log_path", "../../etc/passwd", "escapes its folder", True),
         ("command.log_path", "/etc/passwd", "is absolute", True),
         ("command.dag_rel_path", "a/../../x.py", "escapes its folder", True),
@@ -77,3 +79,57 @@ def test_symlink_escape_is_refused(tmp_path: Path) -> None:
     with pytest.raises(JobRejected, match="outside"):
         resolve_inside(logs, "dag_id=evil/passwd", "log_path")
     assert resolve_inside(logs, "dag_id=ok/x.log", "log_path") == (logs / "dag_id=ok/x.log").resolve()
+
+
+CB_ID = "01a233d3-cd9c-7591-9caf-e9c6ad1eea00"
+CALLBACK = {  # as edge3's EdgeExecutor queues a deadline alert's callback
+    "dag_id": "ExecuteCallback", "task_id": CB_ID, "run_id": f"ExecuteCallback-{CB_ID}", "map_index": -1,
+    "try_number": 0, "concurrency_slots": 1, "task_instance_id": None,
+    "command": {
+        "type": "ExecuteCallback", "token": "tok", "dag_rel_path": "d.py",
+        "log_path": f"executor_callbacks/d/r/{CB_ID}", "bundle_info": {"name": "dags-folder", "version": None},
+        "callback": {"id": CB_ID, "fetch_method": "import_path",
+                     "data": {"path": "mod.on_miss", "kwargs": {"tag": "x"}, "dag_id": "d"}},
+    },
+}
+
+
+def _callback_with(path: str, value) -> dict:
+    job = copy.deepcopy(CALLBACK)
+    *parents, last = path.split(".")
+    node = job
+    for p in parents:
+        node = node[p]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return job
+
+
+def test_a_callback_job_parses_with_no_task_instance() -> None:
+    job = parse_job(copy.deepcopy(CALLBACK))
+    assert job.kind == "ExecuteCallback" and job.subject == CB_ID and job.ti_id is None
+    assert job.queue == "default" and job.log_path == f"executor_callbacks/d/r/{CB_ID}"
+    assert job.key.task_instance_id is None and job.key.try_number == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "fragment"),
+    [
+        ("command.callback", KeyError, "command: missing field 'callback'"),
+        ("command.callback.id", "nope", "command.callback: id 'nope' is not a UUID"),
+        ("command.callback.fetch_method", "pickle", "fetch_method 'pickle' is not one of import_path, dag_attribute"),
+        ("command.callback.data.path", "os; rm -rf /", "is not a dotted import path"),
+        ("command.callback.data.path", KeyError, "command.callback.data: missing field 'path'"),
+        ("command.callback.data.kwargs", [1], "'kwargs' must be an object"),
+        ("task_id", "01a233d3-cd9c-7591-9caf-e9c6ad1eea01", "a callback's key must be"),
+        ("command.log_path", "../x", "escapes its folder"),
+        ("command.token", "", "token is empty"),
+    ],
+)
+def test_bad_callback_jobs_are_rejected_with_reason_and_reported(path: str, value, fragment: str) -> None:
+    with pytest.raises(RejectedJob) as err:
+        parse_job(_callback_with(path, value))
+    assert fragment in str(err.value)
+    assert err.value.key is not None  # reported failed, the worker keeps serving

@@ -147,6 +147,13 @@ def test_an_adopted_job_is_rebuilt_from_its_entry_without_a_token() -> None:
     assert job.workload == {"ti": {"id": ENTRY["ti_id"]}} and job.log_path == "d/r/t/1.log"
 
 
+def test_an_adopted_callback_is_rebuilt_as_a_callback_and_a_0_1_entry_as_a_task() -> None:
+    callback = job_from_entry({**ENTRY, "kind": "ExecuteCallback"})
+    assert callback.kind == "ExecuteCallback" and callback.subject == ENTRY["ti_id"] and callback.ti_id is None
+    old = job_from_entry({k: v for k, v in ENTRY.items() if k != "kind"})  # journaled by 0.1: no kind
+    assert old.kind == "ExecuteTask" and old.ti_id == ENTRY["ti_id"]
+
+
 def test_an_adopted_job_keeps_its_gpus_unless_another_job_holds_them() -> None:
     gpus = GpuAllocator(["0", "1", "2"], ["gpu*"])
     assert gpus.claim("a", ("1", "7")) == ("1",)  # 7 is not on this host

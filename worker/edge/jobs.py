@@ -16,7 +16,12 @@ from typing import Any
 from airflow_outpost.worker.errors import JobRejected
 
 MAX_JOB_BYTES = 1_000_000
-SUPPORTED_WORKLOADS = ("ExecuteTask",)
+# TestConnection is not among them: edge3's EdgeExecutor does not take connection tests
+# (supports_connection_test is False), so the scheduler fails them before any worker sees one.
+SUPPORTED_WORKLOADS = ("ExecuteTask", "ExecuteCallback")
+# How the EdgeExecutor keys a callback's edge job (edge3 models/types.py): no task instance.
+CALLBACK_DAG_ID = "ExecuteCallback"
+CALLBACK_FETCH_METHODS = ("import_path", "dag_attribute")
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,22 @@ class Job:
     key: JobKey
     concurrency_slots: int
     queue: str
-    workload: dict[str, Any]  # the validated ExecuteTask as JSON-able dict
+    workload: dict[str, Any]  # the validated workload as JSON-able dict
     log_path: str
     dag_rel_path: str
+    kind: str = "ExecuteTask"  # or "ExecuteCallback" (a deadline alert's callback)
+
+    @property
+    def subject(self) -> str:
+        """The workload's own id, which its token names: the task instance's, or the callback's."""
+        if self.kind == "ExecuteCallback":
+            return str(self.workload["callback"]["id"])
+        return str(self.workload["ti"]["id"])
+
+    @property
+    def ti_id(self) -> str | None:
+        """The task instance id; None for a callback, which has no task instance."""
+        return None if self.kind == "ExecuteCallback" else self.subject
 
 
 class RejectedJob(JobRejected):
@@ -137,25 +155,30 @@ def parse_job(raw: Any) -> Job:
         kind = command.get("type", "ExecuteTask")
         if kind not in SUPPORTED_WORKLOADS:
             raise ValueError(f"job: unsupported workload type {str(kind)[:60]!r}; supported: {', '.join(SUPPORTED_WORKLOADS)}")
-        workload = _validate_workload(command)
-        ti = workload["ti"]
-        for name in ("dag_id", "task_id", "run_id", "try_number", "map_index"):
-            if ti.get(name) != getattr(key, name):
-                raise ValueError(f"job: command.ti.{name}={ti.get(name)!r} does not match the job's {name}={getattr(key, name)!r}")
+        workload = _validate_common(command)
+        if kind == "ExecuteCallback":
+            _validate_callback(command, key)
+            # The EdgeExecutor queues callbacks on [operators] default_queue; the job does not say which.
+            queue = "default"
+        else:
+            ti = _validate_ti(command)
+            for name in ("dag_id", "task_id", "run_id", "try_number", "map_index"):
+                if ti.get(name) != getattr(key, name):
+                    raise ValueError(f"job: command.ti.{name}={ti.get(name)!r} does not match the job's "
+                                     f"{name}={getattr(key, name)!r}")
+            queue = str(ti.get("queue") or "default")
         log_path = safe_relative_path(workload.get("log_path"), "log_path")
         dag_rel_path = safe_relative_path(workload.get("dag_rel_path"), "dag_rel_path")
     except ValueError as exc:
         raise RejectedJob(str(exc), key) from None
-    return Job(
-        key=key, concurrency_slots=slots, queue=str(ti.get("queue") or "default"),
-        workload=workload, log_path=log_path, dag_rel_path=dag_rel_path,
-    )
+    return Job(key=key, concurrency_slots=slots, queue=queue, workload=workload, log_path=log_path,
+               dag_rel_path=dag_rel_path, kind=str(kind))
 
 
-def _validate_workload(command: dict[str, Any]) -> dict[str, Any]:
-    """Structural check of an ``ExecuteTask`` command, without importing Airflow in the worker.
+def _validate_ti(command: dict[str, Any]) -> dict[str, Any]:
+    """Structural check of an ``ExecuteTask``'s task instance, without importing Airflow in the worker.
 
-    The task process validates the full Task SDK schema again before running; this check makes
+    The task process validates the full Task SDK schema again before running; these checks make
     sure nothing malformed or hostile is handed to it and that errors name the field.
     """
     ti = _field(command, "ti", dict, "command")
@@ -170,6 +193,33 @@ def _validate_workload(command: dict[str, Any]) -> dict[str, Any]:
     for name in ("queue",):
         if name in ti and ti[name] is not None and not isinstance(ti[name], str):
             raise ValueError(f"command.ti: field {name!r} must be str")
+    return ti
+
+
+def _validate_callback(command: dict[str, Any], key: JobKey) -> None:
+    """Structural check of an ``ExecuteCallback``'s callback, and that the job's key is its own."""
+    callback = _field(command, "callback", dict, "command")
+    cid = _field(callback, "id", str, "command.callback")
+    try:
+        uuid.UUID(cid)
+    except ValueError:
+        raise ValueError(f"command.callback: id {cid[:80]!r} is not a UUID") from None
+    method = _field(callback, "fetch_method", str, "command.callback")
+    if method not in CALLBACK_FETCH_METHODS:
+        raise ValueError(f"command.callback: fetch_method {method[:40]!r} is not one of {', '.join(CALLBACK_FETCH_METHODS)}")
+    data = _field(callback, "data", dict, "command.callback")
+    path = _field(data, "path", str, "command.callback.data")
+    if not path or len(path) > 512 or not all(part.isidentifier() for part in path.split(".")):
+        raise ValueError(f"command.callback.data: path {path[:120]!r} is not a dotted import path")
+    if data.get("kwargs") is not None and not isinstance(data["kwargs"], dict):
+        raise ValueError("command.callback.data: field 'kwargs' must be an object")
+    expected = (CALLBACK_DAG_ID, cid, f"{CALLBACK_DAG_ID}-{cid}")
+    if (key.dag_id, key.task_id, key.run_id) != expected:
+        raise ValueError(f"job: a callback's key must be {expected}, got {(key.dag_id, key.task_id, key.run_id)}")
+
+
+def _validate_common(command: dict[str, Any]) -> dict[str, Any]:
+    """What every workload the worker runs carries: its token, DAG bundle, log and DAG paths."""
     token = _field(command, "token", str, "command")
     if not token or len(token) > 16_384:
         raise ValueError("command: token is empty or longer than 16384 characters")

@@ -429,7 +429,7 @@ class Egress:
 
     def task_server(self, job: Job) -> str:
         """Register ``job`` (so ledger rows name it) and return the URL its task process must use."""
-        self._tasks[job.workload["ti"]["id"]] = str(job.key)
+        self._tasks[job.subject] = str(job.key)  # a token's subject: the task instance, or the callback
         while len(self._tasks) > MAX_TASK_LABELS:  # oldest first (dicts keep insertion order)
             self._tasks.pop(next(iter(self._tasks)))
         return self.url or self.settings.execution_api

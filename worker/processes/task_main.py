@@ -96,6 +96,7 @@ def _preload() -> None:
     for module in (
         "airflow.executors.workloads",
         "airflow.sdk.execution_time.supervisor",
+        "airflow.sdk.execution_time.callback_supervisor",
         "airflow.sdk.execution_time.task_runner",
         "airflow.dag_processing.bundles.manager",
         "airflow.dag_processing.dagbag",
@@ -111,13 +112,15 @@ def _preload() -> None:
 
 
 def run_request(msg: dict[str, Any]) -> int:
-    """Run one task request in this process; return the Task SDK's exit code."""
+    """Run one workload request in this process; return the Task SDK's exit code."""
     global _job_started
     _job_started = True
+    os.environ.update({k: str(v) for k, v in (msg.get("env") or {}).items()})
+    if msg["workload"].get("type") == "ExecuteCallback":
+        return _run_callback(msg)
     from airflow.executors.workloads import ExecuteTask
     from airflow.sdk.execution_time.supervisor import supervise_task
 
-    os.environ.update({k: str(v) for k, v in (msg.get("env") or {}).items()})
     workload = ExecuteTask.model_validate(msg["workload"])
     try:
         from setproctitle import setproctitle
@@ -136,6 +139,42 @@ def run_request(msg: dict[str, Any]) -> int:
         log_path=workload.log_path,
         sentry_integration=workload.sentry_integration,
     )
+
+
+def _run_callback(msg: dict[str, Any]) -> int:
+    """Run a deadline alert's callback through the Task SDK's ``supervise_callback``; 0 on success.
+
+    The supervisor forks the callback, which imports ``data["path"]`` (from the DAG bundle when it
+    lives in a DAG file) and calls it with ``data["kwargs"]``; a callback that raises makes the
+    supervisor raise, which is exit code 1 here (and the job is reported failed).
+    """
+    from airflow.executors.workloads import ExecuteCallback
+    from airflow.sdk.execution_time.callback_supervisor import supervise_callback
+
+    workload = ExecuteCallback.model_validate(msg["workload"])
+    callback = workload.callback
+    try:
+        from setproctitle import setproctitle
+
+        # "outpost task:" is what crash recovery recognises a task process by.
+        setproctitle(f"outpost task: callback {callback.data.get('path', '')} id={callback.id}")
+    except ImportError:
+        pass
+    try:
+        supervise_callback(
+            id=callback.id,
+            callback_path=callback.data.get("path", ""),
+            callback_kwargs=callback.data.get("kwargs") or {},
+            dag_rel_path=workload.dag_rel_path,
+            log_path=workload.log_path,
+            bundle_info=workload.bundle_info,
+            token=workload.token,
+            server=msg["server"],
+        )
+    except RuntimeError as exc:  # "Callback subprocess exited with code N": the callback failed
+        print(f"outpost: callback {callback.data.get('path')} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _record_exit(msg: dict[str, Any], code: int) -> None:

@@ -201,8 +201,8 @@ class JobRunner:
             # Whatever the exit code (the Task SDK may exit 0 after the server told it the try runs
             # elsewhere): a success report from here would fail the task too, as "finished while
             # still running".
-            if job.workload["ti"]["id"] in self.egress.start_refused:
-                self.egress.start_refused.discard(job.workload["ti"]["id"])
+            if job.ti_id is not None and job.ti_id in self.egress.start_refused:
+                self.egress.start_refused.discard(job.ti_id)
                 self._claimed_elsewhere(run)
                 return
             if rc != 0:
@@ -405,7 +405,7 @@ class JobRunner:
         """Keep in the journal that the server refused this try's start here, so a restart after a
         crash leaves the try to the worker that runs it (see :meth:`_claimed_elsewhere`)."""
         for run in self.running.values():
-            if run.job.workload["ti"]["id"] == ti_id:
+            if run.job.ti_id == ti_id:
                 try:
                     self.state_folder.journal_update(run.job.key, elsewhere=True)
                 except OSError as exc:

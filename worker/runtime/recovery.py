@@ -63,16 +63,19 @@ def journal_details(run: RunningJob, server: str) -> dict[str, Any]:
     return {
         "create_time": process_start_time(proc.pid), "output": str(proc.output), "server": server,
         "queue": job.queue, "slots": job.concurrency_slots, "log_path": job.log_path,
-        "dag_rel_path": job.dag_rel_path, "ti_id": job.workload["ti"]["id"], "devices": list(run.devices),
+        # "ti_id" holds the workload's own id (a callback's for a callback), under its 0.1 name.
+        "dag_rel_path": job.dag_rel_path, "ti_id": job.subject, "kind": job.kind, "devices": list(run.devices),
     }
 
 
 def job_from_entry(entry: dict[str, Any]) -> Job:
     """The :class:`Job` of an entry :func:`decide` chose to adopt (its workload holds only the
-    task instance id, which is all a running job needs of it)."""
+    workload's id, which is all a running job needs of it)."""
+    kind = str(entry.get("kind") or "ExecuteTask")  # 0.1 journals hold tasks only
+    subject = str(entry["ti_id"])
+    workload = {"callback": {"id": subject}} if kind == "ExecuteCallback" else {"ti": {"id": subject}}
     return Job(key=entry["key"], concurrency_slots=int(entry["slots"]), queue=str(entry["queue"]),
-               workload={"ti": {"id": str(entry["ti_id"])}}, log_path=str(entry["log_path"]),
-               dag_rel_path=str(entry["dag_rel_path"]))
+               workload=workload, log_path=str(entry["log_path"]), dag_rel_path=str(entry["dag_rel_path"]), kind=kind)
 
 
 def decide(entry: dict[str, Any], *, final_state: str | None, exit_code: int | None, alive: bool,
