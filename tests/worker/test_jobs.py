@@ -24,8 +24,8 @@ GOOD = {
 }
 
 
-def _with(path: str, value) -> dict:
-    job = copy.deepcopy(GOOD)
+def _with(path: str, value, base: dict = GOOD) -> dict:
+    job = copy.deepcopy(base)
     *parents, last = path.split(".")
     node = job
     for p in parents:
@@ -94,19 +94,6 @@ CALLBACK = {  # as edge3's EdgeExecutor queues a deadline alert's callback
 }
 
 
-def _callback_with(path: str, value) -> dict:
-    job = copy.deepcopy(CALLBACK)
-    *parents, last = path.split(".")
-    node = job
-    for p in parents:
-        node = node[p]
-    if value is KeyError:
-        del node[last]
-    else:
-        node[last] = value
-    return job
-
-
 def test_a_callback_job_parses_with_no_task_instance() -> None:
     job = parse_job(copy.deepcopy(CALLBACK))
     assert job.kind == "ExecuteCallback" and job.subject == CB_ID and job.ti_id is None
@@ -130,6 +117,6 @@ def test_a_callback_job_parses_with_no_task_instance() -> None:
 )
 def test_bad_callback_jobs_are_rejected_with_reason_and_reported(path: str, value, fragment: str) -> None:
     with pytest.raises(RejectedJob) as err:
-        parse_job(_callback_with(path, value))
+        parse_job(_with(path, value, CALLBACK))
     assert fragment in str(err.value)
     assert err.value.key is not None  # reported failed, the worker keeps serving
