@@ -255,3 +255,30 @@ def test_confirm_start_runs_a_try_only_where_the_server_recorded_it(tmp_path: Pa
 
     asyncio.run(fn())
     assert seen == [("PATCH", "run"), ("PUT", "heartbeat")]
+
+
+def test_accepted_task_states_are_noted_refused_ones_are_not(tmp_path: Path) -> None:
+    """The job runner reports a task's final state from what its task process told the server
+    (the supervisor exits 0 after a failed try), so the gateway notes each state the server took."""
+    seen: list[tuple[str, str]] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(409 if "00ff" in request.url.path else 204)
+
+    async def run() -> None:
+        egress = Egress(_settings(tmp_path), upstream_transport=httpx.MockTransport(upstream),
+                        on_task_state=lambda ti, state: seen.append((ti, state)))
+        url = await egress.start()
+        try:
+            async with httpx.AsyncClient(base_url=url) as client:
+                ok = "0190f0f0-0000-7000-8000-0000000000ee"
+                await client.patch(f"task-instances/{ok}/state", json={"state": "up_for_retry", "end_date": "x"})
+                await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000ff/state", json={"state": "success"})
+                await client.patch(f"task-instances/{ok}/state", content=b"[not json")
+                await client.patch(f"task-instances/{ok}/state", json=["state"])
+                await client.patch(f"task-instances/{ok}/run", json={"state": "running"})
+        finally:
+            await egress.aclose()
+
+    asyncio.run(run())
+    assert seen == [("0190f0f0-0000-7000-8000-0000000000ee", "up_for_retry")]

@@ -10,9 +10,10 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from airflow_outpost.worker.testing.controlplane import ControlPlane
+from airflow_outpost.worker.testing.controlplane import ControlPlane, free_port
 
 pytestmark = pytest.mark.controlplane
 
@@ -57,7 +58,8 @@ def test_dynamic_mapping_over_dozens_of_items(control_plane: ControlPlane, start
 
 
 def test_failing_task_retries_then_fails(control_plane: ControlPlane, start_worker) -> None:
-    w = start_worker(queues="q_failing")
+    port = free_port()
+    w = start_worker(queues="q_failing", extra_args=["--metrics-port", str(port)])
     run_id, state = _run(control_plane, "outpost_failing")
     assert state == "failed"
     [ti] = control_plane.task_instances("outpost_failing", run_id)
@@ -66,6 +68,20 @@ def test_failing_task_retries_then_fails(control_plane: ControlPlane, start_work
     logs = sorted(w.log_folder.rglob("*.log"))
     assert len([p for p in logs if "outpost_failing" in str(p)]) == 3
     assert "deliberate failure from outpost_failing" in logs[-1].read_text()
+    # The supervisor exits 0 after each failed try; the worker says what the task reported.
+    log = w.log()
+    assert len(re.findall(r"job outpost_failing\.boom run=\S+ try=\d ended up_for_retry", log)) == 2, log[-3000:]
+    assert len(re.findall(r"job outpost_failing\.boom run=\S+ try=\d ended failed", log)) == 1, log[-3000:]
+    assert "outpost_failing.boom" not in "".join(line for line in log.splitlines() if "succeeded" in line)
+    deadline = time.monotonic() + 15  # status.json is rewritten about once a second
+    while (finished := (w.status() or {}).get("finished", {}).get("task")) != {"up_for_retry": 2, "failed": 1}:
+        assert time.monotonic() < deadline, finished
+        time.sleep(0.3)
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'outpost_jobs_total{queue="q_failing",state="failed"} 1.0' in metrics
+    assert 'outpost_jobs_total{queue="q_failing",state="up_for_retry"} 2.0' in metrics
+    assert 'outpost_workloads_total{kind="task",state="failed"} 1.0' in metrics
+    assert 'state="success"' not in "".join(line for line in metrics.splitlines() if "q_failing" in line)
 
 
 def test_variable_and_connection_from_worker_env_only(control_plane: ControlPlane, start_worker) -> None:

@@ -171,6 +171,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             ray.get("up"), "not checked")
         restarts = f", restarted {ray['restarts']} time(s)" if ray.get("restarts") else ""
         print(f"  ray {ray.get('address') or '-'} ({kind}): {up}{restarts}")
+    for kind, by_state in sorted((status.get("finished") or {}).items()):
+        counts = ", ".join(f"{state} {n}" for state, n in sorted(by_state.items()))
+        print(f"  finished {kind}s since start: {counts}")
     for job in status.get("jobs", []):
         adopted = " (adopted after a crash)" if job.get("adopted") else ""
         print(f"  job {job['key']} pid {job['pid']} queue {job['queue']} running {job['running_s']}s{adopted}")

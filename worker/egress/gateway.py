@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/execution/"
 _TI_RUN = re.compile(r"^task-instances/([^/]+)/run$")
 _TI_HEARTBEAT = re.compile(r"^task-instances/([^/]+)/heartbeat$")
+_TI_STATE = re.compile(r"^task-instances/([^/]+)/state$")
 
 
 def _elsewhere(method: str, path: str, answer: bytes) -> str | None:
@@ -208,6 +209,8 @@ class Gateway:
             status, bytes_in, head = await self._forward(send, method, url, fwd_headers, bytes(body))
         if status == 409 and (ti_id := _elsewhere(method, path, head)):
             self._egress.mark_start_refused(ti_id)
+        elif status is not None and 200 <= status < 300 and method == "PATCH" and (st := _TI_STATE.match(path)):
+            self._egress.note_task_state(st.group(1), bytes(body))
         self._egress.ledger.record(Entry(
             ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
             bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
@@ -340,7 +343,8 @@ class Egress:
 
     def __init__(self, settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None,
                  on_start_refused: Callable[[str], None] | None = None,
-                 on_upstream_back: Callable[[], None] | None = None) -> None:
+                 on_upstream_back: Callable[[], None] | None = None,
+                 on_task_state: Callable[[str, str], None] | None = None) -> None:
         self.settings = settings
         self.policy = Policy.from_settings(settings)
         self.ledger = Ledger(settings.state_folder / "egress.sqlite")
@@ -351,6 +355,9 @@ class Egress:
         self.on_start_refused = on_start_refused
         # Told when a held task request found the control plane back (the worker then probes at once).
         self.on_upstream_back = on_upstream_back
+        # Told (ti_id, state) for each state change of a task the server accepted (the job runner
+        # reports the task's real final state, not the supervisor's exit code).
+        self.on_task_state = on_task_state
         # After start(): whether the port a previous run recorded was bound again (None: none recorded).
         self.port_kept: bool | None = None
         self._client = httpx.AsyncClient(
@@ -411,6 +418,16 @@ class Egress:
             self.start_refused.add(ti_id)
             if self.on_start_refused is not None:
                 self.on_start_refused(ti_id)
+
+    def note_task_state(self, ti_id: str, body: bytes) -> None:
+        """The server accepted a task's state change (the body its task process sent): tell
+        :attr:`on_task_state`, which must not raise. A body without a string ``state`` is ignored."""
+        try:
+            state = json.loads(body or b"{}").get("state")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(state, str) and self.on_task_state is not None:
+            self.on_task_state(ti_id, state)
 
     async def aclose(self) -> None:
         await self.gateway.aclose()

@@ -64,8 +64,10 @@ class WorkerMetrics:
         self.costs = costs
         self.budgets = budgets
         self.registry = CollectorRegistry(auto_describe=False)
-        self.jobs = Counter("outpost_jobs", "Jobs by queue and state: fetched, running, success, failed, rejected",
+        self.jobs = Counter("outpost_jobs", "Jobs by queue and state: fetched, running, rejected, adopted, and each final state",
                             ["queue", "state"], registry=self.registry)
+        self.workloads = Counter("outpost_workloads", "Finished workloads by kind (task, callback) and final state",
+                                 ["kind", "state"], registry=self.registry)
         self.duration = Histogram("outpost_task_duration_seconds", "Task run time, fetch to final state",
                                   ["queue"], buckets=_DURATION_BUCKETS, registry=self.registry)
         self.pickup = Histogram("outpost_pickup_latency_seconds", "Time from job fetch to the task running",
@@ -81,8 +83,9 @@ class WorkerMetrics:
         self.job_event(queue, "running")
         self.pickup.labels(queue=queue).observe(pickup_s)
 
-    def job_finished(self, queue: str, state: str, duration_s: float) -> None:
+    def job_finished(self, queue: str, state: str, duration_s: float, kind: str = "task") -> None:
         self.job_event(queue, state)
+        self.workloads.labels(kind=kind, state=state).inc()
         self.duration.labels(queue=queue).observe(duration_s)
 
     def render(self) -> bytes:

@@ -35,6 +35,7 @@ from airflow_outpost.worker.hosted.costs import live_tasks
 from airflow_outpost.worker.processes.launcher import TaskLauncher, TaskProcess
 from airflow_outpost.worker.runtime import recovery
 from airflow_outpost.worker.runtime.outbox import Outbox, Report
+from airflow_outpost.worker.runtime.outcome import outcome
 from airflow_outpost.worker.runtime.state import read_exit
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class JobEvents(Protocol):
 
     def job_event(self, queue: str, state: str) -> None: ...
     def job_started(self, queue: str, pickup_s: float) -> None: ...
-    def job_finished(self, queue: str, state: str, duration_s: float) -> None: ...
+    def job_finished(self, queue: str, state: str, duration_s: float, kind: str) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class RunningJob:
     started: float = 0.0
     devices: tuple[str, ...] = ()  # GPUs this job holds (CUDA_VISIBLE_DEVICES)
     adopted: bool = False  # started by a previous worker process (crash_policy adopt)
+    task_state: str | None = None  # the last state its task process reported and the server accepted
 
 
 class JobRunner:
@@ -104,6 +106,8 @@ class JobRunner:
         self._background: set[asyncio.Task[Any]] = set()
         self.rejected = 0
         self._fetch_turn = 0
+        # Finished jobs by workload kind ("task", "callback") and final state, for `outpost status`.
+        self.finished: dict[str, dict[str, int]] = {}
 
     @property
     def free_slots(self) -> int:
@@ -197,21 +201,28 @@ class JobRunner:
             rc = await self._wait(run)
             if (leftovers := run.proc.kill_session()):
                 log.warning("killed %d process(es) that %s left running after it ended", leftovers, key)
-            state = "success" if rc == 0 else "failed"
             # Whatever the exit code (the Task SDK may exit 0 after the server told it the try runs
             # elsewhere): a success report from here would fail the task too, as "finished while
             # still running".
             if job.ti_id is not None and job.ti_id in self.egress.start_refused:
                 self.egress.start_refused.discard(job.ti_id)
+                state = "elsewhere"  # counted as such: neither this worker's success nor its failure
                 self._claimed_elsewhere(run)
                 return
+            result = outcome(run.task_state, rc)
+            state = result.state
+            took = time.monotonic() - run.started
             if rc != 0:
-                log.error("job %s failed with %s; supervisor output:\n%s", key, run.proc.describe_exit(rc),
-                          run.proc.output_tail()[-2000:])
+                log.error("job %s ended %s (supervisor %s) in %.1fs; supervisor output:\n%s", key, state,
+                          run.proc.describe_exit(rc), took, run.proc.output_tail()[-2000:])
+            elif state == "success":
+                log.info("job %s succeeded in %.1fs", key, took)
+            elif state in ("failed", "up_for_retry"):
+                log.warning("job %s ended %s in %.1fs (the task reported it; supervisor exit code 0)", key, state, took)
             else:
-                log.info("job %s succeeded in %.1fs", key, time.monotonic() - run.started)
+                log.info("job %s ended %s in %.1fs", key, state, took)
             await self._push_logs(run, final=True, failure=None if rc == 0 else run.proc.describe_exit(rc))
-            await self._report_final(key, state)
+            await self._report_final(key, result.edge_state)
         except Exception as exc:  # a bug or OS error must fail this job only, never the worker
             log.exception("job %s crashed in the worker", key)
             if run.proc is not None and run.proc.returncode is None:
@@ -231,7 +242,10 @@ class JobRunner:
         """Record the finished job in the metrics and the cost ledger (never fails the job)."""
         job = run.job
         wall = time.monotonic() - run.started
-        self.events.job_finished(job.queue, state, wall)
+        kind = "callback" if job.kind == "ExecuteCallback" else "task"
+        self.events.job_finished(job.queue, state, wall, kind)
+        by_state = self.finished.setdefault(kind, {})
+        by_state[state] = by_state.get(state, 0) + 1
         ended = time.time()
         try:
             self.costs.record(dag_id=job.key.dag_id, task_id=job.key.task_id, run_id=job.key.run_id,
@@ -390,7 +404,7 @@ class JobRunner:
                                        entry.get("create_time"))
         running_s = max(0.0, time.time() - float(entry.get("started") or time.time()))
         run = RunningJob(job=job, proc=proc, started=time.monotonic() - running_s, adopted=True,
-                         log_offset=int(entry.get("log_offset") or 0),
+                         log_offset=int(entry.get("log_offset") or 0), task_state=entry.get("task_state"),
                          devices=self.gpus.claim(key, tuple(entry.get("devices") or ())))
         self.egress.task_server(job)  # ledger rows name the task again
         self.running[key] = run
@@ -400,6 +414,18 @@ class JobRunner:
         self._enqueue(key, "running")
         log.warning("adopted %s (pid %d, running %.0fs) from the previous worker run", key, pid, running_s)
         run.task = asyncio.create_task(self._run(run), name=f"job {key}")
+
+    def note_task_state(self, ti_id: str, state: str) -> None:
+        """A task process reported ``state`` and the server accepted it: keep it as the job's
+        outcome, in memory and in the journal (a restart after a crash reports it too)."""
+        for run in self.running.values():
+            if run.job.ti_id == ti_id:
+                run.task_state = state
+                try:
+                    self.state_folder.journal_update(run.job.key, task_state=state)
+                except OSError as exc:
+                    log.error("could not journal the state %s of %s: %s", state, run.job.key, exc)
+                return
 
     def journal_elsewhere(self, ti_id: str) -> None:
         """Keep in the journal that the server refused this try's start here, so a restart after a

@@ -79,7 +79,8 @@ class Worker:
         # Policy, ledger and the task processes' gateway. Told of refused starts (journaled by the
         # job runner) and of held task requests that got through (the worker then heartbeats).
         self.egress = Egress(settings, on_start_refused=lambda ti_id: self.jobs.journal_elsewhere(ti_id),
-                             on_upstream_back=self._control_plane_seen)
+                             on_upstream_back=self._control_plane_seen,
+                             on_task_state=lambda ti_id, state: self.jobs.note_task_state(ti_id, state))
         self.client = EdgeClient(settings, counter=self.counter, transport=transport, recorder=self.egress.record_edge)
         self._heartbeat_due = False
         self.state_folder = StateFolder(settings.state_folder)
@@ -471,6 +472,7 @@ class Worker:
             "maintenance_comments": self.link.maintenance_comments,
             "concurrency": self.link.concurrency, "free_slots": self.jobs.free_slots,
             "queues": self.link.queues, "requests_per_s": self.counter.rates(), "jobs": self.jobs.describe(),
+            "finished": self.jobs.finished,
             "gpus": {"total": self.gpus.total, "free": self.gpus.free},
             "paused_queues": {q: p.describe() for q, p in self.budgets.paused.items()},
             "metrics_url": self.health.url if self.health is not None else None,
