@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_outpost.worker.edge.versions import task_sdk_api_version
 from airflow_outpost.worker.testing.controlplane import ControlPlane, free_port
 from airflow_outpost.worker.testing.worker_process import run_outpost
 
@@ -24,12 +25,14 @@ def _assert_one_line_failure(result, fragment: str, code: int = 1) -> None:
 @pytest.fixture
 def fake_server() -> Iterator:
     """A loopback HTTP server answering every GET/POST with the configured (status, body)."""
-    answer = {"status": 404, "body": {"detail": "Not Found"}}
+    answer: dict = {"status": 404, "body": {"detail": "Not Found"}, "paths": {}}
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self) -> None:
-            data = json.dumps(answer["body"]).encode()
-            self.send_response(answer["status"])
+            # answer["paths"]: {path: (status, body)} for the paths that answer otherwise.
+            status, body = answer["paths"].get(self.path.split("?")[0], (answer["status"], answer["body"]))
+            data = json.dumps(body).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -69,6 +72,22 @@ def test_incompatible_server_version(tmp_path: Path, fake_server) -> None:
     answer.update(status=200, body={"version": "2.10.5", "git_version": None})
     result = run_outpost(*_args(f"http://127.0.0.1:{server.server_port}", tmp_path), env={"OUTPOST_JWT_SECRET": "x"})
     _assert_one_line_failure(result, "incompatible server version: control plane runs Airflow 2.10.5")
+
+
+def test_a_task_sdk_newer_than_the_servers_execution_api_is_refused(tmp_path: Path, fake_server) -> None:
+    """A control plane of an older line does not serve this Task SDK's Execution API version:
+    one line naming both, with the install that fixes it, before anything registers."""
+    server, answer = fake_server
+    api = task_sdk_api_version()
+    assert api is not None
+    answer["paths"] = {
+        "/api/v2/version": (200, {"version": "3.1.8", "git_version": None}),
+        "/execution/openapi.json": (404, {"detail": f"OpenApi file of with version `{api}` not found"}),
+    }
+    result = run_outpost(*_args(f"http://127.0.0.1:{server.server_port}", tmp_path), env={"OUTPOST_JWT_SECRET": "x"})
+    _assert_one_line_failure(result, "control plane runs Airflow 3.1.8, whose Execution API does not serve "
+                                     f"version {api} that this worker's Task SDK")
+    assert result.stderr.strip().endswith("pip install 'apache-airflow-core==3.1.8'"), result.stderr
 
 
 def test_bad_setting_exits_2_naming_it(tmp_path: Path) -> None:

@@ -194,6 +194,24 @@ class EdgeClient:
         return str(data["version"])
 
 
+    async def serves_execution_api(self, api_version: str) -> bool | None:
+        """Whether the server's Task Execution API serves ``api_version`` (Cadwyn publishes one
+        OpenAPI document per version it knows, without authentication). None: it could not tell
+        (the document is not reachable here, e.g. behind a proxy that only routes the API)."""
+        url = f"{self.settings.execution_api.rstrip('/')}/openapi.json?version={quote(api_version)}"
+        try:
+            await self.request("GET", url, edge=False)
+        except NotFoundError as exc:
+            if api_version in exc.detail:  # Cadwyn's own "OpenApi file of with version `...` not found"
+                return False
+            log.warning("cannot check the control plane's Execution API versions (%s)", exc)
+            return None
+        except ServerError as exc:
+            log.warning("cannot check the control plane's Execution API versions (%s)", exc)
+            return None
+        return True
+
+
 def _map_error(status: int, method: str, path: str, detail: str) -> ServerError:
     if status >= 500 or status == 429:
         return TransientServerError(status, method, path, detail)

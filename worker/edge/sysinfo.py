@@ -30,6 +30,10 @@ def airflow_version() -> str:
     return _pkg("apache-airflow-core") or _pkg("apache-airflow") or "unknown"
 
 
+def task_sdk_version() -> str:
+    return _pkg("apache-airflow-task-sdk") or "unknown"
+
+
 def edge_provider_version(configured: str | None) -> str:
     return configured or _pkg("apache-airflow-providers-edge3") or TESTED_EDGE_PROVIDER_VERSION
 
@@ -64,14 +68,15 @@ def sysinfo(*, concurrency: int, free_concurrency: int, started: datetime, edge_
         "airflow_version": airflow_version(),
         "edge_provider_version": edge_provider_version(edge_version),
         "outpost_version": _pkg("airflow-outpost") or "dev",
-        "task_sdk_version": _pkg("apache-airflow-task-sdk") or "unknown",
+        "task_sdk_version": task_sdk_version(),
         "python_version": sys.version.split()[0],
         "platform": platform.platform(),
         "worker_start_time": started,
         "concurrency": concurrency,
         "free_concurrency": free_concurrency,
         "cpu_count": os.cpu_count() or 0,
-        "cpu_percent": psutil.cpu_percent(interval=None),
+        # An int: edge3 before 4.x takes only str and int values in sysinfo (HTTP 422 on a float).
+        "cpu_percent": round(psutil.cpu_percent(interval=None)),
         "memory_total_mb": int(mem.total // 2**20),
         "memory_available_mb": int(mem.available // 2**20),
         "gpu_count": len(gpus()),

@@ -161,6 +161,9 @@ def load_reference(value: str) -> Any:
         import numpy as np
 
         return np.load(io.BytesIO(data), allow_pickle=False)
-    from airflow.sdk.serde import deserialize
+    try:
+        from airflow.sdk.serde import deserialize
+    except ImportError:  # Task SDK 1.1 (Airflow 3.1): serde lives in the core
+        from airflow.serialization.serde import deserialize
 
     return deserialize(json.loads(data))

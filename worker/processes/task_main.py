@@ -38,6 +38,7 @@ What happens when the worker dies depends on ``OUTPOST_CRASH_POLICY`` (the worke
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import os
 import selectors
@@ -119,8 +120,8 @@ def run_request(msg: dict[str, Any]) -> int:
     if msg["workload"].get("type") == "ExecuteCallback":
         return _run_callback(msg)
     from airflow.executors.workloads import ExecuteTask
-    from airflow.sdk.execution_time.supervisor import supervise_task
 
+    supervise_task = _supervise_task()
     workload = ExecuteTask.model_validate(msg["workload"])
     try:
         from setproctitle import setproctitle
@@ -129,16 +130,26 @@ def run_request(msg: dict[str, Any]) -> int:
         setproctitle(f"outpost task: {ti.dag_id}.{ti.task_id} run={ti.run_id} map={ti.map_index} try={ti.try_number}")
     except ImportError:
         pass
-    return supervise_task(
+    extra: dict[str, Any] = {}
+    if "sentry_integration" in inspect.signature(supervise_task).parameters:  # Task SDK 1.2 and later
+        extra["sentry_integration"] = getattr(workload, "sentry_integration", "")
+    return int(supervise_task(
         # The DTO duck-types as the SDK TaskInstance, as in Airflow's own executors.
-        ti=workload.ti,  # type: ignore[arg-type]
+        ti=workload.ti,
         bundle_info=workload.bundle_info,
         dag_rel_path=workload.dag_rel_path,
         token=workload.token,
         server=msg["server"],
         log_path=workload.log_path,
-        sentry_integration=workload.sentry_integration,
-    )
+        **extra,
+    ))
+
+
+def _supervise_task() -> Any:
+    """The Task SDK's task supervisor: ``supervise_task`` (Task SDK 1.3), ``supervise`` before."""
+    from airflow.sdk.execution_time import supervisor
+
+    return getattr(supervisor, "supervise_task", None) or supervisor.supervise
 
 
 def _run_callback(msg: dict[str, Any]) -> int:
@@ -149,8 +160,11 @@ def _run_callback(msg: dict[str, Any]) -> int:
     supervisor raise, which is exit code 1 here (and the job is reported failed).
     """
     from airflow.executors.workloads import ExecuteCallback
-    from airflow.sdk.execution_time.callback_supervisor import supervise_callback
 
+    try:
+        from airflow.sdk.execution_time.callback_supervisor import supervise_callback
+    except ImportError:  # Task SDK 1.2 (Airflow 3.2) has no callback supervisor
+        return _run_callback_in_process(ExecuteCallback.model_validate(msg["workload"]))
     workload = ExecuteCallback.model_validate(msg["workload"])
     callback = workload.callback
     try:
@@ -175,6 +189,27 @@ def _run_callback(msg: dict[str, Any]) -> int:
         print(f"outpost: callback {callback.data.get('path')} failed: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_callback_in_process(workload: Any) -> int:
+    """Airflow 3.2's way (what its LocalExecutor does): import and call the callback here with the
+    core's ``execute_callback_workload``, logging to the workload's log file; 0 on success."""
+    import logging
+
+    from airflow.executors.workloads.callback import execute_callback_workload
+
+    log = logging.getLogger("airflow_outpost.callback")
+    if workload.log_path and (folder := os.environ.get("AIRFLOW__LOGGING__BASE_LOG_FOLDER")):
+        path = os.path.join(folder, workload.log_path)  # the worker checked it stays inside the folder
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s - %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    ok, error = execute_callback_workload(workload.callback, log)
+    if not ok:
+        print(f"outpost: callback {workload.callback.data.get('path')} failed: {error}", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def _record_exit(msg: dict[str, Any], code: int) -> None:

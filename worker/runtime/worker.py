@@ -32,7 +32,14 @@ from airflow_outpost.worker.config import (
 )
 from airflow_outpost.worker.edge.client import EdgeClient
 from airflow_outpost.worker.edge.request_counter import RequestCounter
-from airflow_outpost.worker.edge.sysinfo import airflow_version, edge_provider_version, sysinfo
+from airflow_outpost.worker.edge.sysinfo import airflow_version, edge_provider_version, sysinfo, task_sdk_version
+from airflow_outpost.worker.edge.versions import (
+    SUPPORTED_LINES,
+    install_hint,
+    line,
+    sdk_refusal,
+    task_sdk_api_version,
+)
 from airflow_outpost.worker.egress.gateway import Egress
 from airflow_outpost.worker.errors import (
     AuthError,
@@ -217,6 +224,17 @@ class Worker:
         return env
 
     # -- start-up ----------------------------------------------------------------------------
+    async def _check_task_sdk(self, server: str) -> None:
+        """Refuse to start when the server does not serve the installed Task SDK's Execution API
+        version (see :mod:`airflow_outpost.worker.edge.versions`)."""
+        api = task_sdk_api_version()
+        if api is None:
+            log.warning("could not read the installed Task SDK's Execution API version; not checking it against the "
+                        "control plane's")
+            return
+        if await self.client.serves_execution_api(api) is False:
+            raise StartupError(sdk_refusal(server, task_sdk_version(), api))
+
     async def _startup(self) -> None:
         s = self.settings
         s.log_folder.mkdir(parents=True, exist_ok=True)
@@ -233,10 +251,15 @@ class Worker:
         if server.split(".")[0] != ours.split(".")[0] or not server.startswith("3."):
             raise StartupError(f"incompatible server version: control plane runs Airflow {server}, this worker runs "
                                f"Airflow {ours} (Task SDK); both must be Airflow 3")
-        if server.split(".")[:2] != ours.split(".")[:2]:
-            # The Execution API changes between minor releases; the server's own check decides below.
-            log.warning("the control plane runs Airflow %s and this worker's Task SDK is for Airflow %s: task "
-                        "payloads differ between minor releases; run a worker of the control plane's line", server, ours)
+        await self._check_task_sdk(server)
+        if line(server) != line(ours):
+            # An older Task SDK speaks a version the server still serves; edge3's check decides below.
+            log.warning("the control plane runs Airflow %s and this worker Airflow %s; edge3 refuses the difference "
+                        "unless the server sets [edge] minimum_acceptable_core_version_for_workers (%s matches)",
+                        server, ours, install_hint(server))
+        if line(server) not in SUPPORTED_LINES:
+            log.warning("the control plane runs Airflow %s; this release is tested with Airflow %s", server,
+                        ", ".join(SUPPORTED_LINES))
         try:
             try:
                 reply = await self.client.worker.register(s.name, "starting", self.link.queues, self._sysinfo(), s.team_name)
@@ -256,8 +279,9 @@ class Worker:
                 f"the control plane (Airflow {server}) refused this worker's versions (Airflow {ours}, edge3 "
                 f"{s.edge_provider_version or edge_provider_version(None)}): {exc.detail}. Either set [edge] "
                 f"minimum_acceptable_core_version_for_workers = {ours} (and, for an edge3 mismatch, "
-                "minimum_acceptable_edge_version_for_workers) on the server (edge3 3.6.0 or later), or run a worker "
-                f"whose Airflow is {server}; --edge-provider-version sets the edge3 version reported") from exc
+                "minimum_acceptable_edge_version_for_workers) on the server (edge3 3.6.0 or later), or install the "
+                f"server's Airflow on this host: {install_hint(server)}; --edge-provider-version sets the edge3 "
+                "version reported") from exc
         except NotFoundError as exc:
             raise StartupError(f"no Edge worker API at {s.edge_api} (HTTP {exc.status}); is the edge3 provider installed "
                                "and [edge] api_enabled=True on the server?") from exc

@@ -45,9 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _airflow_bin() -> str:
-    # The airflow CLI that belongs to this interpreter, so a venv without activation works.
-    candidate = Path(sys.executable).with_name("airflow")
+def _airflow_bin(python: str | None = None) -> str:
+    # The airflow CLI that belongs to this interpreter (or `python`'s), so a venv without activation works.
+    candidate = Path(python or sys.executable).with_name("airflow")
+    if python is not None and not candidate.exists():
+        raise ControlPlaneError(f"no 'airflow' command next to {python}")
     if candidate.exists():
         return str(candidate)
     found = shutil.which("airflow")
@@ -73,6 +75,8 @@ class ControlPlane:
     port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
     jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The interpreter of the venv whose Airflow to run (another Airflow line); None: this one's.
+    python: str | None = None
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     _own_home: bool = field(default=False, init=False)
     _client: httpx.Client | None = field(default=None, init=False)
@@ -139,7 +143,7 @@ class ControlPlane:
         self.home.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port()
-        airflow = _airflow_bin()
+        airflow = _airflow_bin(self.python)
         log_dir = self.home / "cp-logs"
         log_dir.mkdir(exist_ok=True)
         migrate = subprocess.run(
@@ -197,7 +201,7 @@ class ControlPlane:
 
     def start_api_server(self, timeout_s: float = 120.0) -> None:
         assert self.home is not None
-        argv = [_airflow_bin(), "api-server", "--host", "127.0.0.1", "--port", str(self.port)]
+        argv = [_airflow_bin(self.python), "api-server", "--host", "127.0.0.1", "--port", str(self.port)]
         self._spawn("api-server", argv, self.home / "cp-logs")
         self._wait_ready(timeout_s)
 
@@ -238,7 +242,14 @@ class ControlPlane:
     @property
     def api(self) -> httpx.Client:
         if self._client is None:
-            self._client = httpx.Client(base_url=f"{self.base_url}/api/v2", timeout=30)
+            headers = {}
+            # Airflow 3.1 wants a token even with simple_auth_manager_all_admins (3.2 and later let
+            # every request in); its simple auth manager hands one out without credentials.
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                token = httpx.get(f"{self.base_url}/auth/token", timeout=30)
+                if token.is_success:
+                    headers["Authorization"] = f"Bearer {token.json()['access_token']}"
+            self._client = httpx.Client(base_url=f"{self.base_url}/api/v2", timeout=30, headers=headers)
         return self._client
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -246,6 +257,10 @@ class ControlPlane:
         if resp.status_code >= 400:
             raise ControlPlaneError(f"{method} {path} -> {resp.status_code}: {resp.text[:500]}")
         return resp.json() if resp.content else None
+
+    def version(self) -> str:
+        """The Airflow version the API server reports."""
+        return str(self._json("GET", "/version")["version"])
 
     def wait_for_dag(self, dag_id: str, timeout_s: float = 120.0) -> None:
         """Wait until the dag-processor has serialized ``dag_id`` and it can be triggered."""

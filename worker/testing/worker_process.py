@@ -23,7 +23,8 @@ class WorkerProc:
 
     def __init__(self, cp: ControlPlane, tmp: Path, *, queues: str, name: str | None = None,
                  concurrency: int = 2, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 state_folder: Path | None = None, dags_folder: Path | None = None, cwd: Path | None = None) -> None:
+                 state_folder: Path | None = None, dags_folder: Path | None = None, cwd: Path | None = None,
+                 python: str | None = None) -> None:
         self.cp = cp
         self.cwd = cwd
         self.name = name or f"w-{uuid.uuid4().hex[:8]}"
@@ -31,7 +32,7 @@ class WorkerProc:
         self.log_folder = tmp / f"{self.name}-logs"
         self.output = tmp / f"{self.name}.out"
         self.argv = [
-            sys.executable, "-m", "airflow_outpost", "worker", "--api-url", cp.base_url, "--name", self.name,
+            python or sys.executable, "-m", "airflow_outpost", "worker", "--api-url", cp.base_url, "--name", self.name,
             "--queues", queues, "--concurrency", str(concurrency), "--state-folder", str(self.state_folder),
             "--log-folder", str(self.log_folder), "--dags-folder", str(dags_folder or cp.dags_folder), "--poll-interval-s", "1",
             "--heartbeat-interval-s", "5", "--drain-timeout-s", "60", "--kill-grace-s", "5",

@@ -1,0 +1,134 @@
+"""The worker against control planes of every supported Airflow line (slow: each line's venv is
+built once under build/lines/, then each test starts that line's control plane).
+
+Each line's worker runs from that line's venv (its own Task SDK), as a worker host of that line
+installs it; the core end-to-end DAGs run through it: an XCom chain, dynamic mapping, retries, and
+a Variable/Connection defined only on the worker. The default test run covers 3.3 with the same
+DAGs (tests/worker/test_controlplane_e2e.py); ``3.3`` here runs them in this venv for the table.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airflow_outpost.worker.testing.controlplane import ControlPlane
+from airflow_outpost.worker.testing.worker_process import WorkerProc, run_outpost
+from tests.helpers import DAGS
+from tests.versions.lines import line_python
+
+pytestmark = [pytest.mark.slow, pytest.mark.controlplane]
+
+CORE_DAGS = ("outpost_chain", "outpost_mapped", "outpost_failing", "outpost_secrets")
+WORKER_ENV = {"AIRFLOW_VAR_OUTPOST_LOCAL_VAR": "only-on-the-worker",
+              "AIRFLOW_CONN_OUTPOST_LOCAL_DB": "postgres://alice:pw@db.region.local:5433/warehouse"}
+
+
+def _python(line: str) -> str:
+    return sys.executable if line == "3.3" else str(line_python(line))
+
+
+@pytest.fixture(scope="module")
+def line_cp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ControlPlane]]:
+    line: str = request.param
+    python = _python(line)
+    dags = tmp_path_factory.mktemp(f"dags-{line}")
+    # Deadline alerts' callbacks reach workers from Airflow 3.2 on.
+    for dag in (*CORE_DAGS, *(["outpost_deadline"] if line != "3.1" else [])):
+        shutil.copy(DAGS / f"{dag}.py", dags / f"{dag}.py")
+    cp = ControlPlane(dags_folder=dags, home=tmp_path_factory.mktemp(f"airflow-{line}"), python=python)
+    cp.start(timeout_s=300)
+    try:
+        yield line, cp
+    finally:
+        cp.stop()
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("line_cp", ["3.1", "3.2", "3.3"], indirect=True)
+def test_core_dags_through_the_worker_of_each_line(line_cp: tuple[str, ControlPlane], tmp_path: Path) -> None:
+    line, cp = line_cp
+    for dag in CORE_DAGS:
+        cp.wait_for_dag(dag, timeout_s=180)
+    w = WorkerProc(cp, tmp_path, queues="q_chain,q_mapped,q_failing,q_secrets", concurrency=4, env=WORKER_ENV,
+                   python=_python(line)).start()
+    try:
+        runs = {dag: cp.trigger(dag) for dag in CORE_DAGS}
+        states = {dag: cp.wait_for_run(dag, run_id, timeout_s=400) for dag, run_id in runs.items()}
+        log = w.log()
+        assert states == {"outpost_chain": "success", "outpost_mapped": "success", "outpost_failing": "failed",
+                          "outpost_secrets": "success"}, (states, log[-4000:])
+        assert cp.xcom("outpost_chain", runs["outpost_chain"], "describe") == "outpost:40"
+        assert cp.xcom("outpost_mapped", runs["outpost_mapped"], "total") == sum(x * x for x in range(36))
+        [ti] = cp.task_instances("outpost_failing", runs["outpost_failing"])
+        assert (ti["state"], ti["try_number"]) == ("failed", 3)
+        assert cp.xcom("outpost_secrets", runs["outpost_secrets"], "read") == {
+            "var": "only-on-the-worker", "host": "db.region.local", "port": 5433, "login": "alice"}
+        assert "ended failed" in log and "Traceback" not in log, log[-4000:]
+    finally:
+        assert w.stop() == 0, w.log()[-3000:]
+
+
+@pytest.mark.parametrize("line_cp", ["3.1", "3.2"], indirect=True)
+def test_a_worker_of_a_newer_line_is_refused_in_one_line(line_cp: tuple[str, ControlPlane], tmp_path: Path) -> None:
+    """This venv's Task SDK (3.3's) against an older control plane: refused before registering,
+    with the install that fixes it."""
+    _, cp = line_cp
+    version = cp.version()
+    result = run_outpost("worker", "--api-url", cp.base_url, "--name", "w-newer", "--state-folder",
+                         str(tmp_path / "state"), "--log-folder", str(tmp_path / "logs"),
+                         env={"OUTPOST_JWT_SECRET": cp.jwt_secret}, timeout_s=120)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"outpost: the control plane runs Airflow {version}, whose Execution API does not serve"), last
+    assert last.endswith(f"pip install 'apache-airflow-core=={version}'"), last
+
+
+@pytest.mark.parametrize("line_cp", ["3.3"], indirect=True)
+def test_an_older_lines_worker_is_refused_by_a_default_server_naming_the_setting(
+        line_cp: tuple[str, ControlPlane], tmp_path: Path) -> None:
+    """A worker of an older line (its Task SDK the server still serves) meets edge3's version check
+    on a default-configured 3.3 server: one line with both versions and the server setting."""
+    _, cp = line_cp
+    older = line_python("3.2")
+    started = time.monotonic()
+    w = WorkerProc(cp, tmp_path, queues="q_chain", python=str(older))
+    w.start(wait_registered=False)
+    code = w.wait(timeout_s=120)
+    last = w.log().strip().splitlines()[-1]
+    assert code == 1 and time.monotonic() - started < 120, w.log()[-3000:]
+    assert last.startswith("outpost: the control plane (Airflow 3.3.2) refused this worker's versions (Airflow 3.2.2"), last
+    assert "minimum_acceptable_core_version_for_workers = 3.2.2" in last and "apache-airflow-core==3.3.2" in last, last
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("line_cp", ["3.2"], indirect=True)
+def test_a_deadline_callback_runs_on_a_32_worker(line_cp: tuple[str, ControlPlane], tmp_path: Path) -> None:
+    """Task SDK 1.2 has no callback supervisor: the worker runs the callback the way 3.2's own
+    executors do (the core's execute_callback_workload) in a task process, logged locally."""
+    line, cp = line_cp
+    store = tmp_path / "store"
+    store.mkdir()
+    cp.wait_for_dag("outpost_deadline", timeout_s=180)
+    w = WorkerProc(cp, tmp_path, queues="default,q_deadline", python=_python(line),
+                   extra_args=["--store-root", str(store)]).start()
+    try:
+        run_id = cp.trigger("outpost_deadline")
+        deadline = time.monotonic() + 150
+        while not list(store.glob("deadline-*.json")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        [marker] = list(store.glob("deadline-*.json")) or [None]
+        assert marker is not None, w.log()[-4000:]
+        written = json.loads(marker.read_text())
+        assert written["tag"] == "missed" and written["worker"] == w.name, written
+        assert cp.wait_for_run("outpost_deadline", run_id, timeout_s=150) == "success"
+        logs = [p for p in w.log_folder.rglob("*") if p.is_file() and "record_missed_deadline" in p.read_text()]
+        assert len(logs) == 1 and "executed successfully" in logs[0].read_text(), w.log()[-3000:]
+    finally:
+        assert w.stop() == 0, w.log()[-3000:]
