@@ -9,7 +9,6 @@ DAGs (tests/worker/test_controlplane_e2e.py); ``3.3`` here runs them in this ven
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -39,8 +38,7 @@ def line_cp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     line: str = request.param
     python = _python(line)
     dags = tmp_path_factory.mktemp(f"dags-{line}")
-    # Deadline alerts' callbacks reach workers from Airflow 3.2 on.
-    for dag in (*CORE_DAGS, *(["outpost_deadline"] if line != "3.1" else [])):
+    for dag in CORE_DAGS:
         shutil.copy(DAGS / f"{dag}.py", dags / f"{dag}.py")
     cp = ControlPlane(dags_folder=dags, home=tmp_path_factory.mktemp(f"airflow-{line}"), python=python)
     cp.start(timeout_s=300)
@@ -106,29 +104,3 @@ def test_an_older_lines_worker_is_refused_by_a_default_server_naming_the_setting
     assert last.startswith("outpost: the control plane (Airflow 3.3.2) refused this worker's versions (Airflow 3.2.2"), last
     assert "minimum_acceptable_core_version_for_workers = 3.2.2" in last and "apache-airflow-core==3.3.2" in last, last
 
-
-@pytest.mark.timeout(400)
-@pytest.mark.parametrize("line_cp", ["3.2"], indirect=True)
-def test_a_deadline_callback_runs_on_a_32_worker(line_cp: tuple[str, ControlPlane], tmp_path: Path) -> None:
-    """Task SDK 1.2 has no callback supervisor: the worker runs the callback the way 3.2's own
-    executors do (the core's execute_callback_workload) in a task process, logged locally."""
-    line, cp = line_cp
-    store = tmp_path / "store"
-    store.mkdir()
-    cp.wait_for_dag("outpost_deadline", timeout_s=180)
-    w = WorkerProc(cp, tmp_path, queues="default,q_deadline", python=_python(line),
-                   extra_args=["--store-root", str(store)]).start()
-    try:
-        run_id = cp.trigger("outpost_deadline")
-        deadline = time.monotonic() + 150
-        while not list(store.glob("deadline-*.json")) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        [marker] = list(store.glob("deadline-*.json")) or [None]
-        assert marker is not None, w.log()[-4000:]
-        written = json.loads(marker.read_text())
-        assert written["tag"] == "missed" and written["worker"] == w.name, written
-        assert cp.wait_for_run("outpost_deadline", run_id, timeout_s=150) == "success"
-        logs = [p for p in w.log_folder.rglob("*") if p.is_file() and "record_missed_deadline" in p.read_text()]
-        assert len(logs) == 1 and "executed successfully" in logs[0].read_text(), w.log()[-3000:]
-    finally:
-        assert w.stop() == 0, w.log()[-3000:]

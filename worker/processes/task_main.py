@@ -163,8 +163,12 @@ def _run_callback(msg: dict[str, Any]) -> int:
 
     try:
         from airflow.sdk.execution_time.callback_supervisor import supervise_callback
-    except ImportError:  # Task SDK 1.2 (Airflow 3.2) has no callback supervisor
-        return _run_callback_in_process(ExecuteCallback.model_validate(msg["workload"]))
+    except ImportError:
+        # Task SDK 1.2 (Airflow 3.2) has none; a stock 3.2 scheduler never hands callbacks to
+        # the Edge executor either (edge3 cannot queue them there), so this is a mismatched install.
+        print("outpost: this Task SDK cannot run ExecuteCallback workloads (callback_supervisor is missing; "
+              "it came with Task SDK 1.3 / Airflow 3.3)", file=sys.stderr)
+        return 1
     workload = ExecuteCallback.model_validate(msg["workload"])
     callback = workload.callback
     try:
@@ -189,27 +193,6 @@ def _run_callback(msg: dict[str, Any]) -> int:
         print(f"outpost: callback {callback.data.get('path')} failed: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _run_callback_in_process(workload: Any) -> int:
-    """Airflow 3.2's way (what its LocalExecutor does): import and call the callback here with the
-    core's ``execute_callback_workload``, logging to the workload's log file; 0 on success."""
-    import logging
-
-    from airflow.executors.workloads.callback import execute_callback_workload
-
-    log = logging.getLogger("airflow_outpost.callback")
-    if workload.log_path and (folder := os.environ.get("AIRFLOW__LOGGING__BASE_LOG_FOLDER")):
-        path = os.path.join(folder, workload.log_path)  # the worker checked it stays inside the folder
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s - %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    ok, error = execute_callback_workload(workload.callback, log)
-    if not ok:
-        print(f"outpost: callback {workload.callback.data.get('path')} failed: {error}", file=sys.stderr)
-    return 0 if ok else 1
 
 
 def _record_exit(msg: dict[str, Any], code: int) -> None:
