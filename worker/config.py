@@ -91,6 +91,7 @@ class Settings:
     jwt_issuer: str | None = None
     team_name: str | None = None
     prewarm: int = 1
+    preload: tuple[str, ...] = ()  # modules the zygote imports before it forks tasks
     edge_provider_version: str | None = None
     # Deploying: health/metrics endpoint, GPU slots, idle exit, preemption, cost budgets.
     metrics_host: str = "127.0.0.1"
@@ -155,6 +156,10 @@ class Settings:
                     raise ConfigError("queues", q, "queue names are 1-256 characters of letters, digits, '_', '.', ':' or '-'")
         _positive_int("concurrency", self.concurrency, maximum=1024)
         _positive_int("push_log_chunk_size", self.push_log_chunk_size, maximum=10_000_000)
+        for module in self.preload:
+            if not _MODULE.fullmatch(module):
+                raise ConfigError("preload", module, "dotted Python module names, comma-separated, e.g. "
+                                                     "airflow.providers.common.sql.hooks.sql,pyarrow")
         if self.prewarm not in (0, 1) or isinstance(self.prewarm, bool):
             raise ConfigError("prewarm", self.prewarm, "1 (fork tasks from a pre-imported zygote) or 0 (fresh interpreter per task)")
         for name in ("poll_interval_s", "poll_min_interval_s", "heartbeat_interval_s", "request_timeout_s", "startup_timeout_s"):
@@ -332,6 +337,7 @@ def _positive_float(name: str, value: Any) -> None:
 # -- parsing ----------------------------------------------------------------------------------
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def _convert(name: str, raw: Any) -> Any:
@@ -343,7 +349,7 @@ def _convert(name: str, raw: Any) -> Any:
     try:
         if name == "redact_patterns":  # one regex per line (a TOML list is kept as is)
             return tuple(str(p) for p in raw) if isinstance(raw, list) else tuple(p for p in str(raw).splitlines() if p)
-        if name in ("queues", "gpu_queues", "gpus", "warm_models"):
+        if name in ("queues", "gpu_queues", "gpus", "warm_models", "preload"):
             items = raw if isinstance(raw, list) else [q.strip() for q in str(raw).split(",")]
             items = [str(q) for q in items if q != ""]
             if name == "gpus" and [i.lower() for i in items] == ["none"]:

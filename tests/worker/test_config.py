@@ -62,6 +62,7 @@ def test_stock_edge_api_url_form_is_accepted() -> None:
         ({"ray_keep_warm_s": "60"}, "ray_keep_warm_s", "only applies with ray set"),
         ({"ray": "local", "ray_keep_warm_s": "-5"}, "ray_keep_warm_s", "from 0 to 7 days"),
         ({"ray": "local", "ray_keep_warm_s": "soon"}, "ray_keep_warm_s", "duration such as 15m"),
+        ({"preload": "pyarrow,os.path;rm -rf"}, "preload", "dotted Python module names"),
     ],
 )
 def test_bad_values_name_setting_value_and_allowed(flags: dict, setting: str, fragment: str) -> None:
@@ -143,3 +144,20 @@ def test_bad_ray_flag_stops_the_cli_with_exit_code_2() -> None:
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "ray='everywhere'" in last and "host:port" in last and "Traceback" not in result.stderr
+
+
+def test_preload_modules_are_imported_by_the_zygote_and_a_broken_one_is_skipped() -> None:
+    """The zygote imports ``preload`` before it forks (tasks then share those pages); a module that
+    does not import is said on stderr and skipped, never stopping the zygote."""
+    import subprocess
+    import sys
+
+    assert load_settings({"api_url": "http://h:8080", "preload": "json.tool, xml.dom"}, env={}).preload == (
+        "json.tool", "xml.dom")
+    script = ("import sys; from airflow_outpost.worker.processes import task_main as t; t._preload(); "
+              "print('json.tool' in sys.modules, 'no_such_module_xyz' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={"OUTPOST_PRELOAD": "json.tool,no_such_module_xyz", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
+    assert "preload 'no_such_module_xyz' failed, tasks import it themselves: ModuleNotFoundError" in done.stderr

@@ -48,6 +48,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "crash_policy": "after a worker crash: stop (tasks die with it, reported failed) or adopt (tasks run on; "
                         "a restart with the same state folder takes them over) (default stop)",
         "prewarm": "1: fork tasks from a pre-imported zygote (fast start); 0: fresh interpreter per task",
+        "preload": "modules the zygote imports before forking tasks, comma-separated (what your DAGs import: "
+                   "every task then shares one copy)",
         "metrics_host": "address of the /healthz, /readyz, /metrics server (default 127.0.0.1)",
         "metrics_port": "port of the health/metrics server; 0 = off (default 9464)",
         "gpu_queues": "queue names/globs whose tasks take GPUs, one per pool slot (default gpu*)",

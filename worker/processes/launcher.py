@@ -212,8 +212,10 @@ class TaskLauncher:
     the gateway listens.
     """
 
-    def __init__(self, *, output_dir: Path, prewarm: int = 1, crash_policy: str = "stop") -> None:
+    def __init__(self, *, output_dir: Path, prewarm: int = 1, crash_policy: str = "stop",
+                 preload: tuple[str, ...] = ()) -> None:
         self._env: dict[str, str] | None = None
+        self._preload = preload
         self._crash_policy = crash_policy
         self._output_dir = output_dir
         self._use_zygote = prewarm > 0
@@ -234,6 +236,8 @@ class TaskLauncher:
         self._env = without_credentials(dict(env))
         self._env["OUTPOST_PARENT_PID"] = str(os.getpid())
         self._env["OUTPOST_CRASH_POLICY"] = self._crash_policy
+        if self._preload:
+            self._env["OUTPOST_PRELOAD"] = ",".join(self._preload)
         if self._use_zygote:
             await self._ensure_zygote()
 

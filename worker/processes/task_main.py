@@ -38,6 +38,7 @@ What happens when the worker dies depends on ``OUTPOST_CRASH_POLICY`` (the worke
 from __future__ import annotations
 
 import ctypes
+import gc
 import inspect
 import json
 import os
@@ -110,6 +111,25 @@ def _preload() -> None:
             importlib.import_module(module)
         except ImportError:  # optional providers may be absent on a worker
             pass
+    # The worker's `preload` setting: what the DAGs import. A module that fails to import is said
+    # in the zygote's log and skipped (each task then imports it itself, and fails there if it must).
+    for module in filter(None, os.environ.pop("OUTPOST_PRELOAD", "").split(",")):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any error in third-party import code
+            print(f"outpost: preload {module!r} failed, tasks import it themselves: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+
+
+def _freeze() -> None:
+    """Keep what this process has made out of every later garbage collection (``gc.freeze``).
+
+    A forked process shares its parent's pages until it writes to them, and a collection writes
+    to the header of every object it examines: without this, the first full collection in a task
+    process copies nearly every page the zygote imported into it.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def run_request(msg: dict[str, Any]) -> int:
@@ -228,6 +248,7 @@ def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
         os.close(out)
         if not _adopt:
             _die_with_parent(zygote_pid)
+        gc.freeze()  # the supervisor forks the task process from here: the same reasoning as in the zygote
         code = run_request(msg)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -282,6 +303,7 @@ def zygote_main() -> int:
     except (OSError, AttributeError):
         pass
     _preload()
+    _freeze()
     me = os.getpid()
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints from imported code must not corrupt the protocol stream

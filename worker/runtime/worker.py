@@ -118,6 +118,7 @@ class Worker:
             HealthServer(settings.metrics_host, settings.metrics_port, readiness=self.readiness,
                          metrics=self.telemetry.render) if settings.metrics_port else None)
         self.launcher = TaskLauncher(output_dir=self.state_folder.output_dir, prewarm=settings.prewarm,
+                                     preload=settings.preload,
                                      crash_policy=settings.crash_policy)
         self.jobs = JobRunner(settings, client=self.client, egress=self.egress, launcher=self.launcher,
                               state_folder=self.state_folder, link=self.link, gpus=self.gpus, counter=self.counter,
