@@ -57,6 +57,7 @@ class Contender:
         self.label, self.cp, self.work = label, cp, work
         self.name = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.concurrency = 4
 
     def argv_env(self) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
@@ -98,7 +99,7 @@ class Stock(Contender):
         if self.poll_s is not None:
             env["AIRFLOW__EDGE__JOB_POLL_INTERVAL"] = str(self.poll_s)
         airflow = str(Path(sys.executable).with_name("airflow"))
-        return ([airflow, "edge", "worker", "-q", "bench", "-c", "4", "--edge-hostname", self.name,
+        return ([airflow, "edge", "worker", "-q", "bench", "-c", str(self.concurrency), "--edge-hostname", self.name,
                  "--pid", str(self.work / f"{self.name}.pid")], env)
 
 
@@ -107,7 +108,7 @@ class Outpost(Contender):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "OUTPOST_"))}
         env["OUTPOST_JWT_SECRET"] = self.cp.jwt_secret
         return ([sys.executable, "-m", "airflow_outpost", "--log-level", "WARNING", "worker", "--api-url", self.cp.base_url,
-                 "--name", self.name, "--queues", "bench", "--concurrency", "4",
+                 "--name", self.name, "--queues", "bench", "--concurrency", str(self.concurrency),
                  "--state-folder", str(self.work / f"{self.name}-state"), "--log-folder", str(self.work / f"{self.name}-logs"),
                  "--dags-folder", str(DAGS)], env)
 

@@ -1,0 +1,187 @@
+"""Memory benchmark: PSS of the whole worker process tree with N running tasks, outpost against
+the stock ``airflow edge worker`` on one control plane, in one run.
+
+For each worker, N in ``--tasks`` (default 1, 8, 32) and each task kind (a sleeping no-op, and one
+that first imports pyarrow and the SQL provider), the worker is started with concurrency N, the
+``bench_memory`` DAG maps N tasks that hold their slot, and once all N run (and a settle time has
+passed) the PSS of every process in the worker's tree is read from ``/proc/<pid>/smaps_rollup``.
+PSS counts a page shared by k processes as 1/k in each, so the tree's sum is the memory the tree
+really costs. For the heavy kind, outpost also runs with ``--preload`` of what those tasks import.
+Prints totals, the ratio to the stock worker, the per-task slope (least squares over
+N) and the per-process breakdown; writes JSON to benchmarks/results/memory.json.
+
+Usage: python benchmarks/bench_memory.py [--tasks 1,8,32] [--kinds noop,heavy] [--settle-s 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from airflow_outpost.worker.testing.controlplane import ControlPlane  # noqa: E402
+from benchmarks._machine import summary as machine  # noqa: E402
+from benchmarks.bench_dispatch import DAGS, Contender, Outpost, Stock  # noqa: E402
+
+MIB = 2**20
+# What the heavy tasks import: with --preload the zygote imports it once and every task shares it.
+HEAVY_IMPORTS = "pyarrow,airflow.providers.common.sql.hooks.sql"
+
+
+class OutpostPreload(Outpost):
+    def argv_env(self) -> tuple[list[str], dict[str, str]]:
+        argv, env = super().argv_env()
+        return [*argv, "--preload", HEAVY_IMPORTS], env
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def role(proc: psutil.Process, root: psutil.Process) -> str:
+    """A short name for what a process in the worker's tree is."""
+    try:
+        line = " ".join(proc.cmdline())
+        parent = proc.parent()
+        grand = parent.parent() if parent else None
+    except psutil.Error:
+        return "gone"
+    if proc.pid == root.pid:
+        return "worker"
+    if "--zygote" in line:
+        return "zygote"
+    if "model_service" in line:
+        return "model service"
+    if "raylet" in line or "gcs_server" in line:
+        return "ray"
+    # A task's supervisor is the worker's (stock) or the zygote's (outpost) child; its child is the task.
+    if parent and (parent.pid == root.pid or "--zygote" in " ".join(parent.cmdline())):
+        return "task supervisor"
+    if grand and (grand.pid == root.pid or "--zygote" in " ".join(grand.cmdline())):
+        return "task process"
+    return re.sub(r"\d+", "N", line[:60]) or proc.name()
+
+
+def tree_pss(root_pid: int) -> tuple[int, dict[str, dict[str, float]]]:
+    root = psutil.Process(root_pid)
+    procs = [root, *root.children(recursive=True)]
+    by_role: dict[str, dict[str, float]] = defaultdict(lambda: {"count": 0, "pss_mib": 0.0, "rss_mib": 0.0})
+    total = 0
+    for p in procs:
+        pss = pss_bytes(p.pid)
+        try:
+            rss = p.memory_info().rss
+        except psutil.Error:
+            continue
+        r = by_role[role(p, root)]
+        r["count"] += 1
+        r["pss_mib"] += pss / MIB
+        r["rss_mib"] += rss / MIB
+        total += pss
+    return total, {k: {"count": v["count"], "pss_mib": round(v["pss_mib"], 1), "rss_mib": round(v["rss_mib"], 1)}
+                   for k, v in sorted(by_role.items())}
+
+
+def running_holds(cp: ControlPlane, run_id: str) -> int:
+    return sum(1 for ti in cp.task_instances("bench_memory", run_id) if ti["task_id"] == "hold" and ti["state"] == "running")
+
+
+def measure(contender: Contender, cp: ControlPlane, n: int, heavy: bool, settle_s: float, sleep_s: float) -> dict:
+    contender.concurrency = n
+    contender.start()
+    try:
+        assert contender.proc is not None
+        run_id = cp.trigger("bench_memory", conf={"n": n, "sleep": sleep_s, "heavy": heavy})
+        deadline = time.monotonic() + sleep_s
+        while running_holds(cp, run_id) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{contender.label}: only {running_holds(cp, run_id)}/{n} tasks running after {sleep_s}s")
+            time.sleep(0.5)
+        time.sleep(settle_s)  # the tasks have imported what they import and sleep
+        still = running_holds(cp, run_id)
+        total, breakdown = tree_pss(contender.proc.pid)
+        state = cp.wait_for_run("bench_memory", run_id, timeout_s=sleep_s + 300)
+    finally:
+        contender.stop()
+    return {"label": contender.label, "tasks": n, "heavy": heavy, "running_at_sample": still,
+            "pss_mib": round(total / MIB, 1), "breakdown": breakdown, "state": state}
+
+
+def slope(points: list[tuple[int, float]]) -> float:
+    """MiB per additional running task (least squares)."""
+    if len(points) < 2:
+        return float("nan")
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default="1,8,32", help="comma-separated numbers of running tasks")
+    ap.add_argument("--kinds", default="noop,heavy", help="noop, heavy, or both")
+    ap.add_argument("--workers", default="stock,outpost", help="stock, outpost, or both (ratios need both)")
+    ap.add_argument("--settle-s", type=float, default=8.0, help="wait after all tasks run, before sampling")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.json")
+    args = ap.parse_args()
+    counts = [int(x) for x in args.tasks.split(",")]
+    kinds = args.kinds.split(",")
+    sleep_s = 40 + 2 * max(counts)  # long enough for the slowest worker to start all of them
+    work = Path(tempfile.mkdtemp(prefix="outpost-bench-memory-"))
+    results = []
+    with ControlPlane(dags_folder=DAGS, home=work / "airflow") as cp:
+        cp.wait_for_dag("bench_memory")
+        for kind in kinds:
+            for n in counts:
+                contenders: list[Contender] = [Stock("stock", cp, work, 1), Outpost("outpost", cp, work)]
+                if kind == "heavy":
+                    contenders.append(OutpostPreload("outpost --preload", cp, work))
+                for c in [c for c in contenders if c.label.split()[0] in args.workers.split(",")]:
+                    print(f"{c.label}: {n} {kind} task(s) ...", flush=True)
+                    results.append(measure(c, cp, n, kind == "heavy", args.settle_s, sleep_s))
+    print(f"\nmachine: {machine()}\n")
+    print(f"{'kind':6} {'tasks':>5} {'stock MiB':>10} {'outpost MiB':>12} {'x stock':>8}  worker")
+    for kind in kinds:
+        for n in counts:
+            got = {r["label"]: r["pss_mib"] for r in results if r["tasks"] == n and r["heavy"] == (kind == "heavy")}
+            s = got.get("stock", float("nan"))
+            for label, o in got.items():
+                if label != "stock":
+                    print(f"{kind:6} {n:5d} {s:10.1f} {o:12.1f} {o / s:8.2f}  {label}")
+    slopes = {}
+    for kind in kinds:
+        for lab in sorted({r["label"] for r in results if r["heavy"] == (kind == "heavy")}):
+            pts = [(r["tasks"], r["pss_mib"]) for r in results if r["label"] == lab and r["heavy"] == (kind == "heavy")]
+            slopes[f"{lab}/{kind}"] = round(slope(pts), 1)
+    print("\nMiB per running task (slope):", ", ".join(f"{k} {v}" for k, v in slopes.items()))
+    print("\nbreakdown (PSS MiB, count):")
+    for r in results:
+        parts = ", ".join(f"{k} {v['pss_mib']} ({v['count']})" for k, v in r["breakdown"].items())
+        print(f"  {r['label']:17} {'heavy' if r['heavy'] else 'noop':5} n={r['tasks']:<3} {parts}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "date": datetime.now().isoformat(timespec="seconds"),
+                                    "slopes_mib_per_task": slopes, "results": results}, indent=1))
+    print(f"\nwritten {args.out}")
+    return 0 if all(r["running_at_sample"] == r["tasks"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
