@@ -44,3 +44,11 @@ def test_a_missed_deadlines_callback_runs_on_the_worker(control_plane, start_wor
     # Reported to the server like a task: the edge job of the callback reached success.
     [callback_log] = list((worker.log_folder / "executor_callbacks" / "outpost_deadline" / run_id).glob("*"))
     assert callback_log.stat().st_size > 0
+    # The egress ledger tells the callback's traffic from the tasks' and the worker's own.
+    from airflow_outpost.worker.egress import ledger
+
+    by_workload = {w["workload"]: w for w in ledger.report(worker.state_folder / "egress.sqlite")["workloads"]}
+    assert by_workload["callback"]["requests"] >= 1 and by_workload["task"]["requests"] >= 1, by_workload
+    assert by_workload["worker"]["requests"] >= 1, by_workload
+    status = worker.status() or {}
+    assert status.get("finished", {}).get("callback") == {"success": 1}, status

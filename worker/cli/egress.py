@@ -65,6 +65,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"  {'kind':<14}{'requests':>10}{'sent':>12}{'received':>12}{'refused':>9}")
     for k in data["kinds"]:
         print(f"  {k['kind']:<14}{k['requests']:>10}{_size(k['bytes_sent']):>12}{_size(k['bytes_received']):>12}{k['refused']:>9}")
+    print(f"  {'workload':<14}{'requests':>10}{'sent':>12}{'received':>12}{'refused':>9}")
+    for w in data["workloads"]:
+        print(f"  {w['workload']:<14}{w['requests']:>10}{_size(w['bytes_sent']):>12}{_size(w['bytes_received']):>12}"
+              f"{w['refused']:>9}")
     if data["largest"]:
         print("largest items:")
         for r in data["largest"]:

@@ -213,7 +213,8 @@ def verify(path: Path) -> VerifyResult:
 
 
 def report(path: Path, *, since_s: float | None = None, task: str | None = None, top: int = 10) -> dict[str, Any]:
-    """Totals by kind and the largest items, for rows newer than ``since_s`` seconds matching ``task``."""
+    """Totals by kind and by workload (task, callback, worker) and the largest items, for rows newer
+    than ``since_s`` seconds matching ``task``."""
     clauses: list[str] = []
     params: list[float | str] = []
     if since_s is not None:
@@ -231,10 +232,20 @@ def report(path: Path, *, since_s: float | None = None, task: str | None = None,
                 f"SELECT kind, COUNT(*), SUM(CASE WHEN outcome='sent' THEN bytes ELSE 0 END), SUM(bytes_in), "
                 f"SUM(outcome='refused') FROM egress {where} GROUP BY kind ORDER BY 3 DESC", params)
         ]
+        # Which workload a row belongs to: a callback's label starts with its key's dag id
+        # (edge.jobs.CALLBACK_DAG_ID), a task's is its job key, the worker's own calls have none.
+        workload = ("CASE WHEN task IS NULL THEN 'worker' WHEN task LIKE 'ExecuteCallback.%' THEN 'callback' "
+                    "ELSE 'task' END")
+        workloads = [
+            {"workload": w, "requests": n, "bytes_sent": int(b or 0), "bytes_received": int(bi or 0), "refused": int(r or 0)}
+            for w, n, b, bi, r in db.execute(
+                f"SELECT {workload}, COUNT(*), SUM(CASE WHEN outcome='sent' THEN bytes ELSE 0 END), SUM(bytes_in), "
+                f"SUM(outcome='refused') FROM egress {where} GROUP BY 1 ORDER BY 1", params)
+        ]
         largest = list(_rows(db, where, tuple(params), f"ORDER BY bytes DESC LIMIT {int(top)}"))
         refused = list(_rows(db, f"{where} {'AND' if where else 'WHERE'} outcome IN ('refused', 'rejected')",
                              tuple(params), f"ORDER BY id DESC LIMIT {int(top)}"))
     finally:
         db.close()
-    return {"kinds": kinds, "largest": largest, "refused": refused,
+    return {"kinds": kinds, "workloads": workloads, "largest": largest, "refused": refused,
             "bytes_sent": sum(k["bytes_sent"] for k in kinds), "requests": sum(k["requests"] for k in kinds)}
