@@ -164,6 +164,6 @@ def load_reference(value: str) -> Any:
     try:
         from airflow.sdk.serde import deserialize
     except ImportError:  # Task SDK 1.1 (Airflow 3.1): serde lives in the core
-        from airflow.serialization.serde import deserialize
+        from airflow.serialization.serde import deserialize  # type: ignore[no-redef]
 
     return deserialize(json.loads(data))
