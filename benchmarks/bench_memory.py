@@ -22,9 +22,12 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
+import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +38,7 @@ from benchmarks._machine import summary as machine  # noqa: E402
 from benchmarks.bench_dispatch import DAGS, Contender, Outpost, Stock  # noqa: E402
 
 MIB = 2**20
+T = TypeVar("T")
 # What the heavy tasks import: with --preload the zygote imports it once and every task shares it.
 HEAVY_IMPORTS = "pyarrow,airflow.providers.common.sql.hooks.sql"
 
@@ -99,8 +103,21 @@ def tree_pss(root_pid: int) -> tuple[int, dict[str, dict[str, float]]]:
                    for k, v in sorted(by_role.items())}
 
 
+def _patient(call: Callable[[], T], tries: int = 10) -> T:
+    """``call()``, retried while the API server is too busy to answer in time (32 tasks on 2 cores)."""
+    for attempt in range(tries):
+        try:
+            return call()
+        except httpx.TimeoutException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
 def running_holds(cp: ControlPlane, run_id: str) -> int:
-    return sum(1 for ti in cp.task_instances("bench_memory", run_id) if ti["task_id"] == "hold" and ti["state"] == "running")
+    tis = _patient(lambda: cp.task_instances("bench_memory", run_id))
+    return sum(1 for ti in tis if ti["task_id"] == "hold" and ti["state"] == "running")
 
 
 def measure(contender: Contender, cp: ControlPlane, n: int, heavy: bool, settle_s: float, sleep_s: float) -> dict:
@@ -108,7 +125,7 @@ def measure(contender: Contender, cp: ControlPlane, n: int, heavy: bool, settle_
     contender.start()
     try:
         assert contender.proc is not None
-        run_id = cp.trigger("bench_memory", conf={"n": n, "sleep": sleep_s, "heavy": heavy})
+        run_id = _patient(lambda: cp.trigger("bench_memory", conf={"n": n, "sleep": sleep_s, "heavy": heavy}))
         deadline = time.monotonic() + sleep_s
         while running_holds(cp, run_id) < n:
             if time.monotonic() > deadline:
@@ -117,7 +134,7 @@ def measure(contender: Contender, cp: ControlPlane, n: int, heavy: bool, settle_
         time.sleep(settle_s)  # the tasks have imported what they import and sleep
         still = running_holds(cp, run_id)
         total, breakdown = tree_pss(contender.proc.pid)
-        state = cp.wait_for_run("bench_memory", run_id, timeout_s=sleep_s + 300)
+        state = _patient(lambda: cp.wait_for_run("bench_memory", run_id, timeout_s=sleep_s + 300))
     finally:
         contender.stop()
     return {"label": contender.label, "tasks": n, "heavy": heavy, "running_at_sample": still,
@@ -146,7 +163,9 @@ def main() -> int:
     kinds = args.kinds.split(",")
     sleep_s = 40 + 2 * max(counts)  # long enough for the slowest worker to start all of them
     work = Path(tempfile.mkdtemp(prefix="outpost-bench-memory-"))
-    results = []
+    results: list[dict] = []
+    partial = args.out.with_suffix(".partial.json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with ControlPlane(dags_folder=DAGS, home=work / "airflow") as cp:
         cp.wait_for_dag("bench_memory")
         for kind in kinds:
@@ -157,6 +176,7 @@ def main() -> int:
                 for c in [c for c in contenders if c.label.split()[0] in args.workers.split(",")]:
                     print(f"{c.label}: {n} {kind} task(s) ...", flush=True)
                     results.append(measure(c, cp, n, kind == "heavy", args.settle_s, sleep_s))
+                    partial.write_text(json.dumps(results, indent=1))  # a later failure keeps these
     print(f"\nmachine: {machine()}\n")
     print(f"{'kind':6} {'tasks':>5} {'stock MiB':>10} {'outpost MiB':>12} {'x stock':>8}  worker")
     for kind in kinds:
@@ -179,6 +199,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "date": datetime.now().isoformat(timespec="seconds"),
                                     "slopes_mib_per_task": slopes, "results": results}, indent=1))
+    partial.unlink(missing_ok=True)
     print(f"\nwritten {args.out}")
     return 0 if all(r["running_at_sample"] == r["tasks"] for r in results) else 1
 
