@@ -1,8 +1,9 @@
 """Task processes: ``python -m airflow_outpost.worker.processes.task_main [--zygote]``.
 
-Zygote mode (the default launcher): one long-lived process imports the Task SDK and what the task
-runner needs, then forks one child per task on request, so a fetched task starts in milliseconds
-with everything already imported. Protocol, one JSON object per line:
+Zygote mode (the default launcher): one long-lived process imports the Task SDK, what the task
+runner needs and the worker's ``preload`` modules, freezes those objects out of garbage collection
+(``gc.freeze``, so children keep sharing their pages), then forks one child per task on request, so
+a fetched task starts in milliseconds with everything already imported. Protocol, one JSON object per line:
 
 * worker -> zygote (stdin): ``{"id", "workload", "server", "env", "output"}``
 * zygote -> worker (stdout): ``{"event": "ready"}``, ``{"event": "started", "id", "pid"}``,
