@@ -2,7 +2,9 @@
 
 For each worker configuration (stock defaults, stock with ``job_poll_interval=1``, outpost
 defaults), all at concurrency 4 on the same embedded control plane, it runs a chain of 8 no-op
-tasks (``--chain-runs`` times) and a fan-out of 50 mapped no-ops, and measures:
+tasks (``--chain-runs`` times) and a fan-out of 50 mapped no-ops, then the same DAGs with the
+scheduler restarted under its own ``LocalExecutor`` at parallelism 4 (the floor: no remote hop at
+all), and measures:
 
 * makespan: DAG run start -> end as recorded by the control plane;
 * queued->start p50/p95: per task instance, ``queued_when`` -> ``start_date``;
@@ -156,6 +158,26 @@ def bench(contender: Contender, cp: ControlPlane, chain_runs: int, idle_s: float
     }
 
 
+def bench_floor(cp: ControlPlane, chain_runs: int, parallelism: int = 4) -> dict:
+    """The floor: the same control plane and DAGs with no remote hop at all, the scheduler restarted
+    with its own LocalExecutor at the workers' concurrency."""
+    cp.restart_scheduler(AIRFLOW__CORE__EXECUTOR="LocalExecutor", AIRFLOW__CORE__PARALLELISM=str(parallelism))
+    time.sleep(5)
+    chains = [run_dag(cp, "bench_chain8") for _ in range(chain_runs)]
+    fan = run_dag(cp, "bench_fanout50")
+    waits = [w for c in chains for w in c["waits"]] + fan["waits"]
+    return {
+        "label": "LocalExecutor (floor)",
+        "chain8_makespan_s": statistics.median(c["makespan_s"] for c in chains),
+        "chain8_runs": [round(c["makespan_s"], 2) for c in chains],
+        "fanout50_makespan_s": fan["makespan_s"],
+        "queued_to_start_p50_s": pct(waits, 0.5),
+        "queued_to_start_p95_s": pct(waits, 0.95),
+        "idle_requests_per_s": 0.0,
+        "all_success": all(c["state"] == "success" for c in chains) and fan["state"] == "success",
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 chain run, 20 s idle window")
@@ -175,15 +197,20 @@ def main() -> int:
         for c in contenders:
             print(f"running {c.label} ...", flush=True)
             results.append(bench(c, cp, args.chain_runs, args.idle_s))
+        print("running LocalExecutor (floor) ...", flush=True)
+        floor = bench_floor(cp, args.chain_runs)
+        results.append(floor)
     base = results[0]
     print(f"\nmachine: {machine()}\n")
-    hdr = (f"{'worker':26} {'chain8 s':>9} {'x stock':>8} {'fanout50 s':>11} {'x stock':>8} "
-           f"{'q->start p50':>12} {'p95':>7} {'idle req/s':>10}")
+    hdr = (f"{'worker':26} {'chain8 s':>9} {'x stock':>8} {'x floor':>8} {'fanout50 s':>11} {'x stock':>8} "
+           f"{'x floor':>8} {'q->start p50':>12} {'p95':>7} {'idle req/s':>10}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         print(f"{r['label']:26} {r['chain8_makespan_s']:9.2f} {r['chain8_makespan_s'] / base['chain8_makespan_s']:8.2f} "
+              f"{r['chain8_makespan_s'] / floor['chain8_makespan_s']:8.2f} "
               f"{r['fanout50_makespan_s']:11.2f} {r['fanout50_makespan_s'] / base['fanout50_makespan_s']:8.2f} "
+              f"{r['fanout50_makespan_s'] / floor['fanout50_makespan_s']:8.2f} "
               f"{r['queued_to_start_p50_s']:12.2f} {r['queued_to_start_p95_s']:7.2f} {r['idle_requests_per_s']:10.2f}"
               + ("" if r["all_success"] else "  (NOT all runs succeeded)"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -205,6 +205,14 @@ class ControlPlane:
         self._spawn("api-server", argv, self.home / "cp-logs")
         self._wait_ready(timeout_s)
 
+    def restart_scheduler(self, **env: str) -> None:
+        """Restart the scheduler with ``env`` added to the control plane's environment (benchmarks:
+        the same control plane under another executor)."""
+        assert self.home is not None
+        self._terminate(self._procs.pop("scheduler"))
+        self.extra_env.update(env)
+        self._spawn("scheduler", [_airflow_bin(self.python), "scheduler"], self.home / "cp-logs")
+
     @staticmethod
     def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         if proc.poll() is not None:
