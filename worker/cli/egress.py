@@ -62,13 +62,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=1))
         return 0
     print(f"egress ledger {path}: {data['requests']} request(s), {_size(data['bytes_sent'])} sent")
-    print(f"  {'kind':<14}{'requests':>10}{'sent':>12}{'received':>12}{'refused':>9}")
-    for k in data["kinds"]:
-        print(f"  {k['kind']:<14}{k['requests']:>10}{_size(k['bytes_sent']):>12}{_size(k['bytes_received']):>12}{k['refused']:>9}")
-    print(f"  {'workload':<14}{'requests':>10}{'sent':>12}{'received':>12}{'refused':>9}")
-    for w in data["workloads"]:
-        print(f"  {w['workload']:<14}{w['requests']:>10}{_size(w['bytes_sent']):>12}{_size(w['bytes_received']):>12}"
-              f"{w['refused']:>9}")
+    for name, rows in (("kind", data["kinds"]), ("workload", data["workloads"])):
+        print(f"  {name:<14}{'requests':>10}{'sent':>12}{'received':>12}{'refused':>9}")
+        for r in rows:
+            print(f"  {r[name]:<14}{r['requests']:>10}{_size(r['bytes_sent']):>12}{_size(r['bytes_received']):>12}"
+                  f"{r['refused']:>9}")
     if data["largest"]:
         print("largest items:")
         for r in data["largest"]:

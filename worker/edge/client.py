@@ -193,7 +193,6 @@ class EdgeClient:
             raise ServerError(200, "GET", "/api/v2/version", f"not an Airflow API server: {data!r:.200}")
         return str(data["version"])
 
-
     async def serves_execution_api(self, api_version: str) -> bool | None:
         """Whether the server's Task Execution API serves ``api_version`` (Cadwyn publishes one
         OpenAPI document per version it knows, without authentication). None: it could not tell
@@ -201,12 +200,10 @@ class EdgeClient:
         url = f"{self.settings.execution_api.rstrip('/')}/openapi.json?version={quote(api_version)}"
         try:
             await self.request("GET", url, edge=False)
-        except NotFoundError as exc:
-            if api_version in exc.detail:  # Cadwyn's own "OpenApi file of with version `...` not found"
-                return False
-            log.warning("cannot check the control plane's Execution API versions (%s)", exc)
-            return None
         except ServerError as exc:
+            # Cadwyn's own 404 names the version ("OpenApi file of with version `...` not found").
+            if isinstance(exc, NotFoundError) and api_version in exc.detail:
+                return False
             log.warning("cannot check the control plane's Execution API versions (%s)", exc)
             return None
         return True

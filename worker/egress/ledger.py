@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from airflow_outpost.worker.edge.jobs import CALLBACK_DAG_ID
+
 GENESIS = "0" * 64
 FIELDS = ("ts", "task", "endpoint", "method", "kind", "bytes", "bytes_in", "status", "outcome", "rule", "digest")
 _SCHEMA = """
@@ -212,6 +214,18 @@ def verify(path: Path) -> VerifyResult:
         db.close()
 
 
+def _totals(db: sqlite3.Connection, name: str, group: str, where: str, params: list[float | str],
+            order: str) -> list[dict[str, Any]]:
+    """Requests, bytes sent (of rows that were sent), bytes received and refusals per value of the
+    SQL expression ``group``, each row keyed ``name``."""
+    return [
+        {name: g, "requests": n, "bytes_sent": int(b or 0), "bytes_received": int(bi or 0), "refused": int(r or 0)}
+        for g, n, b, bi, r in db.execute(
+            f"SELECT {group}, COUNT(*), SUM(CASE WHEN outcome='sent' THEN bytes ELSE 0 END), SUM(bytes_in), "
+            f"SUM(outcome='refused') FROM egress {where} GROUP BY 1 ORDER BY {order}", params)
+    ]
+
+
 def report(path: Path, *, since_s: float | None = None, task: str | None = None, top: int = 10) -> dict[str, Any]:
     """Totals by kind and by workload (task, callback, worker) and the largest items, for rows newer
     than ``since_s`` seconds matching ``task``."""
@@ -226,22 +240,12 @@ def report(path: Path, *, since_s: float | None = None, task: str | None = None,
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     db = connect(path)
     try:
-        kinds = [
-            {"kind": k, "requests": n, "bytes_sent": int(b or 0), "bytes_received": int(bi or 0), "refused": int(r or 0)}
-            for k, n, b, bi, r in db.execute(
-                f"SELECT kind, COUNT(*), SUM(CASE WHEN outcome='sent' THEN bytes ELSE 0 END), SUM(bytes_in), "
-                f"SUM(outcome='refused') FROM egress {where} GROUP BY kind ORDER BY 3 DESC", params)
-        ]
-        # Which workload a row belongs to: a callback's label starts with its key's dag id
-        # (edge.jobs.CALLBACK_DAG_ID), a task's is its job key, the worker's own calls have none.
-        workload = ("CASE WHEN task IS NULL THEN 'worker' WHEN task LIKE 'ExecuteCallback.%' THEN 'callback' "
+        kinds = _totals(db, "kind", "kind", where, params, "3 DESC")
+        # Which workload a row belongs to: a callback's label starts with its key's dag id, a task's
+        # is its job key, the worker's own calls have none.
+        workload = (f"CASE WHEN task IS NULL THEN 'worker' WHEN task LIKE '{CALLBACK_DAG_ID}.%' THEN 'callback' "
                     "ELSE 'task' END")
-        workloads = [
-            {"workload": w, "requests": n, "bytes_sent": int(b or 0), "bytes_received": int(bi or 0), "refused": int(r or 0)}
-            for w, n, b, bi, r in db.execute(
-                f"SELECT {workload}, COUNT(*), SUM(CASE WHEN outcome='sent' THEN bytes ELSE 0 END), SUM(bytes_in), "
-                f"SUM(outcome='refused') FROM egress {where} GROUP BY 1 ORDER BY 1", params)
-        ]
+        workloads = _totals(db, "workload", workload, where, params, "1")
         largest = list(_rows(db, where, tuple(params), f"ORDER BY bytes DESC LIMIT {int(top)}"))
         refused = list(_rows(db, f"{where} {'AND' if where else 'WHERE'} outcome IN ('refused', 'rejected')",
                              tuple(params), f"ORDER BY id DESC LIMIT {int(top)}"))

@@ -32,7 +32,7 @@ import psutil
 
 from airflow_outpost.worker.edge.jobs import Job
 from airflow_outpost.worker.processes.launcher import TaskProcess
-from airflow_outpost.worker.runtime.outcome import TASK_FINAL_STATES, outcome
+from airflow_outpost.worker.runtime.outcome import outcome
 from airflow_outpost.worker.runtime.state import read_exit
 
 if TYPE_CHECKING:
@@ -90,14 +90,14 @@ def decide(entry: dict[str, Any], *, final_state: str | None, exit_code: int | N
         return Decision("report", final_state, "its final state was queued before the crash")
     if entry.get("elsewhere"):
         return Decision("leave", None, "the server refused its start: another worker runs this try")
+    reported = outcome(entry.get("task_state"), exit_code)
     if exit_code is not None:
-        result = outcome(entry.get("task_state"), exit_code)
-        why = f"its task process reported {result.state}" if result.source == "task" else f"its task process recorded exit code {exit_code}"
-        return Decision("report", result.edge_state, why)
+        why = (f"its task process reported {reported.state}" if reported.source == "task"
+               else f"its task process recorded exit code {exit_code}")
+        return Decision("report", reported.edge_state, why)
     if not alive:
-        if entry.get("task_state") in TASK_FINAL_STATES:
-            result = outcome(entry["task_state"], None)
-            return Decision("report", result.edge_state, f"its task process is gone; it had reported {result.state}")
+        if reported.source == "task":
+            return Decision("report", reported.edge_state, f"its task process is gone; it had reported {reported.state}")
         return Decision("report", "failed", "its task process is gone and recorded no outcome")
     if policy != "adopt":
         return Decision("stop", "failed", "crash_policy is stop")
