@@ -28,6 +28,7 @@ ENV_PREFIX = "OUTPOST_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
 CRASH_POLICIES = ("stop", "adopt")
+TRIGGER_MODES = ("central", "local")
 # An existing Ray cluster: "auto", "host:port" or "ray://host:port" (IPv6 hosts in brackets).
 _RAY_ADDRESS_RE = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$")
 
@@ -86,6 +87,10 @@ class Settings:
     # What a crashed worker's task processes do: "stop" (they die with it; a restart reports their
     # jobs failed) or "adopt" (they run on; a restart with the same state folder takes them over).
     crash_policy: str = "stop"
+    # Where a task that defers waits: "central" (the control plane's triggerer, stock behaviour) or
+    # "local" (a trigger runner on this worker; README "In-region triggers").
+    triggers: str = "central"
+    max_local_triggers: int = 1000
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_secret_file: Path | None = None
     jwt_issuer: str | None = None
@@ -174,6 +179,10 @@ class Settings:
             raise ConfigError("crash_policy", self.crash_policy,
                               "stop (task processes die with a crashed worker and are reported failed) or adopt "
                               "(they run on and a restart with the same state folder takes them over)")
+        if self.triggers not in TRIGGER_MODES:
+            raise ConfigError("triggers", self.triggers, "central (deferred tasks wait on the control plane's triggerer) or "
+                                                         "local (they wait on this worker)")
+        _positive_int("max_local_triggers", self.max_local_triggers, maximum=100_000)
         for name in ("drain_timeout_s", "kill_grace_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:

@@ -47,6 +47,9 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "jwt_secret_file": "file holding the control plane's [api_auth] jwt_secret",
         "crash_policy": "after a worker crash: stop (tasks die with it, reported failed) or adopt (tasks run on; "
                         "a restart with the same state folder takes them over) (default stop)",
+        "triggers": "where deferred tasks wait: central (the control plane's triggerer) or local (on this worker; "
+                    "trigger kwargs stay in the region) (default central)",
+        "max_local_triggers": "with --triggers local, how many tasks may wait on this worker at once (default 1000)",
         "prewarm": "1: fork tasks from a pre-imported zygote (fast start); 0: fresh interpreter per task",
         "preload": "modules the zygote imports before forking tasks, comma-separated (what your DAGs import: "
                    "every task then shares one copy)",
@@ -176,8 +179,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for kind, by_state in sorted((status.get("finished") or {}).items()):
         counts = ", ".join(f"{state} {n}" for state, n in sorted(by_state.items()))
         print(f"  finished {kind}s since start: {counts}")
+    if (lt := status.get("local_triggers")):
+        ended = ", ".join(f"{kind} {n}" for kind, n in sorted(lt.get("ended", {}).items())) or "none yet"
+        print(f"  local triggers: {lt['waiting']}/{lt['max']} waiting (oldest {lt.get('oldest_s', 0)}s); ended: {ended}")
     for job in status.get("jobs", []):
         adopted = " (adopted after a crash)" if job.get("adopted") else ""
+        if job.get("waiting"):
+            print(f"  job {job['key']} waits on a local trigger (no process, no slot), queue {job['queue']}, "
+                  f"{job['running_s']}s since start{adopted}")
+            continue
         print(f"  job {job['key']} pid {job['pid']} queue {job['queue']} running {job['running_s']}s{adopted}")
     return 0 if alive else EXIT_FAILED
 

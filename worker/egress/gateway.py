@@ -31,6 +31,7 @@ import socket
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -104,6 +105,16 @@ def _edge_task_label(rel: str) -> str | None:
         mi = f"[{map_index}]" if map_index.lstrip("-").isdigit() and int(map_index) >= 0 else ""
         return f"{dag_id}.{task_id}{mi} run={run_id} try={try_number}"
     return None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How a try resumes after its local trigger ended: its first start request, replayed, and
+    the method and kwargs the Task SDK is to resume with (``__fail__`` to fail it)."""
+
+    run_body: dict[str, Any]
+    next_method: str
+    next_kwargs: Any
 
 
 class _Server(uvicorn.Server):
@@ -191,6 +202,14 @@ class Gateway:
         task = self._egress.task_label(_token_subject(auth))
         path = unquote(rest)
         kind = classify(path, method)
+        if method == "PATCH" and (st := _TI_STATE.match(path)) and self._egress.keep_deferral(st.group(1), bytes(body), auth):
+            # Local triggers: the deferral (trigger class path and kwargs) stays on this worker.
+            self._egress.ledger.record(Entry(ts=time.time(), task=task, endpoint=PREFIX + path, method=method, kind=kind,
+                                             bytes=len(body), status=204, outcome="kept", rule="local trigger",
+                                             digest=hashlib.sha256(body).hexdigest()))
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         refusal = self._egress.policy.check(kind, method, path, len(body))
         digest = hashlib.sha256(body).hexdigest() if body else None
         endpoint = PREFIX + path
@@ -203,17 +222,60 @@ class Gateway:
         url = self._upstream + rest + (f"?{query}" if query else "")
         fwd_headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
         confirm = self._egress.settings.confirm_start_s
-        if confirm and method == "PATCH" and (run := _TI_RUN.match(path)):
+        run = _TI_RUN.match(path) if method == "PATCH" else None
+        beat = _TI_HEARTBEAT.match(path) if method == "PUT" else None
+        try_path = run or beat
+        resume = self._egress.resume_of(try_path.group(1)) if try_path is not None else None
+        if resume is not None and beat is not None:
+            # A resumed try's new task process heartbeats as the try's first one (the server checks the pid).
+            body = bytearray(json.dumps({"hostname": resume.run_body.get("hostname"), "pid": resume.run_body.get("pid")}).encode())
+        if resume is not None and run is not None:
+            status, bytes_in, head = await self._resume_start(send, url, fwd_headers, resume)
+        elif confirm and run is not None:
             status, bytes_in, head = await self._start_confirmed(send, url, fwd_headers, bytes(body), run.group(1), confirm)
         else:
             status, bytes_in, head = await self._forward(send, method, url, fwd_headers, bytes(body))
-        if status == 409 and (ti_id := _elsewhere(method, path, head)):
+        if status == 409 and resume is None and (ti_id := _elsewhere(method, path, head)):
             self._egress.mark_start_refused(ti_id)
+        elif run is not None and resume is None and status is not None and 200 <= status < 300:
+            self._egress.remember_start(run.group(1), bytes(body))
         elif status is not None and 200 <= status < 300 and method == "PATCH" and (st := _TI_STATE.match(path)):
             self._egress.note_task_state(st.group(1), bytes(body))
         self._egress.ledger.record(Entry(
             ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
             bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
+
+    async def _resume_start(self, send: Any, url: str, headers: list[tuple[str, str]],
+                            resume: Resume) -> tuple[int | None, int, bytes]:
+        """Start a try again after its local trigger fired, as Airflow's resume from deferral would.
+
+        The server still runs the try (it never saw the deferral), so the try's first start is
+        sent again: the same hostname, unixname, pid and start date make it a duplicate start the
+        server answers with the try's context, changing nothing. Into that answer go the
+        ``next_method``/``next_kwargs`` Airflow's triggerer would have stored, and no XCom keys to
+        clear (the first run's XComs stay, as after a deferral). A 404/409 (the try was marked
+        failed or cleared meanwhile) reaches the Task SDK unchanged, which then does not run it.
+        """
+        try:
+            resp = await self._http.request("PATCH", url, headers=headers, content=json.dumps(resume.run_body).encode())
+        except httpx.HTTPError as exc:  # the Task SDK retries a 502
+            await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
+            return None, 0, b""
+        content = resp.content
+        if resp.is_success:
+            try:
+                context = json.loads(content)
+                context.update(next_method=resume.next_method, next_kwargs=resume.next_kwargs, xcom_keys_to_clear=[])
+                content = json.dumps(context).encode()
+            except (ValueError, AttributeError) as exc:
+                await _reply(send, 502, {"detail": f"outpost gateway: unreadable start answer ({exc})"})
+                return None, len(resp.content), b""
+        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items()
+               if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"]  # httpx decoded it
+        out.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+        await send({"type": "http.response.body", "body": content})
+        return resp.status_code, len(resp.content), content[:2048]
 
     async def _start_confirmed(self, send: Any, url: str, headers: list[tuple[str, str]], body: bytes,
                                ti_id: str, settle_s: float) -> tuple[int | None, int, bytes]:
@@ -344,7 +406,8 @@ class Egress:
     def __init__(self, settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None,
                  on_start_refused: Callable[[str], None] | None = None,
                  on_upstream_back: Callable[[], None] | None = None,
-                 on_task_state: Callable[[str, str], None] | None = None) -> None:
+                 on_task_state: Callable[[str, str], None] | None = None,
+                 on_deferral: Callable[[str, bytes, str | None], bool] | None = None) -> None:
         self.settings = settings
         self.policy = Policy.from_settings(settings)
         self.ledger = Ledger(settings.state_folder / "egress.sqlite")
@@ -358,6 +421,11 @@ class Egress:
         # Told (ti_id, state) for each state change of a task the server accepted (the job runner
         # reports the task's real final state, not the supervisor's exit code).
         self.on_task_state = on_task_state
+        # Local triggers: told (ti_id, body, authorization) of a task's deferral; True if the
+        # worker keeps it (the gateway then answers it and forwards nothing).
+        self.on_deferral = on_deferral
+        self._starts: dict[str, dict[str, Any]] = {}  # ti id -> its try's first start request
+        self._resumes: dict[str, Resume] = {}
         # After start(): whether the port a previous run recorded was bound again (None: none recorded).
         self.port_kept: bool | None = None
         self._client = httpx.AsyncClient(
@@ -428,6 +496,49 @@ class Egress:
             return
         if isinstance(state, str) and self.on_task_state is not None:
             self.on_task_state(ti_id, state)
+
+    # -- local triggers ------------------------------------------------------------------------
+    def remember_start(self, ti_id: str, body: bytes) -> None:
+        """Keep a try's accepted start request (with local triggers: a resume replays it)."""
+        if self.settings.triggers != "local":
+            return
+        try:
+            start = json.loads(body or b"{}")
+        except ValueError:
+            return
+        if isinstance(start, dict):
+            self._starts[ti_id] = start
+            while len(self._starts) > MAX_TASK_LABELS:
+                self._starts.pop(next(iter(self._starts)))
+
+    def start_of(self, ti_id: str) -> dict[str, Any] | None:
+        return self._starts.get(ti_id)
+
+    def keep_deferral(self, ti_id: str, body: bytes, auth: str | None) -> bool:
+        """True if this state change is a deferral the worker keeps (``triggers = local``)."""
+        if self.settings.triggers != "local" or self.on_deferral is None or b'"deferred"' not in body:
+            return False
+        try:
+            state = json.loads(body).get("state")
+        except (ValueError, AttributeError):
+            return False
+        if state != "deferred" or not self.on_deferral(ti_id, body, auth):
+            return False
+        self.note_task_state(ti_id, body)
+        return True
+
+    def expect_resume(self, ti_id: str, resume: Resume) -> None:
+        """The next task process of ``ti_id`` resumes it (see :meth:`Gateway._resume_start`)."""
+        self._resumes[ti_id] = resume
+        self._starts.setdefault(ti_id, resume.run_body)
+
+    def resume_of(self, ti_id: str) -> Resume | None:
+        return self._resumes.get(ti_id)
+
+    def forget_try(self, ti_id: str) -> None:
+        """The job of ``ti_id`` ended: drop what the gateway kept for its resumes."""
+        self._resumes.pop(ti_id, None)
+        self._starts.pop(ti_id, None)
 
     async def aclose(self) -> None:
         await self.gateway.aclose()

@@ -49,6 +49,7 @@ class WorkerSnapshot:
     gpus_free: int
     gpu_devices: tuple[str, ...]
     ray: Mapping[str, Any] | None  # RayHost.describe(), None without a worker Ray
+    local_triggers: Mapping[str, Any] | None = None  # LocalTriggers.describe(), None with triggers = central
 
 
 class WorkerMetrics:
@@ -113,6 +114,17 @@ class _StateCollector(Collector):
         slots.add_metric(["gpu", "total"], w.gpus_total)
         slots.add_metric(["gpu", "free"], w.gpus_free)
         yield slots
+        if (lt := w.local_triggers) is not None:
+            yield GaugeMetricFamily("outpost_local_triggers_waiting", "Tasks waiting on a local trigger (no process, no slot)",
+                                    value=lt["waiting"])
+            yield GaugeMetricFamily("outpost_local_triggers_max", "max_local_triggers: how many may wait at once",
+                                    value=lt["max"])
+            ended = CounterMetricFamily("outpost_local_triggers_ended", "Waits on local triggers that ended, by how: "
+                                        "resume, fail (trigger error, timeout, limit), task_end, gone, stopped",
+                                        labels=["end"])
+            for kind, n in sorted(lt["ended"].items()):
+                ended.add_metric([kind], n)
+            yield ended
         yield GaugeMetricFamily("outpost_pending_reports", "State reports in the outbox, not yet acknowledged by the control plane",
                                 value=w.outbox_depth)
         yield CounterMetricFamily("outpost_control_plane_requests", "Requests sent to the control plane",

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from airflow_outpost.worker.config import AFTER_KILL_WAIT_S
 from airflow_outpost.worker.edge.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
 from airflow_outpost.worker.edge.tokens import expired_for
+from airflow_outpost.worker.egress.gateway import Resume
 from airflow_outpost.worker.errors import JobRejected, OutpostError
 from airflow_outpost.worker.hosted.costs import live_tasks
 from airflow_outpost.worker.processes.launcher import TaskLauncher, TaskProcess
@@ -37,6 +38,7 @@ from airflow_outpost.worker.runtime import recovery
 from airflow_outpost.worker.runtime.outbox import Outbox, Report
 from airflow_outpost.worker.runtime.outcome import outcome
 from airflow_outpost.worker.runtime.state import read_exit
+from airflow_outpost.worker.triggers.host import Deferral, LocalTriggers, ResumeQueue, WaitEnd
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.config import Settings
@@ -70,6 +72,9 @@ class RunningJob:
     devices: tuple[str, ...] = ()  # GPUs this job holds (CUDA_VISIBLE_DEVICES)
     adopted: bool = False  # started by a previous worker process (crash_policy adopt)
     task_state: str | None = None  # the last state its task process reported and the server accepted
+    deferral: Deferral | None = None  # its task deferred to a local trigger (triggers = local)
+    waiting: bool = False  # waiting on that trigger: no task process, no slot
+    resume_pending: bool = False  # its trigger ended; waiting for a slot to resume in
 
 
 class JobRunner:
@@ -83,7 +88,8 @@ class JobRunner:
     def __init__(self, settings: Settings, *, client: EdgeClient, egress: Egress, launcher: TaskLauncher,
                  state_folder: StateFolder, link: ControlPlaneLink, gpus: GpuAllocator, counter: RequestCounter,
                  events: JobEvents, costs: CostLedger, budgets: BudgetGuard, ray: RayHost | None,
-                 sysinfo: Callable[[], dict[str, Any]], on_slot_freed: Callable[[], None]) -> None:
+                 sysinfo: Callable[[], dict[str, Any]], on_slot_freed: Callable[[], None],
+                 triggers: LocalTriggers | None = None) -> None:
         self.settings = settings
         self.client = client
         self.egress = egress
@@ -98,7 +104,9 @@ class JobRunner:
         self.ray = ray
         self.sysinfo = sysinfo
         self.on_slot_freed = on_slot_freed
+        self.triggers = triggers
         self.running: dict[JobKey, RunningJob] = {}
+        self._resumes = ResumeQueue()  # tries whose trigger ended, in the order they wait for a slot
         self.outbox = Outbox(settings.state_folder / "outbox.sqlite")
         self._outbox_wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -111,13 +119,21 @@ class JobRunner:
 
     @property
     def free_slots(self) -> int:
-        # GPU jobs hold devices, not CPU slots (see airflow_outpost.worker.hosted.gpu).
-        return self.link.concurrency - sum(r.job.concurrency_slots for r in self.running.values() if not r.devices)
+        # GPU jobs hold devices, not CPU slots (see airflow_outpost.worker.hosted.gpu); a task
+        # waiting on a local trigger holds none (one whose trigger ended holds its slot again).
+        return self.link.concurrency - sum(r.job.concurrency_slots for r in self.running.values()
+                                           if not r.devices and not r.waiting)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs whose task waits on a local trigger."""
+        return sum(1 for r in self.running.values() if r.waiting)
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        return [{"key": str(k), "pid": r.proc.pid if r.proc else None, "slots": r.job.concurrency_slots,
-                 "queue": r.job.queue, "running_s": round(now - r.started, 1), "adopted": r.adopted}
+        return [{"key": str(k), "pid": r.proc.pid if r.proc and not r.waiting else None, "slots": r.job.concurrency_slots,
+                 "queue": r.job.queue, "running_s": round(now - r.started, 1), "adopted": r.adopted,
+                 "waiting": r.waiting}
                 for k, r in self.running.items()]
 
     # -- fetch and run -----------------------------------------------------------------------
@@ -194,35 +210,36 @@ class JobRunner:
         job, key = run.job, run.job.key
         state = "failed"
         try:
-            # An adopted job's process runs already (started by the previous worker process).
-            if run.proc is None and not await self._launch(run):
+            # An adopted job's process runs already (started by the previous worker process), and
+            # an adopted waiting job has none until its trigger ends.
+            if run.proc is None and run.deferral is None and not await self._launch(run):
                 return
-            assert run.proc is not None
-            rc = await self._wait(run)
-            if (leftovers := run.proc.kill_session()):
-                log.warning("killed %d process(es) that %s left running after it ended", leftovers, key)
-            # Whatever the exit code (the Task SDK may exit 0 after the server told it the try runs
-            # elsewhere): a success report from here would fail the task too, as "finished while
-            # still running".
-            if job.ti_id is not None and job.ti_id in self.egress.start_refused:
-                self.egress.start_refused.discard(job.ti_id)
-                state = "elsewhere"  # counted as such: neither this worker's success nor its failure
-                self._claimed_elsewhere(run)
+            while True:
+                if not run.waiting:
+                    assert run.proc is not None
+                    rc = await self._wait(run)
+                    if (leftovers := run.proc.kill_session()):
+                        log.warning("killed %d process(es) that %s left running after it ended", leftovers, key)
+                    # Whatever the exit code (the Task SDK may exit 0 after the server told it the try runs
+                    # elsewhere): a success report from here would fail the task too, as "finished while
+                    # still running".
+                    if job.ti_id is not None and job.ti_id in self.egress.start_refused:
+                        self.egress.start_refused.discard(job.ti_id)
+                        state = "elsewhere"  # counted as such: neither this worker's success nor its failure
+                        self._claimed_elsewhere(run)
+                        return
+                    result = outcome(run.task_state, rc)
+                    if result.state != "deferred" or run.deferral is None or self.triggers is None:
+                        state = result.state
+                        await self._finish(run, rc, result.edge_state)
+                        return
+                    await self._push_logs(run)
+                end = await self._wait_on_trigger(run)
+                if end.kind in ("resume", "fail"):
+                    await self._resume(run, end)
+                    continue
+                state = await self._end_wait(run, end)
                 return
-            result = outcome(run.task_state, rc)
-            state = result.state
-            took = time.monotonic() - run.started
-            if rc != 0:
-                log.error("job %s ended %s (supervisor %s) in %.1fs; supervisor output:\n%s", key, state,
-                          run.proc.describe_exit(rc), took, run.proc.output_tail()[-2000:])
-            elif state == "success":
-                log.info("job %s succeeded in %.1fs", key, took)
-            elif state in ("failed", "up_for_retry"):
-                log.warning("job %s ended %s in %.1fs (the task reported it; supervisor exit code 0)", key, state, took)
-            else:
-                log.info("job %s ended %s in %.1fs", key, state, took)
-            await self._push_logs(run, final=True, failure=None if rc == 0 else run.proc.describe_exit(rc))
-            await self._report_final(key, result.edge_state)
         except Exception as exc:  # a bug or OS error must fail this job only, never the worker
             log.exception("job %s crashed in the worker", key)
             if run.proc is not None and run.proc.returncode is None:
@@ -232,11 +249,141 @@ class JobRunner:
         finally:
             if run.proc is not None:
                 run.proc.output.unlink(missing_ok=True)
+            if job.ti_id is not None:
+                self.egress.forget_try(job.ti_id)
+                if self.triggers is not None:
+                    self.triggers.stop(job.ti_id, WaitEnd("stopped", error="its job ended"))
             self._account(run, state)
             self.gpus.release(key)
             self.running.pop(key, None)
             self.counter.set_busy(bool(self.running))
             self.on_slot_freed()
+
+    async def _finish(self, run: RunningJob, rc: int, edge_state: str) -> None:
+        """Log how the job's task process ended, push its last logs, queue its final state."""
+        assert run.proc is not None
+        key, took = run.job.key, time.monotonic() - run.started
+        state = outcome(run.task_state, rc).state
+        if rc != 0:
+            log.error("job %s ended %s (supervisor %s) in %.1fs; supervisor output:\n%s", key, state,
+                      run.proc.describe_exit(rc), took, run.proc.output_tail()[-2000:])
+        elif state == "success":
+            log.info("job %s succeeded in %.1fs", key, took)
+        elif state in ("failed", "up_for_retry"):
+            log.warning("job %s ended %s in %.1fs (the task reported it; supervisor exit code 0)", key, state, took)
+        else:
+            log.info("job %s ended %s in %.1fs", key, state, took)
+        await self._push_logs(run, final=True, failure=None if rc == 0 else run.proc.describe_exit(rc))
+        await self._report_final(key, edge_state)
+
+    # -- local triggers ----------------------------------------------------------------------
+    def note_deferral(self, ti_id: str, body: bytes, authorization: str | None) -> bool:
+        """A task of ours defers (``triggers = local``): keep the deferral here; False to let it
+        go to the control plane (not our task, or its start was not seen by this worker)."""
+        run = next((r for r in self.running.values() if r.job.ti_id == ti_id), None)
+        if self.triggers is None or run is None:
+            return False
+        start = self.egress.start_of(ti_id)
+        if start is None:
+            log.warning("job %s defers, but this worker did not see its start; it waits on the control plane's "
+                        "triggerer instead", run.job.key)
+            return False
+        try:
+            deferral = Deferral.from_request(ti_id, body, authorization or f"Bearer {run.job.workload.get('token') or ''}",
+                                             start, self.settings.log_folder / run.job.log_path)
+        except ValueError as exc:
+            log.error("job %s: unreadable deferral (%s); sending it to the control plane", run.job.key, exc)
+            return False
+        run.deferral = deferral
+        workload = {k: v for k, v in run.job.workload.items() if k != "token"}  # the token lives in the deferral
+        try:
+            self.state_folder.journal_update(run.job.key, deferral=deferral.to_json(), waiting=True, workload=workload)
+        except OSError as exc:
+            log.error("could not journal the deferral of %s (a worker crash now loses its wait): %s", run.job.key, exc)
+        return True
+
+    def note_token(self, ti_id: str, token: str) -> None:
+        """The server refreshed a waiting try's token: journal it (a restart resumes with it)."""
+        for run in self.running.values():
+            if run.job.ti_id == ti_id and run.deferral is not None:
+                with contextlib.suppress(OSError):
+                    self.state_folder.journal_update(run.job.key, deferral=run.deferral.to_json())
+                return
+
+    async def _wait_on_trigger(self, run: RunningJob) -> WaitEnd:
+        """Free the job's slot while its trigger runs on this worker; how the wait ended."""
+        assert self.triggers is not None and run.deferral is not None
+        run.waiting = True
+        self.on_slot_freed()  # the main loop fetches at once: the slot is free for other tasks
+        ended = self.triggers.wait(run.deferral)
+        log.info("job %s waits on local trigger %s (%d waiting)", run.job.key, run.deferral.classpath, self.waiting)
+        try:
+            while True:
+                done, _ = await asyncio.wait({ended}, timeout=self.settings.poll_interval_s * 2)
+                await self._push_logs(run)  # what the trigger logs goes to the task's log
+                if done:
+                    return ended.result()
+        finally:
+            run.waiting = False  # its slot is taken again (by _resume, or freed when the job ends)
+
+    async def _resume(self, run: RunningJob, end: WaitEnd) -> None:
+        """Start the try again in a new task process, with Airflow's resume semantics."""
+        deferral, key = run.deferral, run.job.key
+        assert deferral is not None
+        if end.kind == "fail":
+            resume = Resume(deferral.run_body, "__fail__", end.fail_kwargs())
+            log.warning("job %s: its local trigger ended in failure (%s); the task fails as Airflow's would", key, end.error)
+        else:
+            resume = Resume(deferral.run_body, deferral.next_method, end.next_kwargs)
+        await self._take_slot(run)
+        self.egress.expect_resume(deferral.ti_id, resume)
+        workload = {**run.job.workload, "token": deferral.token}
+        self.state_folder.exit_file(key).unlink(missing_ok=True)  # the deferring process's; not this one's
+        if run.proc is not None:
+            run.proc.output.unlink(missing_ok=True)
+        run.task_state, run.deferral = None, None
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.gpus.total else {}
+        if self.ray is not None:
+            env.update(self.ray.task_env())
+        server = self.egress.task_server(run.job)
+        run.proc = await self.launcher.launch(workload, server, env, exit_file=self.state_folder.exit_file(key))
+        details = recovery.journal_details(run, server)
+        self.state_folder.journal_update(key, pid=run.proc.pid, waiting=False, deferral=None, **details,
+                                         resume={"run_body": resume.run_body, "next_method": resume.next_method,
+                                                 "next_kwargs": resume.next_kwargs})
+        log.info("resumed %s with %s (pid %d)", key, resume.next_method, run.proc.pid)
+
+    async def _take_slot(self, run: RunningJob) -> None:
+        """Wait until the resumed try fits the worker's slots, first come first served."""
+        if run.devices:
+            return  # a GPU job kept its devices while it waited
+        run.resume_pending = True
+        try:
+            await self._resumes.take(run.job.key, run.job.concurrency_slots, lambda: self.link.concurrency, lambda: sum(
+                r.job.concurrency_slots for r in self.running.values()
+                if not r.devices and not r.waiting and not r.resume_pending))
+        finally:
+            run.resume_pending = False
+
+    async def _end_wait(self, run: RunningJob, end: WaitEnd) -> str:
+        """A wait that resumes nothing: the trigger ended the task, the try went away, or the worker stops."""
+        key = run.job.key
+        assert self.triggers is not None
+        if end.kind == "task_end" and run.deferral is not None and end.state is not None:
+            state = await self.triggers.end_task(run.deferral, run.job.key, end.state, end.xcoms)
+            if state is not None:
+                log.info("job %s: its local trigger ended the task as %s", key, state)
+                await self._push_logs(run, final=True)
+                await self._report_final(key, "success" if state != "failed" else "failed")
+                return state
+            end = WaitEnd("gone", error="the control plane refused the state the trigger set")
+        if end.kind == "gone":
+            log.warning("job %s: the control plane no longer runs this try (%s); its trigger stopped", key, end.error)
+        else:
+            log.warning("job %s: its wait on a local trigger was stopped (%s); reporting it failed", key, end.error)
+        await self._push_logs(run, final=True)
+        await self._report_final(key, "failed")
+        return "failed"
 
     def _account(self, run: RunningJob, state: str) -> None:
         """Record the finished job in the metrics and the cost ledger (never fails the job)."""
@@ -377,9 +524,9 @@ class JobRunner:
                 entry, final_state=entry.get("final_state") or self.outbox.final_state(key),
                 exit_code=read_exit(folder.exit_file(key)),
                 alive=recovery.is_our_process(entry.get("pid"), entry.get("create_time")),
-                policy=policy, gateway_url=self.egress.url)
+                policy=policy, gateway_url=self.egress.url, local_triggers=self.triggers is not None)
             if decision.action == "adopt":
-                self._adopt(entry)
+                self._adopt_waiting(entry) if entry.get("waiting") else self._adopt(entry)
                 continue
             recovery.stop_leftover(entry, decision)
             if decision.action == "leave":
@@ -407,12 +554,30 @@ class JobRunner:
                          log_offset=int(entry.get("log_offset") or 0), task_state=entry.get("task_state"),
                          devices=self.gpus.claim(key, tuple(entry.get("devices") or ())))
         self.egress.task_server(job)  # ledger rows name the task again
+        if isinstance(resume := entry.get("resume"), dict) and job.ti_id is not None:
+            self.egress.expect_resume(job.ti_id, Resume(**resume))  # it resumed from a local trigger
         self.running[key] = run
         self.events.job_event(job.queue, "adopted")
         self.counter.set_busy(True)
         # Idempotent on the server; covers a crash between journaling the job and queuing "running".
         self._enqueue(key, "running")
         log.warning("adopted %s (pid %d, running %.0fs) from the previous worker run", key, pid, running_s)
+        run.task = asyncio.create_task(self._run(run), name=f"job {key}")
+
+    def _adopt_waiting(self, entry: dict[str, Any]) -> None:
+        """Take over a job whose task waited on a local trigger when the previous process crashed."""
+        job, deferral = recovery.waiting_job_from_entry(entry)
+        key = job.key
+        running_s = max(0.0, time.time() - float(entry.get("started") or time.time()))
+        run = RunningJob(job=job, started=time.monotonic() - running_s, adopted=True, deferral=deferral, waiting=True,
+                         log_offset=int(entry.get("log_offset") or 0), task_state="deferred",
+                         devices=self.gpus.claim(key, tuple(entry.get("devices") or ())))
+        self.egress.task_server(job)
+        self.running[key] = run
+        self.events.job_event(job.queue, "adopted")
+        self.counter.set_busy(True)
+        log.warning("adopted %s, waiting on local trigger %s since %.0fs, from the previous worker run", key,
+                    deferral.classpath, time.time() - deferral.since)
         run.task = asyncio.create_task(self._run(run), name=f"job {key}")
 
     def note_task_state(self, ti_id: str, state: str) -> None:
@@ -493,7 +658,9 @@ class JobRunner:
         if tasks:
             log.info("draining %d job(s) for up to %.0fs", len(tasks), timeout_s)
             await self._wait_any(tasks, timeout_s, force)
-        left = [(r, r.proc) for r in self.running.values() if r.proc is not None]
+        if self.triggers is not None and (stopped := self.triggers.stop_all("the drain timeout passed")):
+            log.warning("drain timeout: stopped %d local trigger(s); their tasks are reported failed", stopped)
+        left = [(r, r.proc) for r in self.running.values() if r.proc is not None and not r.waiting]
         if left:
             log.warning("drain timeout: sending SIGTERM to %d task(s), SIGKILL after %.0fs", len(left), grace_s)
             for _, proc in left:

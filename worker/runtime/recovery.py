@@ -14,6 +14,10 @@ worker starts with a state folder that still holds entries, :func:`decide` picks
    (:class:`AdoptedProcess`); otherwise stop it and report ``failed``;
 5. otherwise (the process is gone without recording an outcome): ``failed``, never ``success``.
 
+A task waiting on a local trigger (``triggers = local``) has no process: with ``crash_policy =
+adopt`` its trigger starts again in this run and the task still resumes; with ``stop`` it is
+reported ``failed``.
+
 Airflow retries a failed try as its task's ``retries`` allow.
 """
 
@@ -34,6 +38,7 @@ from airflow_outpost.worker.edge.jobs import Job
 from airflow_outpost.worker.processes.launcher import TaskProcess
 from airflow_outpost.worker.runtime.outcome import outcome
 from airflow_outpost.worker.runtime.state import read_exit
+from airflow_outpost.worker.triggers.host import Deferral
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.runtime.job_runner import RunningJob
@@ -79,17 +84,34 @@ def job_from_entry(entry: dict[str, Any]) -> Job:
                workload=workload, log_path=str(entry["log_path"]), dag_rel_path=str(entry["dag_rel_path"]), kind=kind)
 
 
+def waiting_job_from_entry(entry: dict[str, Any]) -> tuple[Job, Deferral]:
+    """The :class:`Job` and :class:`Deferral` of an entry whose task waited on a local trigger
+    (:func:`decide` chose to adopt it); its workload gets back the try's newest token."""
+    deferral = Deferral.from_json(entry["deferral"])
+    job = Job(key=entry["key"], concurrency_slots=int(entry.get("slots") or 1), queue=str(entry.get("queue") or "default"),
+              workload={**entry["workload"], "token": deferral.token}, log_path=str(entry["log_path"]),
+              dag_rel_path=str(entry.get("dag_rel_path") or ""), kind="ExecuteTask")
+    return job, deferral
+
+
 def decide(entry: dict[str, Any], *, final_state: str | None, exit_code: int | None, alive: bool,
-           policy: str, gateway_url: str | None) -> Decision:
+           policy: str, gateway_url: str | None, local_triggers: bool = False) -> Decision:
     """Choose what to do with a leftover journal entry (see the module docstring). Pure.
 
     ``alive``: the entry's process runs and is ours (:func:`is_our_process`); ``gateway_url``:
-    the URL this run's gateway serves task processes on.
+    the URL this run's gateway serves task processes on; ``local_triggers``: this run has
+    ``triggers = local``.
     """
     if final_state:
         return Decision("report", final_state, "its final state was queued before the crash")
     if entry.get("elsewhere"):
         return Decision("leave", None, "the server refused its start: another worker runs this try")
+    if entry.get("waiting") and entry.get("deferral"):
+        # No process waits: the trigger ran in the worker's trigger runner, which died with it.
+        if policy == "adopt" and local_triggers and entry.get("workload"):
+            return Decision("adopt", None, "it waits on a local trigger (started again here)")
+        why = "crash_policy is stop" if policy != "adopt" else "this run does not have triggers = local"
+        return Decision("report", "failed", f"it waited on a local trigger and {why}")
     reported = outcome(entry.get("task_state"), exit_code)
     if exit_code is not None:
         why = (f"its task process reported {reported.state}" if reported.source == "task"

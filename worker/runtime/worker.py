@@ -61,6 +61,7 @@ from airflow_outpost.worker.runtime.job_runner import JobRunner
 from airflow_outpost.worker.runtime.lifecycle import Lifecycle
 from airflow_outpost.worker.runtime.link import ControlPlaneLink
 from airflow_outpost.worker.runtime.state import StateFolder
+from airflow_outpost.worker.triggers.host import LocalTriggers
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class Worker:
         # job runner) and of held task requests that got through (the worker then heartbeats).
         self.egress = Egress(settings, on_start_refused=lambda ti_id: self.jobs.journal_elsewhere(ti_id),
                              on_upstream_back=self._control_plane_seen,
-                             on_task_state=lambda ti_id, state: self.jobs.note_task_state(ti_id, state))
+                             on_task_state=lambda ti_id, state: self.jobs.note_task_state(ti_id, state),
+                             on_deferral=lambda ti_id, body, auth: self.jobs.note_deferral(ti_id, body, auth))
         self.client = EdgeClient(settings, counter=self.counter, transport=transport, recorder=self.egress.record_edge)
         self._heartbeat_due = False
         self.state_folder = StateFolder(settings.state_folder)
@@ -120,10 +122,18 @@ class Worker:
         self.launcher = TaskLauncher(output_dir=self.state_folder.output_dir, prewarm=settings.prewarm,
                                      preload=settings.preload,
                                      crash_policy=settings.crash_policy)
+        # triggers = local: deferred tasks wait here, in a trigger runner child (README "In-region triggers").
+        self.triggers: LocalTriggers | None = (
+            LocalTriggers(max_waiting=settings.max_local_triggers, gateway_url=lambda: self.egress.url,
+                          env=lambda: without_credentials(self._task_env()),
+                          stderr_path=self.state_folder.root / "trigger-runner.log",
+                          on_token=lambda ti_id, token: self.jobs.note_token(ti_id, token),
+                          heartbeat_s=settings.heartbeat_interval_s)
+            if settings.triggers == "local" else None)
         self.jobs = JobRunner(settings, client=self.client, egress=self.egress, launcher=self.launcher,
                               state_folder=self.state_folder, link=self.link, gpus=self.gpus, counter=self.counter,
                               events=self.telemetry, costs=self.costs, budgets=self.budgets, ray=self.ray,
-                              sysinfo=self._sysinfo, on_slot_freed=self.wake)
+                              sysinfo=self._sysinfo, on_slot_freed=self.wake, triggers=self.triggers)
 
     # -- public lifecycle ------------------------------------------------------------------
     def shutdown(self, *, force: bool = False) -> None:
@@ -155,6 +165,8 @@ class Worker:
             await self.egress.start(self.state_folder.gateway_port())
             if self.egress.port is not None:
                 self.state_folder.save_gateway_port(self.egress.port)
+            if self.triggers is not None:  # its heartbeats go through the gateway: closed before it
+                stack.push_async_callback(self.triggers.aclose)
             stack.push_async_callback(self.client.aclose)
             # Stops the outbox sender before the client it sends with closes.
             stack.push_async_callback(self.jobs.aclose)
@@ -479,7 +491,8 @@ class Worker:
             live=tuple(live_tasks(running)), outbox_depth=self.jobs.outbox_depth,
             requests_total=self.counter.total, request_rates=self.counter.rates(),
             gpus_total=self.gpus.total, gpus_free=self.gpus.free, gpu_devices=tuple(self.gpus.devices),
-            ray=self.ray.describe() if self.ray is not None else None)
+            ray=self.ray.describe() if self.ray is not None else None,
+            local_triggers=self.triggers.describe() if self.triggers is not None else None)
 
     # -- status ------------------------------------------------------------------------------
     def _write_status(self, *, force: bool = False, state: str | None = None) -> None:
@@ -498,6 +511,7 @@ class Worker:
             "concurrency": self.link.concurrency, "free_slots": self.jobs.free_slots,
             "queues": self.link.queues, "requests_per_s": self.counter.rates(), "jobs": self.jobs.describe(),
             "finished": self.jobs.finished,
+            "local_triggers": self.triggers.describe() if self.triggers is not None else None,
             "gpus": {"total": self.gpus.total, "free": self.gpus.free},
             "paused_queues": {q: p.describe() for q, p in self.budgets.paused.items()},
             "metrics_url": self.health.url if self.health is not None else None,
