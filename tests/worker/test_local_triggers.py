@@ -3,7 +3,6 @@ nothing central can finish a deferral, so every resume seen here happened on the
 
 from __future__ import annotations
 
-import http.server
 import json
 import sqlite3
 import threading
@@ -14,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from airflow_outpost.worker.testing.flag_server import FlagServer
+
 pytestmark = pytest.mark.controlplane
 
 LOCAL = ["--triggers", "local"]
@@ -22,26 +23,11 @@ LOCAL = ["--triggers", "local"]
 @pytest.fixture
 def flag_server() -> Iterator[tuple[str, threading.Event]]:
     """A loopback HTTP server answering 404 until the test raises its flag, then 200 with JSON."""
-    up = threading.Event()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            body = json.dumps({"flag": "up", "path": self.path}).encode() if up.is_set() else b"{}"
-            self.send_response(200 if up.is_set() else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = FlagServer()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/flag", up
+        yield server.url, server.up
     finally:
-        server.shutdown()
+        server.close()
 
 
 def _wait_state(cp, dag_id: str, run_id: str, task: str, states: set[str], timeout_s: float = 60) -> str:
@@ -112,7 +98,7 @@ def test_time_delta_and_http_triggers_resume_on_the_worker(control_plane, start_
     up.set()
     assert cp.wait_for_run("outpost_defer", http_run, timeout_s=60) == "success", worker.log()[-4000:]
     result = cp.xcom("outpost_defer", http_run, "wait")
-    assert result["event"] == {"flag": "up", "path": "/flag"} and result["try"] == 1, result
+    assert result["event"] == {"flag": "up", "i": -1} and result["try"] == 1, result
     # Nothing of the deferral left the worker: kept in the ledger, never sent.
     rows = _state_rows(worker.state_folder)
     kept = [r for r in rows if r["rule"] == "local trigger"]
@@ -181,8 +167,8 @@ def test_marking_a_waiting_task_failed_stops_its_trigger(control_plane, start_wo
     _wait_status(worker, _waiting(1))
     resp = cp.api.patch(f"/dags/outpost_defer/dagRuns/{run_id}/taskInstances/wait", json={"new_state": "failed"})
     assert resp.status_code == 200, resp.text
-    # The next heartbeat of the waiting try (every 5 s here) finds it failed.
-    _wait_status(worker, lambda st: st["local_triggers"]["ended"] == {"gone": 1})
+    # The next heartbeat of the waiting try (every 30 s) finds it failed.
+    _wait_status(worker, lambda st: st["local_triggers"]["ended"] == {"gone": 1}, 75)
     assert "no longer running on this worker" in worker.log()
     assert "never-trigger stopped" in _task_log(worker, "outpost_defer", run_id)  # its cleanup ran
     time.sleep(3)
@@ -240,3 +226,21 @@ def test_a_worker_killed_while_tasks_wait(control_plane, start_worker, flag_serv
     else:
         assert "it waited on a local trigger and crash_policy is stop" in again.log()
         assert ti["try_number"] == 2 and result["try"] == 2, (ti, result)
+
+
+@pytest.mark.timeout(240)
+def test_a_drain_waits_for_waiting_tasks_then_stops_their_triggers(control_plane, start_worker) -> None:
+    """Waiting tasks count as running for the drain; past the drain timeout their triggers stop and
+    they are reported failed before the worker signs off."""
+    import signal
+
+    cp = control_plane
+    worker = start_worker(queues="q_defer", extra_args=[*LOCAL, "--drain-timeout-s", "3"])
+    run_id = cp.trigger("outpost_defer", conf={"kind": "never"})
+    _wait_status(worker, _waiting(1))
+    worker.send(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    log = worker.log()
+    assert "draining 1 job(s)" in log and "drain timeout: stopped 1 local trigger(s)" in log, log[-3000:]
+    assert "never-trigger stopped" in _task_log(worker, "outpost_defer", run_id)
+    assert _wait_state(cp, "outpost_defer", run_id, "wait", {"failed"}) == "failed"

@@ -5,7 +5,8 @@ returns a future of its :class:`WaitEnd`. Meanwhile it
 
 * runs the trigger in the runner child (:mod:`airflow_outpost.worker.triggers.runner`), started
   on first use and restarted (with every waiting trigger sent again) if it dies;
-* heartbeats the try every ``heartbeat_s`` (the worker's ``heartbeat_interval_s``) through the egress gateway, with the hostname
+* heartbeats the try every ``heartbeat_s`` (``heartbeat_interval_s``, at least 30 s) through the
+  egress gateway, with the hostname
   and pid of the try's first task process (the server checks both), and keeps the newest token
   the server hands out (``Refreshed-API-Token``). A 404/409 says the try is no longer running here
   (marked failed, cleared, or taken over): the trigger stops and the wait ends ``gone``;
@@ -34,7 +35,10 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-WAIT_HEARTBEAT_S = 10.0  # the worker passes its heartbeat_interval_s; well inside Airflow's 300 s timeout
+# Waiting tries heartbeat every max(heartbeat_interval_s, this): well inside Airflow's default
+# task_instance_heartbeat_timeout (300 s) and the token refresh window (the last 20% of a 600 s
+# token), and 1.7 requests/s for 50 waiting tasks rather than 5.
+WAIT_HEARTBEAT_S = 30.0
 TICK_S = 0.5  # how often deadlines are checked
 RESTART_BACKOFF_S = 2.0
 TRIGGER_TIMEOUT = "Trigger timeout"  # TriggerFailureReason.TRIGGER_TIMEOUT: the Task SDK raises TaskDeferralTimeout
@@ -278,7 +282,11 @@ class LocalTriggers:
             with open(self._stderr_path, "ab") as err:
                 self._child = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "airflow_outpost.worker.triggers.runner", stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE, stderr=err, env=self._env(), limit=64 * 1024 * 1024)
+                    stdout=asyncio.subprocess.PIPE, stderr=err, env=self._env(), limit=64 * 1024 * 1024,
+                    # Its own session: a signal to the worker's process group (Ctrl-C, a container
+                    # stop) must not kill the triggers before the drain decides about them. It
+                    # exits when the worker closes its stdin, or dies.
+                    start_new_session=True)
             log.info("trigger runner started (pid %d)", self._child.pid)
             self._reader = asyncio.create_task(self._read(self._child), name="trigger runner reader")
             for wait in list(self._waits.values()):  # a restart: every waiting trigger starts again
