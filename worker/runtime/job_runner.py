@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
 import sqlite3
 import time
@@ -35,9 +34,11 @@ from airflow_outpost.worker.errors import JobRejected, OutpostError
 from airflow_outpost.worker.hosted.costs import live_tasks
 from airflow_outpost.worker.processes.launcher import TaskLauncher, TaskProcess
 from airflow_outpost.worker.runtime import recovery
-from airflow_outpost.worker.runtime.outbox import Outbox, Report
+from airflow_outpost.worker.runtime.outbox import Outbox
 from airflow_outpost.worker.runtime.outcome import outcome
+from airflow_outpost.worker.runtime.reports import ReportSender
 from airflow_outpost.worker.runtime.state import read_exit
+from airflow_outpost.worker.runtime.task_logs import LogShipper
 from airflow_outpost.worker.triggers.host import Deferral, LocalTriggers, ResumeQueue, WaitEnd
 
 if TYPE_CHECKING:
@@ -108,8 +109,9 @@ class JobRunner:
         self.running: dict[JobKey, RunningJob] = {}
         self._resumes = ResumeQueue()  # tries whose trigger ended, in the order they wait for a slot
         self.outbox = Outbox(settings.state_folder / "outbox.sqlite")
-        self._outbox_wake = asyncio.Event()
-        self._sender: asyncio.Task[None] | None = None
+        # Delivers the outbox (job states, then the worker's own) to the control plane, in order.
+        self.reports = ReportSender(self.outbox, client=client, settings=settings, link=link, sysinfo=sysinfo)
+        self.logs = LogShipper(settings, client=client, egress=egress, state_folder=state_folder)
         self.expired = 0  # jobs whose token expired in the queue
         self._background: set[asyncio.Task[Any]] = set()
         self.rejected = 0
@@ -195,16 +197,22 @@ class JobRunner:
         if (expired_s := expired_for(job.workload.get("token"))) is not None:
             await self._expired(run, expired_s)
             return False
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.gpus.total else {}
-        if self.ray is not None:
-            env.update(self.ray.task_env())  # decided now: none while the worker's own Ray is down
-        server = self.egress.task_server(job)
-        run.proc = await self.launcher.launch(job.workload, server, env, exit_file=self.state_folder.exit_file(key))
+        server = await self._start_process(run, job.workload)
+        assert run.proc is not None
         self.state_folder.journal_start(key, run.proc.pid, recovery.journal_details(run, server))
         log.info("started %s (pid %d)%s", key, run.proc.pid, f" on GPU {','.join(run.devices)}" if run.devices else "")
         self._enqueue(key, "running")
         self.events.job_started(job.queue, time.monotonic() - run.started)
         return True
+
+    async def _start_process(self, run: RunningJob, workload: dict[str, Any]) -> str:
+        """Start a task process for ``run`` (its GPUs and Ray decided now); the gateway URL it got."""
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.gpus.total else {}
+        if self.ray is not None:
+            env.update(self.ray.task_env())  # decided now: none while the worker's own Ray is down
+        server = self.egress.task_server(run.job)
+        run.proc = await self.launcher.launch(workload, server, env, exit_file=self.state_folder.exit_file(run.job.key))
+        return server
 
     async def _run(self, run: RunningJob) -> None:
         job, key = run.job, run.job.key
@@ -233,7 +241,7 @@ class JobRunner:
                         state = result.state
                         await self._finish(run, rc, result.edge_state)
                         return
-                    await self._push_logs(run)
+                    await self.logs.push(run)
                 end = await self._wait_on_trigger(run)
                 if end.kind in ("resume", "fail"):
                     await self._resume(run, end)
@@ -273,7 +281,7 @@ class JobRunner:
             log.warning("job %s ended %s in %.1fs (the task reported it; supervisor exit code 0)", key, state, took)
         else:
             log.info("job %s ended %s in %.1fs", key, state, took)
-        await self._push_logs(run, final=True, failure=None if rc == 0 else run.proc.describe_exit(rc))
+        await self.logs.push(run, final=True, failure=None if rc == 0 else run.proc.describe_exit(rc))
         await self._report_final(key, edge_state)
 
     # -- local triggers ----------------------------------------------------------------------
@@ -320,7 +328,7 @@ class JobRunner:
         try:
             while True:
                 done, _ = await asyncio.wait({ended}, timeout=self.settings.poll_interval_s * 2)
-                await self._push_logs(run)  # what the trigger logs goes to the task's log
+                await self.logs.push(run)  # what the trigger logs goes to the task's log
                 if done:
                     return ended.result()
         finally:
@@ -342,11 +350,8 @@ class JobRunner:
         if run.proc is not None:
             run.proc.output.unlink(missing_ok=True)
         run.task_state, run.deferral = None, None
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(run.devices)} if self.gpus.total else {}
-        if self.ray is not None:
-            env.update(self.ray.task_env())
-        server = self.egress.task_server(run.job)
-        run.proc = await self.launcher.launch(workload, server, env, exit_file=self.state_folder.exit_file(key))
+        server = await self._start_process(run, workload)
+        assert run.proc is not None
         details = recovery.journal_details(run, server)
         self.state_folder.journal_update(key, pid=run.proc.pid, waiting=False, deferral=None, **details,
                                          resume={"run_body": resume.run_body, "next_method": resume.next_method,
@@ -373,7 +378,7 @@ class JobRunner:
             state = await self.triggers.end_task(run.deferral, run.job.key, end.state, end.xcoms)
             if state is not None:
                 log.info("job %s: its local trigger ended the task as %s", key, state)
-                await self._push_logs(run, final=True)
+                await self.logs.push(run, final=True)
                 await self._report_final(key, "success" if state != "failed" else "failed")
                 return state
             end = WaitEnd("gone", error="the control plane refused the state the trigger set")
@@ -381,7 +386,7 @@ class JobRunner:
             log.warning("job %s: the control plane no longer runs this try (%s); its trigger stopped", key, end.error)
         else:
             log.warning("job %s: its wait on a local trigger was stopped (%s); reporting it failed", key, end.error)
-        await self._push_logs(run, final=True)
+        await self.logs.push(run, final=True)
         await self._report_final(key, "failed")
         return "failed"
 
@@ -424,17 +429,11 @@ class JobRunner:
             except TimeoutError:
                 if (leftovers := run.proc.reap_after_task()):
                     log.warning("killed %d process(es) that %s left running after it ended", leftovers, run.job.key)
-                await self._push_logs(run)
+                await self.logs.push(run)
 
     # -- reporting ---------------------------------------------------------------------------
-    @property
-    def outbox_depth(self) -> int:
-        """Reports not yet acknowledged by the control plane."""
-        return self.outbox.depth
-
     def _enqueue(self, key: JobKey, state: str, note: str | None = None) -> None:
-        self.outbox.put(key, state, note)
-        self._outbox_wake.set()
+        self.reports.put_job(key, state, note)
 
     async def _report_final(self, key: JobKey, state: str, note: str | None = None) -> None:
         """Queue the final state durably (the sender delivers it); the journal entry is then done."""
@@ -443,68 +442,9 @@ class JobRunner:
         self._enqueue(key, state, note)
         self.state_folder.journal_done(key)
 
-    def retry_pending_reports(self) -> None:
-        """The control plane is back: send what the outbox holds now, not after the backoff."""
-        self._outbox_wake.set()
-
-    def report_worker_state(self, state: str, note: str | None = None) -> None:
-        self.outbox.put_worker(self.settings.name, state, note)
-        self._outbox_wake.set()
-
-    async def flush_outbox(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the outbox to empty; True if it did."""
-        deadline = time.monotonic() + timeout_s
-        self._outbox_wake.set()
-        while self.outbox.depth and time.monotonic() < deadline and self._sender is not None and not self._sender.done():
-            await asyncio.sleep(0.05)
-        return self.outbox.depth == 0
-
     async def aclose(self) -> None:
-        """Stop the sender and close the outbox; what is undelivered stays for the next start. Idempotent."""
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-            self._sender = None
-        self.outbox.close()
-
-    async def _send_outbox(self) -> None:
-        """Deliver the outbox oldest first, forever; back off (jittered, capped) while unreachable."""
-        failures = 0
-        while True:
-            self._outbox_wake.clear()
-            blocked = False
-            for report in self.outbox.pending():
-                try:
-                    await self._deliver(report)
-                except OutpostError as exc:
-                    if exc.retryable:
-                        failures += 1
-                        if failures == 1 or failures % 10 == 0:
-                            log.warning("%d report(s) wait for the control plane (%s)", self.outbox.depth, exc)
-                        blocked = True
-                        break
-                    log.error("the control plane refused the report %s %s: %s", report.subject, report.state, exc)
-                except Exception:  # a bug must not stop reporting; the row stays for the next try
-                    log.exception("sending report %s %s failed", report.subject, report.state)
-                    blocked = True
-                    break
-                self.outbox.ack(report.seq)
-                failures = 0
-            timeout = random.uniform(0.25, min(15.0, 0.5 * 2 ** min(failures, 5))) if blocked else None
-            if not blocked and self.outbox.depth:
-                continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._outbox_wake.wait(), timeout)
-
-    async def _deliver(self, report: Report) -> None:
-        s = self.settings
-        if report.kind == "job":
-            assert report.key is not None
-            await self.client.jobs.set_state(report.key, report.state)
-        else:
-            await self.client.worker.set_state(s.name, report.state, 0, self.link.queues, self.sysinfo(),
-                                                 report.note, s.team_name)
+        """Stop the report sender and close the outbox; what is undelivered stays for the next start. Idempotent."""
+        await self.reports.aclose()
 
     async def recover_leftovers(self) -> None:
         """Handle journal entries of a previous worker process (crash, SIGKILL, OOM), then start
@@ -540,8 +480,7 @@ class JobRunner:
         folder.prune_exits()
         if (depth := self.outbox.depth):
             log.info("replaying %d undelivered report(s) from the outbox", depth)
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_outbox(), name="outbox sender")
+        self.reports.start()
 
     def _adopt(self, entry: dict[str, Any]) -> None:
         """Take over a job whose task process a previous worker process started and that still runs."""
@@ -616,38 +555,6 @@ class JobRunner:
             with contextlib.suppress(OutpostError):
                 await self.client.logs.push(key, f"outpost: {reason}\n", datetime.now(UTC).isoformat())
         await self._report_final(key, "failed", note="token expired in queue")
-
-    # -- logs --------------------------------------------------------------------------------
-    async def _push_logs(self, run: RunningJob, final: bool = False, failure: str | None = None) -> None:
-        s = self.settings
-        if s.log_policy == "none":  # logs stay in the region (egress policy)
-            return
-        redact = self.egress.redactor.redact if s.log_policy == "redacted" else None
-        path = s.log_folder / run.job.log_path
-        chunks: list[str] = []
-        with contextlib.suppress(FileNotFoundError):
-            with open(path, "rb") as fh:
-                fh.seek(run.log_offset)
-                data = fh.read(s.push_log_chunk_size * 8)
-                run.log_offset += len(data)
-            text = data.decode(errors="backslashreplace").replace("\x00", "\ufffd")
-            text = redact(run.job.key, text, final and not failure) if redact else text
-            chunks = [text[i:i + s.push_log_chunk_size] for i in range(0, len(text), s.push_log_chunk_size)]
-        if final and failure and run.proc is not None:
-            note = f"outpost: task process ended with {failure}; supervisor output:\n{run.proc.output_tail()}\n"
-            chunks.append(redact(run.job.key, note, True) if redact else note)
-        for chunk in chunks:
-            try:
-                await self.client.logs.push(run.job.key, chunk, datetime.now(UTC).isoformat())
-            except OutpostError as exc:
-                log.warning("pushing logs for %s failed: %s", run.job.key, exc)
-                break
-        if chunks and not final:
-            # An adopting worker resumes pushing here after a crash (at most a chunk sent twice).
-            try:
-                self.state_folder.journal_update(run.job.key, log_offset=run.log_offset)
-            except OSError as exc:
-                log.warning("could not journal the pushed log offset of %s: %s", run.job.key, exc)
 
     # -- drain -------------------------------------------------------------------------------
     async def drain(self, timeout_s: float, grace_s: float, force: asyncio.Event,

@@ -427,7 +427,7 @@ class Worker:
         away_s = self.link.mark_reachable()
         if away_s is not None:
             log.info("control plane reachable again after %.1fs", away_s)
-            self.jobs.retry_pending_reports()
+            self.jobs.reports.wake()
             self.egress.control_plane_back()  # held task requests retry now, not after their backoff
         self._apply_reply(reply or {})
         return True
@@ -470,12 +470,12 @@ class Worker:
     async def _go_offline(self, flush_s: float) -> None:
         state = "offline maintenance" if self.link.maintenance else "offline"
         # Through the outbox, behind the jobs' final states, so those reach the server first.
-        self.jobs.report_worker_state(state, self.link.maintenance_comments)
-        if await self.jobs.flush_outbox(flush_s):
+        self.jobs.reports.put_worker(state, self.link.maintenance_comments)
+        if await self.jobs.reports.flush(flush_s):
             log.info("reported offline to the control plane")
         else:
             log.warning("could not deliver %d report(s) before exiting; they stay in the outbox and are sent at "
-                        "the next start (the server will mark this worker lost meanwhile)", self.jobs.outbox_depth)
+                        "the next start (the server will mark this worker lost meanwhile)", self.jobs.reports.depth)
 
     # -- what observers read ------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
@@ -488,7 +488,7 @@ class Worker:
         return WorkerSnapshot(
             state=self.worker_state(), reachable=self.link.reachable, concurrency=self.link.concurrency,
             free_slots=self.jobs.free_slots, running_queues=tuple(r.job.queue for r in running),
-            live=tuple(live_tasks(running)), outbox_depth=self.jobs.outbox_depth,
+            live=tuple(live_tasks(running)), outbox_depth=self.jobs.reports.depth,
             requests_total=self.counter.total, request_rates=self.counter.rates(),
             gpus_total=self.gpus.total, gpus_free=self.gpus.free, gpu_devices=tuple(self.gpus.devices),
             ray=self.ray.describe() if self.ray is not None else None,

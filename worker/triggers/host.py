@@ -183,6 +183,7 @@ class LocalTriggers:
         self._ticker: asyncio.Task[None] | None = None
         self._spawning: asyncio.Lock | None = None
         self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.ended: dict[str, int] = {}  # waits ended, by kind, for metrics and `outpost status`
         self.restarts = 0
 
@@ -224,8 +225,14 @@ class LocalTriggers:
         self._waits[deferral.ti_id] = _Wait(deferral, ended, next_beat=time.monotonic() + self._heartbeat_s)
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick(), name="local trigger heartbeats")
-        asyncio.get_running_loop().create_task(self._submit(deferral))
+        self._background(self._submit(deferral))
         return ended
+
+    def _background(self, coro: Any) -> None:
+        """Run ``coro`` as a task the host holds (the loop keeps only weak references to tasks)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def stop(self, ti_id: str, end: WaitEnd) -> None:
         """End ``ti_id``'s wait as ``end`` (its trigger is cancelled). Safe if it does not wait."""
@@ -340,7 +347,7 @@ class LocalTriggers:
                     self.stop(ti_id, WaitEnd("fail", error=TRIGGER_TIMEOUT))
                 elif now >= wait.next_beat:
                     wait.next_beat = now + self._heartbeat_s
-                    asyncio.get_running_loop().create_task(self._heartbeat(wait))
+                    self._background(self._heartbeat(wait))
             await asyncio.sleep(TICK_S)
 
     async def heartbeat_now(self) -> None:
@@ -408,6 +415,9 @@ class LocalTriggers:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         child, self._child = self._child, None
         if child is not None and child.returncode is None:
             if child.stdin is not None:
