@@ -68,3 +68,17 @@ class MissingTrigger(BaseTrigger):
 
     async def run(self):  # pragma: no cover  (never built)
         yield TriggerEvent(None)
+
+
+class KillerTrigger(BaseTrigger):
+    """Kills the process it runs in (a trigger runner must survive it, up to a point)."""
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("outpost_triggers.KillerTrigger", {})
+
+    async def run(self):
+        import os
+
+        await asyncio.sleep(0.2)
+        os._exit(3)
+        yield  # pragma: no cover

@@ -25,6 +25,7 @@ from tests.versions.lines import line_python
 pytestmark = [pytest.mark.slow, pytest.mark.controlplane]
 
 CORE_DAGS = ("outpost_chain", "outpost_mapped", "outpost_failing", "outpost_secrets")
+TRIGGER_FILES = ("outpost_defer", "outpost_triggers")  # local triggers (--triggers local)
 WORKER_ENV = {"AIRFLOW_VAR_OUTPOST_LOCAL_VAR": "only-on-the-worker",
               "AIRFLOW_CONN_OUTPOST_LOCAL_DB": "postgres://alice:pw@db.region.local:5433/warehouse"}
 
@@ -38,7 +39,7 @@ def line_cp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     line: str = request.param
     python = _python(line)
     dags = tmp_path_factory.mktemp(f"dags-{line}")
-    for dag in CORE_DAGS:
+    for dag in (*CORE_DAGS, *TRIGGER_FILES):
         shutil.copy(DAGS / f"{dag}.py", dags / f"{dag}.py")
     cp = ControlPlane(dags_folder=dags, home=tmp_path_factory.mktemp(f"airflow-{line}"), python=python)
     cp.start(timeout_s=300)
@@ -69,6 +70,29 @@ def test_core_dags_through_the_worker_of_each_line(line_cp: tuple[str, ControlPl
         assert cp.xcom("outpost_secrets", runs["outpost_secrets"], "read") == {
             "var": "only-on-the-worker", "host": "db.region.local", "port": 5433, "login": "alice"}
         assert "ended failed" in log and "Traceback" not in log, log[-4000:]
+    finally:
+        assert w.stop() == 0, w.log()[-3000:]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("line_cp", ["3.1", "3.2"], indirect=True)
+def test_local_triggers_resume_and_time_out_on_each_line(line_cp: tuple[str, ControlPlane], tmp_path: Path) -> None:
+    """The resume replays the try's start (a duplicate start on every line's server) and a timed-out
+    trigger fails the task as the line's Task SDK reads ``__fail__`` (BaseSerialization on 3.1)."""
+    line, cp = line_cp
+    cp.wait_for_dag("outpost_defer", timeout_s=180)
+    w = WorkerProc(cp, tmp_path, queues="q_defer", concurrency=2, python=_python(line),
+                   extra_args=["--triggers", "local"]).start()
+    try:
+        ok = cp.trigger("outpost_defer", conf={"kind": "delta", "wait_s": 2})
+        timed = cp.trigger("outpost_defer", conf={"kind": "never", "timeout_s": 3})
+        assert cp.wait_for_run("outpost_defer", ok, timeout_s=300) == "success", w.log()[-4000:]
+        result = cp.xcom("outpost_defer", ok, "wait")
+        assert result["try"] == 1 and result["deferred_at"] == 1 and result["before"]["pid"] != result["pid"], result
+        assert cp.wait_for_run("outpost_defer", timed, timeout_s=300) == "failed", w.log()[-4000:]
+        [log_file] = w.log_folder.glob(f"dag_id=outpost_defer/run_id={timed}/task_id=wait/attempt=1.log")
+        text = log_file.read_text(errors="replace")
+        assert "TaskDeferralTimeout" in text and "KeyError" not in text, text[-3000:]
     finally:
         assert w.stop() == 0, w.log()[-3000:]
 

@@ -229,3 +229,55 @@ def test_metrics_show_the_waiting_tasks_and_the_limit() -> None:
     text = WorkerMetrics(lambda: snapshot).render().decode()
     assert "outpost_local_triggers_waiting 50.0" in text and "outpost_local_triggers_max 1000.0" in text
     assert 'outpost_local_triggers_ended_total{end="resume"} 3.0' in text
+
+
+@pytest.mark.timeout(120)
+def test_a_trigger_that_keeps_killing_its_runner_fails_the_waiting_tasks(tmp_path: Path, monkeypatch) -> None:
+    from airflow_outpost.worker.triggers import host as host_module
+
+    monkeypatch.setattr(host_module, "RESTART_BACKOFF_S", 0.1)
+
+    async def main() -> WaitEnd:
+        host = _host(tmp_path, Server())
+        try:
+            return await asyncio.wait_for(host.wait(_deferral("k", "outpost_triggers.KillerTrigger", {}, tmp_path)), 90)
+        finally:
+            await host.aclose()
+
+    end = asyncio.run(main())
+    assert end.kind == "fail" and "the trigger runner died 6 times" in (end.error or ""), end
+
+
+def test_fail_kwargs_are_encoded_as_the_task_sdk_reads_them() -> None:
+    end = WaitEnd("fail", error="Trigger timeout")
+    assert end.fail_kwargs() == {"error": "Trigger timeout", "traceback": ["Trigger timeout"]}
+    # Task SDK 1.1 (Airflow 3.1) wrote its next_kwargs with BaseSerialization and reads them back so.
+    base = end.fail_kwargs(like={"__type": "dict", "__var": {}})
+    from airflow.serialization.serialized_objects import BaseSerialization
+
+    assert BaseSerialization.deserialize(base) == {"error": "Trigger timeout", "traceback": ["Trigger timeout"]}
+
+
+def test_resumes_take_slots_in_order_and_give_up_when_told() -> None:
+    from airflow_outpost.worker.triggers.host import ResumeQueue
+
+    async def main() -> list[object]:
+        queue, busy, order = ResumeQueue(), [1], []
+        stopping = [False]
+
+        async def one(key: str) -> None:
+            ok = await queue.take(key, 1, lambda: 1, lambda: busy[0], give_up=lambda: stopping[0], poll_s=0.01)
+            order.append((key, ok))
+            if ok:
+                busy[0] += 1
+
+        tasks = [asyncio.create_task(one(k)) for k in ("a", "b")]
+        await asyncio.sleep(0.05)
+        assert order == []  # the only slot is busy
+        busy[0] = 0
+        await asyncio.sleep(0.05)
+        stopping[0] = True  # "b" still waits (a holds the slot): the drain timeout ends it
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(main()) == [("a", True), ("b", False)]

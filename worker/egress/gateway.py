@@ -266,6 +266,8 @@ class Gateway:
             try:
                 context = json.loads(content)
                 context.update(next_method=resume.next_method, next_kwargs=resume.next_kwargs, xcom_keys_to_clear=[])
+                if "start_date" in context:  # Execution API 2025-08+ (Task SDK 1.2): the try's first start, as on a resume
+                    context["start_date"] = resume.run_body.get("start_date")
                 content = json.dumps(context).encode()
             except (ValueError, AttributeError) as exc:
                 await _reply(send, 502, {"detail": f"outpost gateway: unreadable start answer ({exc})"})

@@ -74,6 +74,8 @@ class TaskProcess:
         """
         import psutil
 
+        if self._exit.done():
+            return  # its pid may belong to another process by now
         try:
             children = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:

@@ -107,6 +107,7 @@ class JobRunner:
         self.on_slot_freed = on_slot_freed
         self.triggers = triggers
         self.running: dict[JobKey, RunningJob] = {}
+        self._stopping = False  # the drain timeout passed: no wait resumes any more
         self._resumes = ResumeQueue()  # tries whose trigger ended, in the order they wait for a slot
         self.outbox = Outbox(settings.state_folder / "outbox.sqlite")
         # Delivers the outbox (job states, then the worker's own) to the control plane, in order.
@@ -243,9 +244,10 @@ class JobRunner:
                         return
                     await self.logs.push(run)
                 end = await self._wait_on_trigger(run)
-                if end.kind in ("resume", "fail"):
-                    await self._resume(run, end)
+                if end.kind in ("resume", "fail") and await self._resume(run, end):
                     continue
+                if end.kind in ("resume", "fail"):
+                    end = WaitEnd("stopped", error="the drain timeout passed before it could resume")
                 state = await self._end_wait(run, end)
                 return
         except Exception as exc:  # a bug or OS error must fail this job only, never the worker
@@ -292,6 +294,10 @@ class JobRunner:
         if self.triggers is None or run is None:
             return False
         start = self.egress.start_of(ti_id)
+        if "dag_rel_path" not in run.job.workload:
+            log.warning("job %s defers, but this worker adopted it without its workload, which a resume needs; it "
+                        "waits on the control plane's triggerer instead", run.job.key)
+            return False
         if start is None:
             log.warning("job %s defers, but this worker did not see its start; it waits on the control plane's "
                         "triggerer instead", run.job.key)
@@ -323,7 +329,7 @@ class JobRunner:
         assert self.triggers is not None and run.deferral is not None
         run.waiting = True
         self.on_slot_freed()  # the main loop fetches at once: the slot is free for other tasks
-        ended = self.triggers.wait(run.deferral)
+        ended = self.triggers.wait(run.deferral, adopted=run.adopted and run.proc is None)
         log.info("job %s waits on local trigger %s (%d waiting)", run.job.key, run.deferral.classpath, self.waiting)
         try:
             while True:
@@ -334,16 +340,18 @@ class JobRunner:
         finally:
             run.waiting = False  # its slot is taken again (by _resume, or freed when the job ends)
 
-    async def _resume(self, run: RunningJob, end: WaitEnd) -> None:
-        """Start the try again in a new task process, with Airflow's resume semantics."""
+    async def _resume(self, run: RunningJob, end: WaitEnd) -> bool:
+        """Start the try again in a new task process, with Airflow's resume semantics; False if the
+        worker's drain timeout passed while it waited for a slot (it is then not started)."""
         deferral, key = run.deferral, run.job.key
         assert deferral is not None
         if end.kind == "fail":
-            resume = Resume(deferral.run_body, "__fail__", end.fail_kwargs())
+            resume = Resume(deferral.run_body, "__fail__", end.fail_kwargs(like=deferral.next_kwargs))
             log.warning("job %s: its local trigger ended in failure (%s); the task fails as Airflow's would", key, end.error)
         else:
             resume = Resume(deferral.run_body, deferral.next_method, end.next_kwargs)
-        await self._take_slot(run)
+        if not await self._take_slot(run):
+            return False
         self.egress.expect_resume(deferral.ti_id, resume)
         workload = {**run.job.workload, "token": deferral.token}
         self.state_folder.exit_file(key).unlink(missing_ok=True)  # the deferring process's; not this one's
@@ -353,20 +361,25 @@ class JobRunner:
         server = await self._start_process(run, workload)
         assert run.proc is not None
         details = recovery.journal_details(run, server)
-        self.state_folder.journal_update(key, pid=run.proc.pid, waiting=False, deferral=None, **details,
+        # task_state None: the resumed process reports its own; "deferred" is the first one's.
+        self.state_folder.journal_update(key, pid=run.proc.pid, waiting=False, deferral=None, task_state=None, **details,
                                          resume={"run_body": resume.run_body, "next_method": resume.next_method,
                                                  "next_kwargs": resume.next_kwargs})
         log.info("resumed %s with %s (pid %d)", key, resume.next_method, run.proc.pid)
+        return True
 
-    async def _take_slot(self, run: RunningJob) -> None:
-        """Wait until the resumed try fits the worker's slots, first come first served."""
+    async def _take_slot(self, run: RunningJob) -> bool:
+        """Wait until the resumed try fits the worker's slots, first come first served; False if
+        the drain timeout passes meanwhile."""
         if run.devices:
-            return  # a GPU job kept its devices while it waited
+            return not self._stopping  # a GPU job kept its devices while it waited
         run.resume_pending = True
         try:
-            await self._resumes.take(run.job.key, run.job.concurrency_slots, lambda: self.link.concurrency, lambda: sum(
-                r.job.concurrency_slots for r in self.running.values()
-                if not r.devices and not r.waiting and not r.resume_pending))
+            return await self._resumes.take(
+                run.job.key, run.job.concurrency_slots, lambda: self.link.concurrency,
+                lambda: sum(r.job.concurrency_slots for r in self.running.values()
+                            if not r.devices and not r.waiting and not r.resume_pending),
+                give_up=lambda: self._stopping)
         finally:
             run.resume_pending = False
 
@@ -382,6 +395,10 @@ class JobRunner:
                 await self._report_final(key, "success" if state != "failed" else "failed")
                 return state
             end = WaitEnd("gone", error="the control plane refused the state the trigger set")
+        if end.kind == "gone" and run.job.ti_id in self.egress.start_refused:
+            self.egress.start_refused.discard(run.job.ti_id)
+            self._claimed_elsewhere(run)  # the server says another worker runs this try: not ours to fail
+            return "elsewhere"
         if end.kind == "gone":
             log.warning("job %s: the control plane no longer runs this try (%s); its trigger stopped", key, end.error)
         else:
@@ -466,7 +483,11 @@ class JobRunner:
                 alive=recovery.is_our_process(entry.get("pid"), entry.get("create_time")),
                 policy=policy, gateway_url=self.egress.url, local_triggers=self.triggers is not None)
             if decision.action == "adopt":
-                self._adopt_waiting(entry) if entry.get("waiting") else self._adopt(entry)
+                if entry.get("waiting"):
+                    recovery.stop_leftover(entry, decision)  # the deferring process, should it still be ending
+                    self._adopt_waiting(entry)
+                else:
+                    self._adopt(entry)
                 continue
             recovery.stop_leftover(entry, decision)
             if decision.action == "leave":
@@ -565,15 +586,17 @@ class JobRunner:
         if tasks:
             log.info("draining %d job(s) for up to %.0fs", len(tasks), timeout_s)
             await self._wait_any(tasks, timeout_s, force)
-        if self.triggers is not None and (stopped := self.triggers.stop_all("the drain timeout passed")):
+        self._stopping = True
+        if self.triggers is not None and (stopped := self.triggers.stop_all("the drain timeout passed", refuse_new=True)):
             log.warning("drain timeout: stopped %d local trigger(s); their tasks are reported failed", stopped)
-        left = [(r, r.proc) for r in self.running.values() if r.proc is not None and not r.waiting]
+        left = [(r, r.proc) for r in self.running.values()
+                if r.proc is not None and not r.waiting and not r.resume_pending and r.proc.returncode is None]
         if left:
             log.warning("drain timeout: sending SIGTERM to %d task(s), SIGKILL after %.0fs", len(left), grace_s)
             for _, proc in left:
                 proc.signal(signal.SIGTERM)  # the Task SDK supervisor forwards it to its task
             await self._wait_any([r.task for r, _ in left if r.task], grace_s, None)
-            still = [(r, r.proc) for r in self.running.values() if r.proc is not None]
+            still = [(r, r.proc) for r in self.running.values() if r.proc is not None and r.proc.returncode is None]
             for r, proc in still:
                 log.warning("SIGKILL %s (pid %d)", r.job.key, proc.pid)
                 proc.kill_task_tree()  # the supervisor reports the failure, then exits

@@ -80,6 +80,8 @@ def job_from_entry(entry: dict[str, Any]) -> Job:
     kind = str(entry.get("kind") or "ExecuteTask")  # 0.1 journals hold tasks only
     subject = str(entry["ti_id"])
     workload = {"callback": {"id": subject}} if kind == "ExecuteCallback" else {"ti": {"id": subject}}
+    if isinstance(entry.get("workload"), dict):
+        workload = entry["workload"]  # it deferred to a local trigger: the whole workload (no token) was kept
     return Job(key=entry["key"], concurrency_slots=int(entry["slots"]), queue=str(entry["queue"]),
                workload=workload, log_path=str(entry["log_path"]), dag_rel_path=str(entry["dag_rel_path"]), kind=kind)
 

@@ -61,7 +61,7 @@ from airflow_outpost.worker.runtime.job_runner import JobRunner
 from airflow_outpost.worker.runtime.lifecycle import Lifecycle
 from airflow_outpost.worker.runtime.link import ControlPlaneLink
 from airflow_outpost.worker.runtime.state import StateFolder
-from airflow_outpost.worker.triggers.host import WAIT_HEARTBEAT_S, LocalTriggers
+from airflow_outpost.worker.triggers.host import WAIT_HEARTBEAT_MAX_S, WAIT_HEARTBEAT_S, LocalTriggers
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Worker:
                           env=lambda: without_credentials(self._task_env()),
                           stderr_path=self.state_folder.root / "trigger-runner.log",
                           on_token=lambda ti_id, token: self.jobs.note_token(ti_id, token),
-                          heartbeat_s=max(settings.heartbeat_interval_s, WAIT_HEARTBEAT_S))
+                          heartbeat_s=min(max(settings.heartbeat_interval_s, WAIT_HEARTBEAT_S), WAIT_HEARTBEAT_MAX_S))
             if settings.triggers == "local" else None)
         self.jobs = JobRunner(settings, client=self.client, egress=self.egress, launcher=self.launcher,
                               state_folder=self.state_folder, link=self.link, gpus=self.gpus, counter=self.counter,

@@ -5,7 +5,7 @@ returns a future of its :class:`WaitEnd`. Meanwhile it
 
 * runs the trigger in the runner child (:mod:`airflow_outpost.worker.triggers.runner`), started
   on first use and restarted (with every waiting trigger sent again) if it dies;
-* heartbeats the try every ``heartbeat_s`` (``heartbeat_interval_s``, at least 30 s) through the
+* heartbeats the try every ``heartbeat_s`` (``heartbeat_interval_s``, kept within 30-60 s) through the
   egress gateway, with the hostname
   and pid of the try's first task process (the server checks both), and keeps the newest token
   the server hands out (``Refreshed-API-Token``). A 404/409 says the try is no longer running here
@@ -35,12 +35,14 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-# Waiting tries heartbeat every max(heartbeat_interval_s, this): well inside Airflow's default
-# task_instance_heartbeat_timeout (300 s) and the token refresh window (the last 20% of a 600 s
-# token), and 1.7 requests/s for 50 waiting tasks rather than 5.
-WAIT_HEARTBEAT_S = 30.0
+# Waiting tries heartbeat every heartbeat_interval_s, kept between these: no more often than every
+# 30 s (1.7 requests/s for 50 waiting tasks rather than 5), and at least every 60 s, well inside
+# Airflow's default task_instance_heartbeat_timeout (300 s) and its token refresh window (the last
+# 20% of a 600 s token, at least 30 s).
+WAIT_HEARTBEAT_S, WAIT_HEARTBEAT_MAX_S = 30.0, 60.0
 TICK_S = 0.5  # how often deadlines are checked
 RESTART_BACKOFF_S = 2.0
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 120.0  # more deaths than this in the window: fail the waiting triggers
 TRIGGER_TIMEOUT = "Trigger timeout"  # TriggerFailureReason.TRIGGER_TIMEOUT: the Task SDK raises TaskDeferralTimeout
 
 
@@ -118,12 +120,16 @@ class ResumeQueue:
         self._queue: list[Any] = []
 
     async def take(self, key: Any, slots: int, concurrency: Callable[[], int], busy: Callable[[], int],
-                   poll_s: float = 0.1) -> None:
-        """Return once ``key`` is first in line and ``busy() + slots <= concurrency()``. Cancel-safe."""
+                   give_up: Callable[[], bool] = lambda: False, poll_s: float = 0.1) -> bool:
+        """True once ``key`` is first in line and ``busy() + slots <= concurrency()``; False as soon
+        as ``give_up()``. Cancel-safe."""
         self._queue.append(key)
         try:
             while not (self._queue[0] == key and busy() + slots <= concurrency()):
+                if give_up():
+                    return False
                 await asyncio.sleep(poll_s)
+            return not give_up()
         finally:
             self._queue.remove(key)
 
@@ -147,9 +153,14 @@ class WaitEnd:
     error: str | None = None
     traceback: list[str] | None = None
 
-    def fail_kwargs(self) -> dict[str, Any]:
-        """``next_kwargs`` of a ``__fail__`` resume, as Airflow's triggerer and scheduler write them."""
-        return {"error": self.error or "Trigger failure", "traceback": self.traceback or [self.error or ""]}
+    def fail_kwargs(self, like: Any = None) -> Any:
+        """``next_kwargs`` of a ``__fail__`` resume, as Airflow's triggerer and scheduler write them,
+        encoded like ``like`` (the deferral's own ``next_kwargs``): Task SDK 1.1 reads
+        ``BaseSerialization`` (``{"__type": "dict", "__var": ...}``), later ones plain JSON."""
+        kwargs = {"error": self.error or "Trigger failure", "traceback": self.traceback or [self.error or ""]}
+        if isinstance(like, dict) and set(like) == {"__type", "__var"}:
+            return {"__type": "dict", "__var": kwargs}
+        return kwargs
 
 
 @dataclass
@@ -184,6 +195,8 @@ class LocalTriggers:
         self._spawning: asyncio.Lock | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._restart_times: list[float] = []
+        self._refusing = False
         self.ended: dict[str, int] = {}  # waits ended, by kind, for metrics and `outpost status`
         self.restarts = 0
 
@@ -201,10 +214,11 @@ class LocalTriggers:
         return ti_id in self._waits
 
     # -- waits ---------------------------------------------------------------------------------
-    def wait(self, deferral: Deferral) -> asyncio.Future[WaitEnd]:
+    def wait(self, deferral: Deferral, *, adopted: bool = False) -> asyncio.Future[WaitEnd]:
         """Start waiting on ``deferral``'s trigger; the future resolves once, with how the wait ended.
 
-        Beyond ``max_waiting`` waits the future is already resolved ``fail`` (the task then fails
+        ``adopted``: the wait was journaled by a previous worker process; its try is heartbeaten at
+        once (its token may be close to expiry). Beyond ``max_waiting`` waits the future is already resolved ``fail`` (the task then fails
         with that message and Airflow's retries apply). Waiting again on a try that waits already
         returns its future.
         """
@@ -212,7 +226,7 @@ class LocalTriggers:
         if (current := self._waits.get(deferral.ti_id)) is not None:
             return current.ended
         ended: asyncio.Future[WaitEnd] = loop.create_future()
-        if self._closed:
+        if self._closed or self._refusing:
             ended.set_result(WaitEnd("stopped", error="the worker is shutting down"))
             return ended
         if len(self._waits) >= self.max_waiting:
@@ -222,7 +236,7 @@ class LocalTriggers:
             self._count("fail")
             ended.set_result(WaitEnd("fail", error=message))
             return ended
-        self._waits[deferral.ti_id] = _Wait(deferral, ended, next_beat=time.monotonic() + self._heartbeat_s)
+        self._waits[deferral.ti_id] = _Wait(deferral, ended, next_beat=time.monotonic() + (0 if adopted else self._heartbeat_s))
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick(), name="local trigger heartbeats")
         self._background(self._submit(deferral))
@@ -242,8 +256,10 @@ class LocalTriggers:
         self._send({"op": "cancel", "id": ti_id})
         self._resolve(wait, end)
 
-    def stop_all(self, reason: str) -> int:
-        """End every wait ``stopped`` with ``reason``; return how many there were."""
+    def stop_all(self, reason: str, *, refuse_new: bool = False) -> int:
+        """End every wait ``stopped`` with ``reason``; return how many there were. ``refuse_new``:
+        later waits end ``stopped`` at once too (the worker is past its drain timeout)."""
+        self._refusing = self._refusing or refuse_new
         ids = list(self._waits)
         for ti_id in ids:
             self.stop(ti_id, WaitEnd("stopped", error=reason))
@@ -312,6 +328,17 @@ class LocalTriggers:
         if self._closed:
             return
         self.restarts += 1
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S] + [now]
+        if len(self._restart_times) > MAX_RESTARTS:
+            # A trigger that kills its runner would otherwise take it down again at every restart.
+            message = (f"outpost: the trigger runner died {len(self._restart_times)} times in {RESTART_WINDOW_S:.0f}s "
+                       f"(exit {code}; its log: {self._stderr_path}); a trigger that kills its process fails these tasks")
+            log.error("%s; failing the %d waiting trigger(s)", message, len(self._waits))
+            for ti_id in list(self._waits):
+                self.stop(ti_id, WaitEnd("fail", error=message))
+            self._restart_times.clear()
+            return
         log.error("the trigger runner exited with %s; restarting it with %d waiting trigger(s) (its log: %s)",
                   code, len(self._waits), self._stderr_path)
         await asyncio.sleep(RESTART_BACKOFF_S)
@@ -371,9 +398,12 @@ class LocalTriggers:
                 self._on_token(d.ti_id, token)
         if resp.status_code in (401, 403, 404, 409, 410):
             detail = _detail(resp)
+            if resp.status_code in (401, 403):
+                detail = f"its token was refused ({detail}); it expired or the server's secret changed"
             log.warning("task instance %s is no longer running on this worker (HTTP %d: %s); stopping its trigger",
                         d.ti_id, resp.status_code, detail)
-            self.stop(d.ti_id, WaitEnd("gone", error=f"HTTP {resp.status_code}: {detail}"))
+            if self._waits.get(d.ti_id) is wait:  # not a newer wait of the same try
+                self.stop(d.ti_id, WaitEnd("gone", error=f"HTTP {resp.status_code}: {detail}"))
 
     async def end_task(self, deferral: Deferral, key: Any, state: str, xcoms: dict[str, Any] | None) -> str | None:
         """Set the try's final state as a trigger's ``TaskSuccessEvent`` (and kin) asks, after its
