@@ -112,6 +112,14 @@ def _preload() -> None:
             importlib.import_module(module)
         except ImportError:  # optional providers may be absent on a worker
             pass
+    # The Task SDK's client builds its SSL context (the CA bundle: ~80 ms) once per process and
+    # caches it; built here, every forked task starts with it.
+    try:
+        from airflow.sdk.api.client import Client
+
+        Client(base_url="http://127.0.0.1/", token="").close()
+    except Exception as exc:  # noqa: BLE001 - a Task SDK without that client: each task builds its own
+        print(f"outpost: could not prebuild the Task SDK client's SSL context: {type(exc).__name__}: {exc}", file=sys.stderr)
     # The worker's `preload` setting: what the DAGs import. A module that fails to import is said
     # in the zygote's log and skipped (each task then imports it itself, and fails there if it must).
     for module in filter(None, os.environ.pop("OUTPOST_PRELOAD", "").split(",")):
