@@ -38,6 +38,7 @@ What happens when the worker dies depends on ``OUTPOST_CRASH_POLICY`` (the worke
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import inspect
@@ -117,7 +118,9 @@ def _preload() -> None:
     try:
         from airflow.sdk.api.client import Client
 
-        Client(base_url="http://127.0.0.1/", token="").close()
+        # It may log ("Using Public CAs"); the zygote's stdout is its channel to the worker.
+        with contextlib.redirect_stdout(sys.stderr):
+            Client(base_url="http://127.0.0.1/", token="").close()
     except Exception as exc:  # noqa: BLE001 - a Task SDK without that client: each task builds its own
         print(f"outpost: could not prebuild the Task SDK client's SSL context: {type(exc).__name__}: {exc}", file=sys.stderr)
     # The worker's `preload` setting: what the DAGs import. A module that fails to import is said
