@@ -69,7 +69,7 @@ def test_failing_task_retries_then_fails(control_plane: ControlPlane, start_work
     assert len([p for p in logs if "outpost_failing" in str(p)]) == 3
     assert "deliberate failure from outpost_failing" in logs[-1].read_text()
     # The supervisor exits 0 after each failed try; the worker says what the task reported.
-    log = w.log()
+    log = w.wait_for_log(r"job outpost_failing\.boom run=\S+ try=\d ended failed")
     assert len(re.findall(r"job outpost_failing\.boom run=\S+ try=\d ended up_for_retry", log)) == 2, log[-3000:]
     assert len(re.findall(r"job outpost_failing\.boom run=\S+ try=\d ended failed", log)) == 1, log[-3000:]
     assert "outpost_failing.boom" not in "".join(line for line in log.splitlines() if "succeeded" in line)

@@ -85,7 +85,8 @@ def proxy(control_plane: ControlPlane) -> Iterator[TcpProxy]:
 
 
 def test_link_cut_for_a_minute_worker_rides_it_out_and_recovers_by_itself(
-        control_plane: ControlPlane, start_worker, proxy: TcpProxy, tmp_path: Path) -> None:
+        control_plane: ControlPlane, proxy: TcpProxy, start_worker, tmp_path: Path) -> None:
+    # proxy before start_worker: torn down after the worker, which signs off through it.
     cp = control_plane
     w = start_worker(queues="q_linkdrop", extra_args=["--api-url", proxy.url, "--request-timeout-s", "5"])
     pid = w.proc.pid

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,19 @@ class WorkerProc:
 
     def log(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout_s: float = 30) -> str:
+        """Wait until the worker's output matches the regex ``pattern`` at least ``count`` times.
+
+        The control plane learns a try's state from the task process, before the worker logs that
+        the job ended, so a test that saw the run finish waits here for the worker's side.
+        """
+        deadline = time.monotonic() + timeout_s
+        while len(re.findall(pattern, log := self.log())) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not {count} times in the worker's log within {timeout_s}s:\n{log[-3000:]}")
+            time.sleep(0.2)
+        return log
 
     def send(self, sig: int) -> None:
         assert self.proc is not None
