@@ -94,3 +94,18 @@ def test_non_json_success_body_is_an_error_not_a_crash() -> None:
     client = _client(lambda r: httpx.Response(200, text="<html>proxy login</html>"))
     with pytest.raises(Exception, match="not JSON"):
         asyncio.run(client.jobs.fetch("w1", None, 1, None))
+
+
+def test_execution_api_check_says_it_cannot_tell_when_the_server_is_slow() -> None:
+    """A cold API server can take longer than request_timeout_s to build an OpenAPI document; that is
+    no reason to refuse to start (found by starting a worker with --request-timeout-s 5 against a
+    control plane that had just come up)."""
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    def unknown(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"detail": "OpenApi file of with version `2099-01-01` not found"})
+
+    assert asyncio.run(_client(slow).serves_execution_api("2026-06-30")) is None
+    assert asyncio.run(_client(unknown).serves_execution_api("2099-01-01")) is False
+    assert asyncio.run(_client(lambda r: httpx.Response(200, json={})).serves_execution_api("2026-06-30")) is True

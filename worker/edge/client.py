@@ -200,6 +200,12 @@ class EdgeClient:
         url = f"{self.settings.execution_api.rstrip('/')}/openapi.json?version={quote(api_version)}"
         try:
             await self.request("GET", url, edge=False)
+        except ConnectError as exc:
+            # A freshly started API server builds each version's document on first request (seconds
+            # on a small machine): a slow answer is no reason to refuse to start; edge3's own
+            # version check still runs at registration.
+            log.warning("cannot check the control plane's Execution API versions (%s); going on", exc)
+            return None
         except ServerError as exc:
             # Cadwyn's own 404 names the version ("OpenApi file of with version `...` not found").
             if isinstance(exc, NotFoundError) and api_version in exc.detail:
