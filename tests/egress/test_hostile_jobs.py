@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ class FakeEdgeApi:
     def __init__(self, replies: list[httpx.Response]) -> None:
         self.replies = replies
         self.fetches = 0
+        self.fetched_at: list[float] = []  # time.monotonic() of each fetch
         self.reports: list[str] = []
         self.heartbeats = 0
 
@@ -87,6 +89,7 @@ class FakeEdgeApi:
             return httpx.Response(200, json={"version": airflow_version()})
         if "/jobs/fetch/" in path:
             self.fetches += 1
+            self.fetched_at.append(time.monotonic())
             return self.replies.pop(0) if self.replies else httpx.Response(200, content=b"null")
         if "/jobs/state/" in path:
             self.reports.append(path)

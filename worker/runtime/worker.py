@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 
 # Exit codes of a clean stop, besides 0 (a signal, or a shutdown request from the control plane):
 # the wrapper of a rented machine powers it off on these, not after an operator's stop.
+# After one of our tasks reports one of these, the scheduler may queue downstream work at once.
+FINAL_TASK_STATES = frozenset({"success", "failed", "skipped"})
+QUICK_POLL_WINDOW_S = 0.5
+QUICK_POLL_FACTOR = 0.4
 EXIT_IDLE = 3  # exit_when_idle_s passed without work
 EXIT_PREEMPTED = 4  # drained after a preemption notice
 
@@ -88,7 +92,7 @@ class Worker:
         # job runner) and of held task requests that got through (the worker then heartbeats).
         self.egress = Egress(settings, on_start_refused=lambda ti_id: self.jobs.journal_elsewhere(ti_id),
                              on_upstream_back=self._control_plane_seen,
-                             on_task_state=lambda ti_id, state: self.jobs.note_task_state(ti_id, state),
+                             on_task_state=self._task_state_reported,
                              on_deferral=lambda ti_id, body, auth: self.jobs.note_deferral(ti_id, body, auth))
         self.client = EdgeClient(settings, counter=self.counter, transport=transport, recorder=self.egress.record_edge)
         self._heartbeat_due = False
@@ -97,6 +101,7 @@ class Worker:
         self.started_at = datetime.now(UTC)
         self._force = asyncio.Event()
         self._wake = asyncio.Event()
+        self._quick_polls_until = 0.0  # see _task_state_reported
         self._status_due = 0.0
         self._previous_status: dict | None = None
         self.gpus = GpuAllocator(detect_gpus(settings.gpus), settings.gpu_queues)
@@ -344,12 +349,31 @@ class Worker:
                 delay = s.poll_min_interval_s
                 continue  # more work may be queued: ask again at once
             timeout = min(delay, max(0.0, next_hb - time.monotonic()))
+            quick = time.monotonic() < self._quick_polls_until
+            if quick:
+                timeout = min(timeout, s.poll_min_interval_s * QUICK_POLL_FACTOR)
             woken = await self._sleep(timeout)
-            if woken:
-                delay = s.poll_min_interval_s  # a slot freed: downstream work is likely queued soon
+            if woken or quick:
+                # A slot freed, or a final state came in: downstream work is likely queued soon
+                # (after the quick polls, the back-off starts again from the minimum).
+                delay = s.poll_min_interval_s
             else:
                 delay = min(s.poll_interval_s, delay * 1.5) * random.uniform(0.8, 1.0)
                 delay = max(delay, s.poll_min_interval_s)
+
+    def _task_state_reported(self, ti_id: str, state: str) -> None:
+        """One of our tasks reported ``state`` and the server accepted it.
+
+        A final state is when the scheduler queues the task's downstream tasks, 0.1-0.2 s later;
+        the Edge API has no way to wait for a job, so for ``QUICK_POLL_WINDOW_S`` the worker polls
+        every ``QUICK_POLL_FACTOR`` x ``poll_min_interval_s`` (40 ms by default) instead of backing
+        off: a chain's next task is picked up within about that (benchmarks/README.md, "Where the
+        chain's time goes"). An idle worker polls no more often than before.
+        """
+        self.jobs.note_task_state(ti_id, state)
+        if state in FINAL_TASK_STATES:
+            self._quick_polls_until = time.monotonic() + QUICK_POLL_WINDOW_S
+            self._wake.set()  # the loop may be in a long idle wait
 
     def _may_fetch(self) -> bool:
         return (not self.draining and not self.link.maintenance and self.link.disconnected_since is None
