@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from airflow_outpost.worker.config import load_settings
-from airflow_outpost.worker.runtime.worker import QUICK_POLL_WINDOW_S, Worker
+from airflow_outpost.worker.runtime.worker import QUICK_POLL_WINDOW_S, Worker, quick_poll_s
 from tests.egress.test_hostile_jobs import FakeEdgeApi
 
 
@@ -57,3 +58,10 @@ def test_a_final_state_brings_quick_polls_for_half_a_second_and_idle_polling_sta
     assert len(after) <= 6, after
     # (0.1, 0.15, 0.225 s with jitter: three fetches in the 0.7 s after the window, not one a second)
     assert len(polls["after_window"]) >= 3, polls
+
+
+def test_the_quick_poll_interval_follows_poll_min_interval_s_within_bounds() -> None:
+    assert quick_poll_s(0.1) == pytest.approx(0.04)  # the default
+    assert quick_poll_s(0.5) == pytest.approx(0.2)
+    assert quick_poll_s(0.01) == 0.01  # never slower than what the user asked for after a freed slot
+    assert quick_poll_s(0.03) == 0.02  # nor faster than every 20 ms

@@ -71,6 +71,15 @@ log = logging.getLogger(__name__)
 FINAL_TASK_STATES = frozenset({"success", "failed", "skipped"})
 QUICK_POLL_WINDOW_S = 0.5
 QUICK_POLL_FACTOR = 0.4
+QUICK_POLL_FLOOR_S = 0.02  # a tiny poll_min_interval_s must not turn the window into a flood of fetches
+
+
+def quick_poll_s(poll_min_interval_s: float) -> float:
+    """The poll interval in the window after a final state: 0.4 x ``poll_min_interval_s``, not
+    below 20 ms (nor above ``poll_min_interval_s``)."""
+    return min(poll_min_interval_s, max(QUICK_POLL_FLOOR_S, poll_min_interval_s * QUICK_POLL_FACTOR))
+
+
 EXIT_IDLE = 3  # exit_when_idle_s passed without work
 EXIT_PREEMPTED = 4  # drained after a preemption notice
 
@@ -351,7 +360,7 @@ class Worker:
             timeout = min(delay, max(0.0, next_hb - time.monotonic()))
             quick = time.monotonic() < self._quick_polls_until
             if quick:
-                timeout = min(timeout, s.poll_min_interval_s * QUICK_POLL_FACTOR)
+                timeout = min(timeout, quick_poll_s(s.poll_min_interval_s))
             woken = await self._sleep(timeout)
             if woken or quick:
                 # A slot freed, or a final state came in: downstream work is likely queued soon
@@ -366,7 +375,7 @@ class Worker:
 
         A final state is when the scheduler queues the task's downstream tasks, 0.1-0.2 s later;
         the Edge API has no way to wait for a job, so for ``QUICK_POLL_WINDOW_S`` the worker polls
-        every ``QUICK_POLL_FACTOR`` x ``poll_min_interval_s`` (40 ms by default) instead of backing
+        every :func:`quick_poll_s` (40 ms by default) instead of backing
         off: a chain's next task is picked up within about that (benchmarks/README.md, "Where the
         chain's time goes"). An idle worker polls no more often than before.
         """
