@@ -142,7 +142,7 @@ def test_token_expired_in_queue_is_reported_with_the_reason_and_long_tasks_outli
     time.sleep(20)  # the workload token (15 s) expires while nobody serves the queue
     w = WorkerProc(cp, tmp_path, queues="q_token_queued,q_token_long", concurrency=2).start()
     try:
-        long_run = cp.trigger("outpost_token_long", conf={**conf, "seconds": 40})
+        long_run = cp.trigger("outpost_token_long", conf={**conf, "seconds": 30})  # 1.5x its token's life
         assert cp.wait_for_run("outpost_token_queued", queued, timeout_s=180) == "success"
         [ti] = cp.task_instances("outpost_token_queued", queued)
         assert ti["try_number"] == 2  # try 1 was failed for its expired token, try 2 ran
@@ -152,4 +152,4 @@ def test_token_expired_in_queue_is_reported_with_the_reason_and_long_tasks_outli
         assert cp.xcom("outpost_token_long", long_run, "outlives_its_token") == "still authorised"
     finally:
         w.stop()
-    print("\nRELIABILITY token expiry-in-queue reported, retried once; 40 s task with a 20 s token succeeded")
+    print("\nRELIABILITY token expiry-in-queue reported, retried once; 30 s task with a 20 s token succeeded")
