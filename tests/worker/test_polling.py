@@ -40,28 +40,37 @@ def test_a_final_state_brings_quick_polls_for_half_a_second_and_idle_polling_sta
         reported = time.monotonic()
         worker.egress.on_task_state("ti-1", "success")  # as the gateway calls it once the server accepted it
         await asyncio.sleep(QUICK_POLL_WINDOW_S + 2)
+        # A fetch that returns work ends the window (this "work" is refused unread, which counts).
+        fake.replies.append(httpx.Response(200, json=[1, 2, 3]))
+        answered = time.monotonic()
+        worker.egress.on_task_state("ti-2", "success")
+        await asyncio.sleep(QUICK_POLL_WINDOW_S + 0.5)
         worker.shutdown()
         assert await asyncio.wait_for(run, 30) == 0
         return {"idle": _between(fake.fetched_at, idle_from, reported),
                 "quick": _between(fake.fetched_at, reported, reported + QUICK_POLL_WINDOW_S),
                 "after": _between(fake.fetched_at, reported + QUICK_POLL_WINDOW_S + 0.5, reported + QUICK_POLL_WINDOW_S + 2),
-                "after_window": _between(fake.fetched_at, reported + QUICK_POLL_WINDOW_S, reported + QUICK_POLL_WINDOW_S + 0.7)}
+                "after_window": _between(fake.fetched_at, reported + QUICK_POLL_WINDOW_S, reported + QUICK_POLL_WINDOW_S + 0.7),
+                "answered": _between(fake.fetched_at, answered, answered + QUICK_POLL_WINDOW_S)}
 
     polls = asyncio.run(main())
     # Idle (a deferral included): at most one fetch per poll_interval_s, as before.
     assert len(polls["idle"]) <= 5, polls["idle"]
     # After a final state: every 40 ms (0.4 x poll_min_interval_s) for the window, about 12 fetches.
     assert len(polls["quick"]) >= 8, polls["quick"]
-    assert max(b - a for a, b in zip(polls["quick"], polls["quick"][1:], strict=False)) < 0.1
+    gaps = sorted(b - a for a, b in zip(polls["quick"], polls["quick"][1:], strict=False))
+    assert gaps[len(gaps) // 2] < 0.07, gaps  # the median: one stall on a loaded machine is no failure
     # Then it backs off again, from poll_min_interval_s (not from where the quick polls left the back-off).
     after = polls["after"]
     assert len(after) <= 6, after
     # (0.1, 0.15, 0.225 s with jitter: three fetches in the 0.7 s after the window, not one a second)
     assert len(polls["after_window"]) >= 3, polls
+    # Work came at the first quick fetch: the back-off (0.1, 0.15, 0.225 s) instead of 40 ms polls.
+    assert 2 <= len(polls["answered"]) <= 7, polls["answered"]
 
 
 def test_the_quick_poll_interval_follows_poll_min_interval_s_within_bounds() -> None:
     assert quick_poll_s(0.1) == pytest.approx(0.04)  # the default
     assert quick_poll_s(0.5) == pytest.approx(0.2)
-    assert quick_poll_s(0.01) == 0.01  # never slower than what the user asked for after a freed slot
-    assert quick_poll_s(0.03) == 0.02  # nor faster than every 20 ms
+    assert quick_poll_s(0.01) == 0.02  # never faster than every 20 ms
+    assert quick_poll_s(0.03) == 0.02

@@ -35,7 +35,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "queues": "comma-separated queues to serve (default: all)",
         "concurrency": "task slots (default 4)",
         "poll_interval_s": "longest wait between job polls when idle (default 2.0)",
-        "poll_min_interval_s": "first wait after a poll found nothing (default 0.1); 0.4 x this for 0.5 s after a task ends",
+        "poll_min_interval_s": "first wait after a poll found nothing (default 0.1); 0.4 x this (not below 0.02) for 0.5 s "
+                               "after one of this worker's tasks reports success, failed or skipped",
         "heartbeat_interval_s": "seconds between heartbeats (default 10)",
         "execution_api_url": "Task Execution API URL (default: <api-url>/execution/)",
         "log_folder": "where task logs are written (default ~/.outpost/logs)",

@@ -7,8 +7,9 @@ after ``kill_grace_s``; every task's final state is reported. A second ``shutdow
 ``shutdown(force=True)``) skips the wait. ``shutdown()`` is safe before ``run()`` and twice.
 
 Polling is adaptive: after a fetch returned work, or when a slot frees, the worker fetches again
-at once; while nothing arrives it backs off with jitter from ``poll_min_interval_s`` to
-``poll_interval_s``.
+at once; for half a second after one of its tasks reported success, failed or skipped it polls
+every :func:`quick_poll_s`; while nothing arrives it backs off with jitter from
+``poll_min_interval_s`` to ``poll_interval_s``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ log = logging.getLogger(__name__)
 
 # Exit codes of a clean stop, besides 0 (a signal, or a shutdown request from the control plane):
 # the wrapper of a rented machine powers it off on these, not after an operator's stop.
+EXIT_IDLE = 3  # exit_when_idle_s passed without work
+EXIT_PREEMPTED = 4  # drained after a preemption notice
+
 # After one of our tasks reports one of these, the scheduler may queue downstream work at once.
 FINAL_TASK_STATES = frozenset({"success", "failed", "skipped"})
 QUICK_POLL_WINDOW_S = 0.5
@@ -75,13 +79,9 @@ QUICK_POLL_FLOOR_S = 0.02  # a tiny poll_min_interval_s must not turn the window
 
 
 def quick_poll_s(poll_min_interval_s: float) -> float:
-    """The poll interval in the window after a final state: 0.4 x ``poll_min_interval_s``, not
-    below 20 ms (nor above ``poll_min_interval_s``)."""
-    return min(poll_min_interval_s, max(QUICK_POLL_FLOOR_S, poll_min_interval_s * QUICK_POLL_FACTOR))
-
-
-EXIT_IDLE = 3  # exit_when_idle_s passed without work
-EXIT_PREEMPTED = 4  # drained after a preemption notice
+    """The poll interval in the window after a final state: 0.4 x ``poll_min_interval_s``, never
+    below 20 ms."""
+    return max(QUICK_POLL_FLOOR_S, poll_min_interval_s * QUICK_POLL_FACTOR)
 
 
 class Worker:
@@ -339,6 +339,9 @@ class Worker:
         next_hb = 0.0
         next_rate_log = time.monotonic() + 60
         while not self.draining:
+            # Cleared here, not when the loop goes to sleep: a slot freed (or a final state) while
+            # this iteration awaited the server still cuts the coming wait short.
+            self._wake.clear()
             now = time.monotonic()
             if now >= next_hb or self._heartbeat_due:
                 self._heartbeat_due = False
@@ -356,11 +359,12 @@ class Worker:
             self._write_status()
             if got:
                 delay = s.poll_min_interval_s
+                self._quick_polls_until = 0.0  # what the quick polls waited for came
                 continue  # more work may be queued: ask again at once
-            timeout = min(delay, max(0.0, next_hb - time.monotonic()))
+            until_hb = max(0.0, next_hb - time.monotonic())
             quick = time.monotonic() < self._quick_polls_until
-            if quick:
-                timeout = min(timeout, quick_poll_s(s.poll_min_interval_s))
+            # In the window the wait is the quick interval itself, whatever the back-off says.
+            timeout = min(quick_poll_s(s.poll_min_interval_s) if quick else delay, until_hb)
             woken = await self._sleep(timeout)
             if woken or quick:
                 # A slot freed, or a final state came in: downstream work is likely queued soon
@@ -376,21 +380,24 @@ class Worker:
         A final state is when the scheduler queues the task's downstream tasks, 0.1-0.2 s later;
         the Edge API has no way to wait for a job, so for ``QUICK_POLL_WINDOW_S`` the worker polls
         every :func:`quick_poll_s` (40 ms by default) instead of backing
-        off: a chain's next task is picked up within about that (benchmarks/README.md, "Where the
+        off, until a fetch returns work: a chain's next task is picked up within about that (benchmarks/README.md, "Where the
         chain's time goes"). An idle worker polls no more often than before.
         """
-        self.jobs.note_task_state(ti_id, state)
         if state in FINAL_TASK_STATES:
             self._quick_polls_until = time.monotonic() + QUICK_POLL_WINDOW_S
             self._wake.set()  # the loop may be in a long idle wait
+        try:
+            self.jobs.note_task_state(ti_id, state)
+        except Exception:  # the gateway still has to ledger the request it forwarded
+            log.exception("could not note the state %s of task instance %s", state, ti_id)
 
     def _may_fetch(self) -> bool:
         return (not self.draining and not self.link.maintenance and self.link.disconnected_since is None
                 and (self.jobs.free_slots > 0 or self.gpus.free > 0))
 
     async def _sleep(self, timeout: float) -> bool:
-        """Sleep up to ``timeout``; return True if woken early (slot freed, shutdown)."""
-        self._wake.clear()
+        """Sleep up to ``timeout``; return True if woken early (slot freed, final state, shutdown),
+        or if that happened since the main loop's iteration began."""
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
             return True
