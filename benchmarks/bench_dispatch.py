@@ -207,6 +207,14 @@ def run_dag(cp: ControlPlane, dag_id: str, timeout_s: float = 900) -> dict:
     return {"state": state, "makespan_s": (_ts(run["end_date"]) or 0) - (_ts(run["start_date"]) or 0), "waits": waits}
 
 
+def run_fanout50(cp: ControlPlane, worker_pid: int | None) -> dict:
+    """The fan-out of 50, with the CPU seconds of each process tree during it (as for the fan-out of 500)."""
+    before = cpu_snapshot(cp, worker_pid)
+    fan = run_dag(cp, "bench_fanout50")
+    fan["cpu_s"] = cpu_per_chain(before, cpu_snapshot(cp, worker_pid), 1)
+    return fan
+
+
 def bench(contender: Contender, cp: ControlPlane, chain_runs: int, idle_s: float) -> dict:
     contender.start()
     try:
@@ -215,7 +223,8 @@ def bench(contender: Contender, cp: ControlPlane, chain_runs: int, idle_s: float
         time.sleep(idle_s)
         idle_rps = edge_requests(cp, contender.name, t0, time.time()) / idle_s
         chains = [run_dag(cp, "bench_chain8") for _ in range(chain_runs)]
-        fan = run_dag(cp, "bench_fanout50")
+        assert contender.proc is not None
+        fan = run_fanout50(cp, contender.proc.pid)
     finally:
         contender.stop()
     waits = [w for c in chains for w in c["waits"]] + fan["waits"]
@@ -224,6 +233,7 @@ def bench(contender: Contender, cp: ControlPlane, chain_runs: int, idle_s: float
         "chain8_makespan_s": statistics.median(c["makespan_s"] for c in chains),
         "chain8_runs": [round(c["makespan_s"], 2) for c in chains],
         "fanout50_makespan_s": fan["makespan_s"],
+        "fanout50_cpu_s": fan["cpu_s"],
         "queued_to_start_p50_s": pct(waits, 0.5),
         "queued_to_start_p95_s": pct(waits, 0.95),
         "idle_requests_per_s": idle_rps,
@@ -244,6 +254,7 @@ def use_floor(cp: ControlPlane, parallelism: int, min_heartbeat_s: int = 5) -> d
     return env
 
 
+STOCK_DEFAULT = "stock default (poll 5s)"
 FLOOR = "LocalExecutor (floor)"
 FLOOR_HB1 = "LocalExecutor, min_heartbeat_interval=1"
 
@@ -254,13 +265,14 @@ def bench_floor(cp: ControlPlane, chain_runs: int, parallelism: int = BASE_CONCU
     with its own LocalExecutor at the workers' concurrency."""
     use_floor(cp, parallelism, min_heartbeat_s)
     chains = [run_dag(cp, "bench_chain8") for _ in range(chain_runs)]
-    fan = run_dag(cp, "bench_fanout50")
+    fan = run_fanout50(cp, None)
     waits = [w for c in chains for w in c["waits"]] + fan["waits"]
     return {
         "label": label,
         "chain8_makespan_s": statistics.median(c["makespan_s"] for c in chains),
         "chain8_runs": [round(c["makespan_s"], 2) for c in chains],
         "fanout50_makespan_s": fan["makespan_s"],
+        "fanout50_cpu_s": fan["cpu_s"],
         "queued_to_start_p50_s": pct(waits, 0.5),
         "queued_to_start_p95_s": pct(waits, 0.95),
         "idle_requests_per_s": 0.0,
@@ -350,7 +362,8 @@ def print_fanout500(results: list[dict], concurrency: int) -> None:
 
 
 def print_base(results: list[dict]) -> None:
-    base, floor = results[0], next(r for r in results if r["label"] == FLOOR)
+    base = next((r for r in results if r["label"] == STOCK_DEFAULT), None)
+    floor = next(r for r in results if r["label"] == FLOOR)
     hb1 = next((r for r in results if r["label"] == FLOOR_HB1), None)
     hdr = (f"{'worker':40} {'chain8 s':>9} {'x stock':>8} {'x floor':>8} {'x hb1':>6} {'fanout50 s':>11} {'x stock':>8} "
            f"{'x floor':>8} {'x hb1':>6} {'q->start p50':>12} {'p95':>7} {'idle req/s':>10}")
@@ -363,6 +376,12 @@ def print_base(results: list[dict]) -> None:
               f"{_ratio(f, floor, 'fanout50_makespan_s'):8.2f} {_ratio(f, hb1, 'fanout50_makespan_s'):6.2f} "
               f"{r['queued_to_start_p50_s']:12.2f} {r['queued_to_start_p95_s']:7.2f} {r['idle_requests_per_s']:10.2f}"
               + ("" if r["all_success"] else "  (NOT all runs succeeded)"))
+    print("\nCPU seconds during the fan-out of 50 (process tree = main process + children):")
+    for r in results:
+        cpu = r.get("fanout50_cpu_s") or {}
+        total = sum(c["tree"] for c in cpu.values())
+        parts = ", ".join(f"{n} {c['tree']:.1f} ({c['main']:.1f} + {c['children']:.1f})" for n, c in cpu.items())
+        print(f"  {r['label']:40} total {total:6.1f}  ({total / r['fanout50_makespan_s']:.2f} cores): {parts}")
 
 
 def main() -> int:
@@ -370,6 +389,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 chain run, 20 s idle window")
     ap.add_argument("--chain-runs", type=int, default=3)
     ap.add_argument("--idle-s", type=float, default=60)
+    ap.add_argument("--no-stock", action="store_true", help="leave the stock workers out (outpost and the floors only)")
     ap.add_argument("--fanout500", action="store_true", help="add the fan-out of 500 (long: minutes per contender)")
     ap.add_argument("--fanout500-only", action="store_true", help="only the fan-out of 500 (implies --fanout500)")
     ap.add_argument("--fanout500-concurrency", type=int, default=16, help="worker concurrency = floor parallelism")
@@ -391,9 +411,9 @@ def main() -> int:
         for dag_id in ("bench_chain8", "bench_fanout50") + (("bench_fanout500",) if args.fanout500 else ()):
             cp.wait_for_dag(dag_id)
         stock_1s = Stock("stock poll 1s", cp, work, 1)
-        contenders = [Stock("stock default (poll 5s)", cp, work, None), stock_1s, Outpost("outpost", cp, work)]
+        contenders = [Stock(STOCK_DEFAULT, cp, work, None), stock_1s, Outpost("outpost", cp, work)]
         if not args.fanout500_only:
-            for c in contenders:
+            for c in contenders[2:] if args.no_stock else contenders:
                 print(f"running {c.label} ...", flush=True)
                 results.append(bench(c, cp, args.chain_runs, args.idle_s))
         if args.fanout500:
