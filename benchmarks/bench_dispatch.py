@@ -340,6 +340,11 @@ def _ratio(a: float | None, b: dict | None, key: str) -> float:
     return a / b[key] if a and b and b.get(key) else float("nan")
 
 
+def cpu_line(cpu: dict[str, dict[str, float]]) -> str:
+    """One line of :func:`cpu_per_chain`'s figures: ``name tree (main + children)`` per component."""
+    return ", ".join(f"{n} {c['tree']:.1f} ({c['main']:.1f} + {c['children']:.1f})" for n, c in cpu.items())
+
+
 def print_fanout500(results: list[dict], concurrency: int) -> None:
     floor = next((r for r in results if r["label"] == FLOOR), None)
     hb1 = next((r for r in results if r["label"] == FLOOR_HB1), None)
@@ -356,7 +361,7 @@ def print_fanout500(results: list[dict], concurrency: int) -> None:
                  if r["state"] != "success" else ""))
     print("\nduring each run: CPU seconds of each process tree (main process + children), and the API server's requests")
     for r in results:
-        cpu = ", ".join(f"{n} {c['tree']:.1f} ({c['main']:.1f} + {c['children']:.1f})" for n, c in r.get("cpu_s", {}).items())
+        cpu = cpu_line(r.get("cpu_s", {}))
         req = ", ".join(f"{k} {v['requests']} ({v['server_s']:.0f} s)" for k, v in r.get("requests", {}).items())
         print(f"  {r['label']}:\n    CPU: {cpu or 'not measured'}\n    requests (summed time in the server): {req}")
 
@@ -380,8 +385,7 @@ def print_base(results: list[dict]) -> None:
     for r in results:
         cpu = r.get("fanout50_cpu_s") or {}
         total = sum(c["tree"] for c in cpu.values())
-        parts = ", ".join(f"{n} {c['tree']:.1f} ({c['main']:.1f} + {c['children']:.1f})" for n, c in cpu.items())
-        print(f"  {r['label']:40} total {total:6.1f}  ({total / r['fanout50_makespan_s']:.2f} cores): {parts}")
+        print(f"  {r['label']:40} total {total:6.1f}  ({total / r['fanout50_makespan_s']:.2f} cores): {cpu_line(cpu)}")
 
 
 def main() -> int:
@@ -413,7 +417,7 @@ def main() -> int:
         stock_1s = Stock("stock poll 1s", cp, work, 1)
         contenders = [Stock(STOCK_DEFAULT, cp, work, None), stock_1s, Outpost("outpost", cp, work)]
         if not args.fanout500_only:
-            for c in contenders[2:] if args.no_stock else contenders:
+            for c in [c for c in contenders if not (args.no_stock and isinstance(c, Stock))]:
                 print(f"running {c.label} ...", flush=True)
                 results.append(bench(c, cp, args.chain_runs, args.idle_s))
         if args.fanout500:
