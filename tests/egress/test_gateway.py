@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
 from pathlib import Path
 
 import httpx
@@ -282,3 +283,25 @@ def test_accepted_task_states_are_noted_refused_ones_are_not(tmp_path: Path) -> 
 
     asyncio.run(run())
     assert seen == [("0190f0f0-0000-7000-8000-0000000000ee", "up_for_retry")]
+
+
+def test_a_failing_state_callback_is_logged_and_the_request_still_ledgered(tmp_path: Path, caplog) -> None:
+    def broken(ti: str, state: str) -> None:
+        raise TypeError("journal entry is not an object")
+
+    async def run() -> int:
+        egress = Egress(_settings(tmp_path), upstream_transport=httpx.MockTransport(lambda r: httpx.Response(204)),
+                        on_task_state=broken)
+        url = await egress.start()
+        try:
+            async with httpx.AsyncClient(base_url=url) as client:
+                resp = await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000ee/state", json={"state": "success"})
+                return resp.status_code
+        finally:
+            await egress.aclose()
+
+    assert asyncio.run(run()) == 204
+    assert "could not note the state success of task instance 0190f0f0-0000-7000-8000-0000000000ee" in caplog.text
+    assert "journal entry is not an object" in caplog.text
+    db = sqlite3.connect(tmp_path / "state" / "egress.sqlite")
+    assert db.execute("SELECT count(*) FROM egress WHERE endpoint LIKE '%/state' AND outcome='sent'").fetchone() == (1,)

@@ -102,6 +102,10 @@ def test_journal_keeps_adoption_details_and_drops_the_exit_record_with_the_entry
         assert folder.journal_leftovers() == [] and not folder.exit_file(KEY).exists()
         assert not folder.journal_update(KEY, log_offset=1)  # a done job is not brought back
         assert folder.journal_leftovers() == []
+        folder.journal_start(KEY, None)
+        folder._entry(KEY).write_text("[1, 2]")  # noqa: SLF001 - valid JSON, not an entry
+        assert not folder.journal_update(KEY, task_state="success")  # refused, not a TypeError
+        folder.journal_done(KEY)
     finally:
         folder.release()
 

@@ -494,13 +494,17 @@ class Egress:
 
     def note_task_state(self, ti_id: str, body: bytes) -> None:
         """The server accepted a task's state change (the body its task process sent): tell
-        :attr:`on_task_state`, which must not raise. A body without a string ``state`` is ignored."""
+        :attr:`on_task_state`. A body without a string ``state`` is ignored; an error in the
+        callback is logged, so the request it answers is still ledgered."""
         try:
             state = json.loads(body or b"{}").get("state")
         except (ValueError, AttributeError):
             return
         if isinstance(state, str) and self.on_task_state is not None:
-            self.on_task_state(ti_id, state)
+            try:
+                self.on_task_state(ti_id, state)
+            except Exception:
+                log.exception("could not note the state %s of task instance %s", state, ti_id)
 
     # -- local triggers ------------------------------------------------------------------------
     def remember_start(self, ti_id: str, body: bytes) -> None:

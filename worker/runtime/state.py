@@ -135,6 +135,8 @@ class StateFolder:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return False
+        if not isinstance(data, dict):  # not an entry this worker wrote: leave it to recovery
+            return False
         write_json_atomic(path, {**data, **fields})
         return True
 

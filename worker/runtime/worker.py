@@ -379,17 +379,14 @@ class Worker:
 
         A final state is when the scheduler queues the task's downstream tasks, 0.1-0.2 s later;
         the Edge API has no way to wait for a job, so for ``QUICK_POLL_WINDOW_S`` the worker polls
-        every :func:`quick_poll_s` (40 ms by default) instead of backing
-        off, until a fetch returns work: a chain's next task is picked up within about that (benchmarks/README.md, "Where the
+        every :func:`quick_poll_s` (40 ms by default) instead of backing off, until a fetch returns
+        work: a chain's next task is picked up within about that (benchmarks/README.md, "Where the
         chain's time goes"). An idle worker polls no more often than before.
         """
         if state in FINAL_TASK_STATES:
             self._quick_polls_until = time.monotonic() + QUICK_POLL_WINDOW_S
             self._wake.set()  # the loop may be in a long idle wait
-        try:
-            self.jobs.note_task_state(ti_id, state)
-        except Exception:  # the gateway still has to ledger the request it forwarded
-            log.exception("could not note the state %s of task instance %s", state, ti_id)
+        self.jobs.note_task_state(ti_id, state)
 
     def _may_fetch(self) -> bool:
         return (not self.draining and not self.link.maintenance and self.link.disconnected_since is None
