@@ -79,3 +79,24 @@ def test_guard_logs_pause_and_resume_once(tmp_path: Path, caplog) -> None:
         ledger.budgets["queue:q"] = 20.0  # raised
         assert guard.refresh() == {}
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["queue q paused", "queue q resumed"]
+
+
+def test_a_recorded_task_survives_a_worker_killed_without_closing_the_ledger(tmp_path: Path) -> None:
+    # The ledger does not fsync each row (WAL, synchronous=NORMAL); a commit must still be in the
+    # log when record() returns, so a worker that dies right after loses nothing.
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "from airflow_outpost.worker.hosted.costs import CostLedger\n"
+        "ledger = CostLedger(sys.argv[1])\n"
+        "ledger.record(dag_id='d', task_id='t', run_id='r', try_number=1, map_index=-1, queue='q',\n"
+        "              state='success', started=0.0, ended=30.0, gpus=1)\n"
+        "os._exit(0)  # no close(), no checkpoint: as if killed\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "c.sqlite")], check=True, timeout=60)
+    ledger = CostLedger(tmp_path / "c.sqlite")
+    assert ledger.totals("queue_dag") == [("q", "d", 30.0, 30.0)]
+    assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    ledger.close()

@@ -30,6 +30,8 @@ def test_reports_survive_a_restart_in_order_and_leave_only_when_acknowledged(tmp
     assert box.final_state(A) == "success" and box.final_state(B) is None
     box.ack(pending[0].seq)
     assert [r.state for r in box.pending()][:1] == ["running"] and box.depth == 3
+    # An ack is not synced on its own; every later report still is (2 = FULL).
+    assert box.db.execute("PRAGMA synchronous").fetchone()[0] == 2
     assert box.drop_worker_reports() == 1 and box.depth == 2
     box.close()
     box.close()  # idempotent

@@ -81,6 +81,27 @@ def test_task_process_records_its_exit_code_where_the_request_says(tmp_path: Pat
     assert list(target.parent.iterdir()) == [target]
 
 
+def test_the_journal_syncs_what_a_restart_needs_and_not_the_claim_it_rewrites_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = StateFolder(tmp_path / "state")
+    folder.acquire()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    try:
+        folder.journal_start(KEY, None)  # the claim, rewritten with the pid right after
+        assert synced == [] and folder.journal_leftovers()[0]["pid"] is None
+        folder.journal_start(KEY, 77)  # what a restart adopts or reports: file and folder synced
+        assert len(synced) == 2
+        assert folder.journal_update(KEY, task_state="success")  # a finished task's state
+        assert len(synced) == 4
+        folder.write_status({"state": "idle"})  # only informs `outpost status`
+        assert len(synced) == 4 and folder.read_status() == {"state": "idle"}
+        folder.journal_done(KEY)
+    finally:
+        folder.release()
+
+
 def test_journal_keeps_adoption_details_and_drops_the_exit_record_with_the_entry(tmp_path: Path) -> None:
     folder = StateFolder(tmp_path / "state")
     folder.acquire()

@@ -32,20 +32,28 @@ from airflow_outpost.worker.edge.jobs import JobKey
 from airflow_outpost.worker.errors import OutpostError
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part.
+
+    ``durable``: also on disk when this returns (the file and its folder fsynced), so it outlives a
+    power cut, not only a crashed process. Two syncs: milliseconds on a busy disk, on the worker's
+    event loop; what is rewritten right after, or only informs, goes without.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -53,9 +61,9 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, *, durable: bool = True) -> None:
     """:func:`write_atomic` of ``data`` as JSON."""
-    write_atomic(path, json.dumps(data, indent=1, default=str).encode())
+    write_atomic(path, json.dumps(data, indent=1, default=str).encode(), durable=durable)
 
 
 def record_exit(path: str | os.PathLike[str], code: int) -> None:
@@ -125,8 +133,11 @@ class StateFolder:
         restart needs to adopt the process (see :mod:`airflow_outpost.worker.runtime.recovery`)."""
         if pid is None:  # a fresh claim: an exit record of an earlier attempt is not this one's
             self.exit_file(key).unlink(missing_ok=True)
+        # The claim is rewritten with the pid a few milliseconds later, durably; a power cut in
+        # between also ends the task it would describe, and the control plane times out a try
+        # that never started. So only the second write waits for the disk.
         write_json_atomic(self._entry(key), {"key": key.as_dict(), "pid": pid, "started": time.time(),
-                                             "final_state": None, **(details or {})})
+                                             "final_state": None, **(details or {})}, durable=pid is not None)
 
     def journal_update(self, key: JobKey, **fields: Any) -> bool:
         """Merge ``fields`` into the entry of ``key``; False (and nothing written) if it is done."""
@@ -181,7 +192,8 @@ class StateFolder:
 
     # -- status ------------------------------------------------------------------------------
     def write_status(self, status: dict[str, Any]) -> None:
-        write_json_atomic(self.root / "status.json", status)
+        """What ``outpost status`` reads; rewritten on every change, so not synced to disk."""
+        write_json_atomic(self.root / "status.json", status, durable=False)
 
     def read_status(self) -> dict[str, Any] | None:
         try:
