@@ -10,6 +10,13 @@ really costs. For the heavy kind, outpost also runs with ``--preload`` of what t
 Prints totals, the ratio to the stock worker, the per-task slope (least squares over
 N) and the per-process breakdown; writes JSON to benchmarks/results/memory.json.
 
+Where a task's private memory comes from: run as root (the kernel shows physical frame numbers in
+``/proc/<pid>/pagemap`` only with CAP_SYS_ADMIN) and each task supervisor and task process is
+also split page by page against the processes it was forked from (its parent and grandparent):
+*shared* (the same physical page as there), *copied* (a page the ancestor has too, written since
+the fork: copy-on-write) and *new* (memory the ancestors never had). Without root that split is
+left out and said so.
+
 Usage: python benchmarks/bench_memory.py [--tasks 1,8,32] [--kinds noop,heavy] [--settle-s 8]
 """
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import struct
 import sys
 import tempfile
 import time
@@ -57,6 +65,81 @@ def pss_bytes(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+PAGE = 4096
+PFN_MASK = (1 << 55) - 1
+
+
+def present_frames(pid: int) -> dict[int, int] | None:
+    """Virtual page -> physical frame of every present page in ``pid``'s writable mappings (only
+    those can be copied on write). None when unreadable or when the kernel hides frame numbers."""
+    frames: dict[int, int] = {}
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            for line in maps:
+                span, perms = line.split()[:2]
+                if "w" not in perms:
+                    continue
+                lo, hi = (int(x, 16) // PAGE for x in span.split("-"))
+                pagemap.seek(lo * 8)
+                for i, (entry,) in enumerate(struct.iter_unpack("Q", pagemap.read((hi - lo) * 8))):
+                    if entry >> 63:  # present in RAM
+                        frames[lo + i] = entry & PFN_MASK
+    except (OSError, ValueError):
+        return None
+    if frames and not any(frames.values()):  # frame numbers hidden: not CAP_SYS_ADMIN
+        return None
+    return frames
+
+
+def page_origins(pid: int, ancestors: list[dict[int, int]]) -> dict[str, float] | None:
+    """MiB of ``pid``'s present writable pages shared with, copied from, or new to its ancestors."""
+    mine = present_frames(pid)
+    if mine is None:
+        return None
+    shared = copied = new = 0
+    for page, frame in mine.items():
+        theirs = [a[page] for a in ancestors if page in a]
+        if frame in theirs:
+            shared += 1
+        elif theirs:
+            copied += 1
+        else:
+            new += 1
+    return {k: round(v * PAGE / MIB, 1) for k, v in (("shared", shared), ("copied", copied), ("new", new))}
+
+
+def task_page_origins(root_pid: int, per_role: int = 4) -> dict[str, dict[str, float]] | str:
+    """Mean page origins of up to ``per_role`` task supervisors and their task processes."""
+    root = psutil.Process(root_pid)
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    counts: dict[str, int] = defaultdict(int)
+    frames_of: dict[int, dict[int, int] | None] = {}
+
+    def frames(pid: int) -> dict[int, int] | None:
+        if pid not in frames_of:
+            frames_of[pid] = present_frames(pid)
+        return frames_of[pid]
+
+    for proc in root.children(recursive=True):
+        name = role(proc, root)
+        if name not in ("task supervisor", "task process") or counts[name] >= per_role:
+            continue
+        try:
+            parent = proc.ppid()
+            lineage = [parent, psutil.Process(parent).ppid()]
+        except psutil.Error:
+            continue
+        ancestors = [f for f in (frames(p) for p in lineage) if f is not None]
+        got = page_origins(proc.pid, ancestors) if ancestors else None
+        if got is None:
+            return "not measured: physical frame numbers need root (CAP_SYS_ADMIN)"
+        counts[name] += 1
+        for k, v in got.items():
+            sums[name][k] += v
+    return {name: {k: round(v / counts[name], 1) for k, v in kinds.items()} for name, kinds in sums.items()}
 
 
 def role(proc: psutil.Process, root: psutil.Process) -> str:
@@ -134,11 +217,12 @@ def measure(contender: Contender, cp: ControlPlane, n: int, heavy: bool, settle_
         time.sleep(settle_s)  # the tasks have imported what they import and sleep
         still = running_holds(cp, run_id)
         total, breakdown = tree_pss(contender.proc.pid)
+        origins = task_page_origins(contender.proc.pid)
         state = _patient(lambda: cp.wait_for_run("bench_memory", run_id, timeout_s=sleep_s + 300))
     finally:
         contender.stop()
     return {"label": contender.label, "tasks": n, "heavy": heavy, "running_at_sample": still,
-            "pss_mib": round(total / MIB, 1), "breakdown": breakdown, "state": state}
+            "pss_mib": round(total / MIB, 1), "breakdown": breakdown, "page_origins_mib": origins, "state": state}
 
 
 def slope(points: list[tuple[int, float]]) -> float:
@@ -195,6 +279,12 @@ def main() -> int:
     print("\nbreakdown (PSS MiB, count):")
     for r in results:
         parts = ", ".join(f"{k} {v['pss_mib']} ({v['count']})" for k, v in r["breakdown"].items())
+        print(f"  {r['label']:17} {'heavy' if r['heavy'] else 'noop':5} n={r['tasks']:<3} {parts}")
+    print("\npages of one task's processes against those it was forked from (MiB each: shared / copied / new):")
+    for r in results:
+        origins = r["page_origins_mib"]
+        parts = origins if isinstance(origins, str) else ", ".join(
+            f"{k} {v['shared']} / {v['copied']} / {v['new']}" for k, v in sorted(origins.items()))
         print(f"  {r['label']:17} {'heavy' if r['heavy'] else 'noop':5} n={r['tasks']:<3} {parts}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "date": datetime.now().isoformat(timespec="seconds"),
