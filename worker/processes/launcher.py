@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -110,13 +111,16 @@ class TaskProcess:
         """
         import psutil
 
+        # Runs after every task: one getsid() per pid, not psutil.process_iter(), whose per-process
+        # reads cost ~4 ms per call on the worker's event loop with ~100 processes on the machine.
         killed = 0
-        for proc in psutil.process_iter(["pid"]):
+        for pid in psutil.pids():
+            if pid == exclude:
+                continue
             try:
-                if proc.pid != exclude and os.getsid(proc.pid) == self.pid:
-                    proc.kill()
+                if os.getsid(pid) == self.pid and _kill_if_in_session(pid, self.pid):
                     killed += 1
-            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            except (ProcessLookupError, PermissionError):
                 pass
         return killed
 
@@ -127,6 +131,34 @@ class TaskProcess:
                 return fh.read().decode(errors="replace")
         except OSError:
             return ""
+
+
+def _kill_if_in_session(pid: int, sid: int) -> bool:
+    """SIGKILL ``pid`` if it is (still) in session ``sid``; True if it was signalled.
+
+    Through a pidfd where the platform has one: the session is checked on the process the pidfd
+    holds, so a pid reused since the caller's check is never signalled by mistake.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    try:
+        fd = pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return False
+        os.kill(pid, signal.SIGKILL)  # pidfd_open unsupported by this kernel (ENOSYS) or refused
+        return True
+    try:
+        if os.getsid(pid) != sid:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class _Zygote:
