@@ -88,7 +88,7 @@ class CostLedger:
         self._db: sqlite3.Connection | None = sqlite3.connect(self.path, isolation_level=None)
         # One row per finished task, written on the worker's event loop. In WAL mode with
         # synchronous=NORMAL a commit is in the log before it returns (a crashed worker loses
-        # nothing) but is not fsynced: the default rollback journal took three syncs per task
+        # nothing) but is not fsynced: the default rollback journal took several syncs per task
         # (~10 ms of a loaded disk, during which the worker proxied nothing). A power cut can
         # lose the last rows, i.e. under-count today's spend by the tasks that just ended.
         self._db.execute("PRAGMA journal_mode=WAL")
