@@ -113,6 +113,10 @@ def page_origins(pid: int, ancestors: list[dict[int, int]]) -> dict[str, float] 
 
 def task_page_origins(root_pid: int, per_role: int = 4) -> dict[str, dict[str, float]] | str:
     """Mean page origins of up to ``per_role`` task supervisors and their task processes."""
+    # Decided once, on the worker (alive while sampled): a task process that ends meanwhile also
+    # reads as None, and must not be taken for hidden frame numbers.
+    if present_frames(root_pid) is None:
+        return "not measured: physical frame numbers need root (CAP_SYS_ADMIN)"
     root = psutil.Process(root_pid)
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
@@ -134,8 +138,8 @@ def task_page_origins(root_pid: int, per_role: int = 4) -> dict[str, dict[str, f
             continue
         ancestors = [f for f in (frames(p) for p in lineage) if f is not None]
         got = page_origins(proc.pid, ancestors) if ancestors else None
-        if got is None:
-            return "not measured: physical frame numbers need root (CAP_SYS_ADMIN)"
+        if got is None:  # it (or its parent) ended since the listing
+            continue
         counts[name] += 1
         for k, v in got.items():
             sums[name][k] += v
