@@ -134,10 +134,11 @@ class TaskProcess:
 
 
 def _kill_if_in_session(pid: int, sid: int) -> bool:
-    """SIGKILL ``pid`` if it is (still) in session ``sid``; True if it was signalled.
+    """SIGKILL ``pid``, which the caller just saw in session ``sid``; True if it was signalled.
 
-    Through a pidfd where the platform has one: the session is checked on the process the pidfd
-    holds, so a pid reused since the caller's check is never signalled by mistake.
+    Through a pidfd where the platform has one: the session is checked again on the process the
+    pidfd holds, so a pid reused since the caller's check is never signalled by mistake. Without
+    pidfds (not Linux, or a kernel before 5.3) it is a plain kill, as psutil's was.
     """
     pidfd_open = getattr(os, "pidfd_open", None)
     if pidfd_open is None:
