@@ -98,6 +98,8 @@ class Settings:
     team_name: str | None = None
     prewarm: int = 1
     preload: tuple[str, ...] = ()  # modules the zygote imports before it forks tasks
+    # Opt task processes in to the kernel's samepage merging (README "Memory merging"; Linux 6.4+).
+    memory_merge: bool = False
     edge_provider_version: str | None = None
     # Deploying: health/metrics endpoint, GPU slots, idle exit, preemption, cost budgets.
     metrics_host: str = "127.0.0.1"

@@ -2,14 +2,15 @@
 credential fallback.
 
 A setting that cannot work (no credential, a secret file this user cannot read, a state or log
-folder it cannot write) is a :class:`ConfigError`: exit 2 with one line naming the setting, before
-the health server, the zygote, the model service or Ray start, so a supervisor does not restart a
-worker that can never run.
+folder it cannot write, ``memory_merge`` on a kernel without it) is a :class:`ConfigError`: exit 2
+with one line naming the setting, before the health server, the zygote, the model service or Ray
+start, so a supervisor does not restart a worker that can never run.
 """
 
 from __future__ import annotations
 
 import configparser
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from airflow_outpost.worker.errors import ConfigError
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def airflow_jwt_secret(env: Mapping[str, str]) -> str | None:
@@ -69,3 +72,18 @@ def require_writable(s: Settings) -> None:
         except OSError as exc:
             raise ConfigError(name, str(folder), f"must be a folder this user (uid {os.getuid()}) can create and "
                               f"write ({exc.strerror}); create it and give it to this user, or choose another") from None
+
+
+def check_memory_merge(s: Settings) -> None:
+    """With ``memory_merge``: raise ConfigError if this kernel cannot opt processes in to KSM, and
+    warn (the worker still starts) if the host's ``ksmd`` is not running, as nothing is merged
+    until it is."""
+    if not s.memory_merge:
+        return
+    from airflow_outpost.worker.processes import memory_merge
+
+    if (reason := memory_merge.unsupported_reason()) is not None:
+        raise ConfigError("memory_merge", True, f"{reason}; leave memory_merge off on this host")
+    if memory_merge.host_running() is not True:
+        log.warning("memory_merge is on, but KSM is not running on this host (%s/run is not 1): task pages are "
+                    "merged only once it is; as root: echo 1 > %s/run", memory_merge.KSM_SYSFS, memory_merge.KSM_SYSFS)

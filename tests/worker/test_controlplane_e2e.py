@@ -134,6 +134,33 @@ def test_concurrency_never_exceeds_slots(control_plane: ControlPlane, start_work
     assert w.status()["concurrency"] == 3
 
 
+def test_memory_merge_opts_every_task_process_in_to_ksm(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
+    """``--memory-merge true``: each task's supervisor opts itself in to KSM and its task process
+    inherits it (the kernel's own ``/proc/<pid>/ksm_stat`` says so); the worker and the zygote are
+    not opted in. Whether pages are merged is up to the host's ksmd; the
+    benchmark measures that (benchmarks/README.md "Memory merging")."""
+    import psutil
+
+    from airflow_outpost.worker.processes import memory_merge
+
+    w = start_worker(queues="q_sleep", concurrency=2, extra_args=["--memory-merge", "true"])
+    marker = tmp_path / "markers"
+    run_id = control_plane.trigger("outpost_sleep", conf={"seconds": 4, "count": 2, "marker_dir": str(marker)})
+    for i in (0, 1):
+        _wait_for(marker / f"{i}.start", w)
+        task_pid = int((marker / f"{i}.start").read_text().split()[1])
+        supervisor = psutil.Process(task_pid).parent()
+        assert supervisor is not None and "outpost task:" in " ".join(supervisor.cmdline())
+        for pid in (task_pid, supervisor.pid):
+            assert "ksm_merge_any: yes" in Path(f"/proc/{pid}/ksm_stat").read_text(), pid
+    zygote = supervisor.ppid()  # not opted in: nothing of the worker's is scanned while no task runs
+    for pid in (w.proc.pid, zygote):
+        assert "ksm_merge_any: no" in Path(f"/proc/{pid}/ksm_stat").read_text(), pid
+    merge = w.status()["memory_merge"]  # what `outpost status` shows
+    assert merge["ksm_running"] == memory_merge.host_running() and isinstance(merge["merged_mib"], float)
+    assert control_plane.wait_for_run("outpost_sleep", run_id, timeout_s=90) == "success"
+
+
 def test_drain_on_sigterm_lets_running_task_finish(control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
     w = start_worker(queues="q_sleep", concurrency=2)
     marker = tmp_path / "markers"

@@ -21,7 +21,7 @@ import time
 from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, pid_alive, state_folder_for
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.errors import ConfigError, OutpostError
-from airflow_outpost.worker.preflight import require_credentials, require_writable
+from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -54,6 +54,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "prewarm": "1: fork tasks from a pre-imported zygote (fast start); 0: fresh interpreter per task",
         "preload": "modules the zygote imports before forking tasks, comma-separated (what your DAGs import: "
                    "every task then shares one copy)",
+        "memory_merge": "let the kernel merge identical pages of task processes (KSM; Linux 6.4+, KSM running on "
+                        "the host) (true/false; default false)",
         "metrics_host": "address of the /healthz, /readyz, /metrics server (default 127.0.0.1)",
         "metrics_port": "port of the health/metrics server; 0 = off (default 9464)",
         "gpu_queues": "queue names/globs whose tasks take GPUs, one per pool slot (default gpu*)",
@@ -135,6 +137,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # which a supervisor does not restart.
     require_credentials(settings)
     require_writable(settings)
+    check_memory_merge(settings)
     from airflow_outpost.worker.runtime.worker import Worker
 
     async def main() -> int:
@@ -177,6 +180,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             ray.get("up"), "not checked")
         restarts = f", restarted {ray['restarts']} time(s)" if ray.get("restarts") else ""
         print(f"  ray {ray.get('address') or '-'} ({kind}): {up}{restarts}")
+    if (merge := status.get("memory_merge")):
+        running = {True: "KSM running on this host", False: "KSM NOT running on this host (nothing is merged)"}.get(
+            merge.get("ksm_running"), "KSM state unknown")
+        print(f"  memory merge: on, {merge.get('merged_mib')} MiB of running tasks' pages merged ({running})")
     for kind, by_state in sorted((status.get("finished") or {}).items()):
         counts = ", ".join(f"{state} {n}" for state, n in sorted(by_state.items()))
         print(f"  finished {kind}s since start: {counts}")

@@ -248,9 +248,10 @@ class TaskLauncher:
     """
 
     def __init__(self, *, output_dir: Path, prewarm: int = 1, crash_policy: str = "stop",
-                 preload: tuple[str, ...] = ()) -> None:
+                 preload: tuple[str, ...] = (), memory_merge: bool = False) -> None:
         self._env: dict[str, str] | None = None
         self._preload = preload
+        self._memory_merge = memory_merge
         self._crash_policy = crash_policy
         self._output_dir = output_dir
         self._use_zygote = prewarm > 0
@@ -271,8 +272,10 @@ class TaskLauncher:
         self._env = without_credentials(dict(env))
         self._env["OUTPOST_PARENT_PID"] = str(os.getpid())
         self._env["OUTPOST_CRASH_POLICY"] = self._crash_policy
-        if self._preload:
-            self._env["OUTPOST_PRELOAD"] = ",".join(self._preload)
+        # Set both ways: the worker's own OUTPOST_* settings variables are inherited, and a flag or
+        # config file may have overridden them.
+        self._env["OUTPOST_PRELOAD"] = ",".join(self._preload)
+        self._env["OUTPOST_MEMORY_MERGE"] = "1" if self._memory_merge else "0"
         if self._use_zygote:
             await self._ensure_zygote()
 

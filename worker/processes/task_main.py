@@ -13,6 +13,10 @@ Each child starts a new session (so signals can reach its whole tree), sends its
 given file, applies the per-task environment and runs the task through the Task SDK's
 ``supervise_task``. EOF on stdin makes the zygote exit once its children have.
 
+With the worker's ``memory_merge`` setting (``OUTPOST_MEMORY_MERGE=1``, read once and removed
+from the environment tasks see) each child opts itself in to the kernel's samepage merging before it
+runs the task; the zygote does not.
+
 Single mode (no ``--zygote``, used with ``prewarm = 0``) reads one request line and runs it in
 this process: a fresh interpreter per task, for users who want no shared parent at all.
 
@@ -49,10 +53,13 @@ import signal
 import sys
 from typing import Any
 
+from airflow_outpost.worker.processes import memory_merge
+
 PR_SET_PDEATHSIG = 1
 _job_started = False
 # Read once by zygote_main/single_main; forked children inherit it.
 _adopt = False
+_merge = False  # OUTPOST_MEMORY_MERGE, read once at start (see _merge_memory)
 
 
 def kill_descendants(sig: int = signal.SIGKILL) -> int:
@@ -131,6 +138,25 @@ def _preload() -> None:
         except Exception as exc:  # noqa: BLE001 - any error in third-party import code
             print(f"outpost: preload {module!r} failed, tasks import it themselves: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
+
+
+def _read_memory_merge() -> None:
+    global _merge
+    _merge = os.environ.pop("OUTPOST_MEMORY_MERGE", "") == "1"
+
+
+def _merge_memory() -> None:
+    """With the worker's ``memory_merge`` setting: opt this task's supervisor, and so the task
+    process it forks, in to the kernel's samepage merging
+    (:mod:`airflow_outpost.worker.processes.memory_merge`). Called in each task child, not in the
+    zygote: ksmd then has nothing of ours to scan while no task runs. The worker checked at start
+    that the kernel allows it; a refusal here is said in the task's output and it runs unmerged."""
+    if not _merge:
+        return
+    try:
+        memory_merge.enable()
+    except OSError as exc:
+        print(f"outpost: memory_merge: {exc}; this task runs without it", file=sys.stderr)
 
 
 def _freeze() -> None:
@@ -261,6 +287,7 @@ def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
         if not _adopt:
             _die_with_parent(zygote_pid)
         gc.freeze()  # the supervisor forks the task process from here: the same reasoning as in the zygote
+        _merge_memory()
         code = run_request(msg)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -307,6 +334,7 @@ def _read_policy() -> None:
 
 def zygote_main() -> int:
     _read_policy()
+    _read_memory_merge()
     parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
     if not _adopt:
         _die_with_parent(parent, _zygote_on_parent_death)
@@ -380,10 +408,12 @@ def zygote_main() -> int:
 
 def single_main() -> int:
     _read_policy()
+    _read_memory_merge()
     parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
     if not _adopt:
         _die_with_parent(parent)
     _preload()
+    _merge_memory()
     line = sys.stdin.readline()
     if not line.strip():
         return 0

@@ -21,6 +21,7 @@ import os
 import random
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -112,6 +113,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._quick_polls_until = 0.0  # see _task_state_reported
         self._status_due = 0.0
+        self._merge_status: dict[str, Any] | None = None
+        self._merge_due = 0.0
         self._previous_status: dict | None = None
         self.gpus = GpuAllocator(detect_gpus(settings.gpus), settings.gpu_queues)
         self.costs = CostLedger(self.state_folder.root / "costs.sqlite", settings.budgets)
@@ -134,7 +137,7 @@ class Worker:
             HealthServer(settings.metrics_host, settings.metrics_port, readiness=self.readiness,
                          metrics=self.telemetry.render) if settings.metrics_port else None)
         self.launcher = TaskLauncher(output_dir=self.state_folder.output_dir, prewarm=settings.prewarm,
-                                     preload=settings.preload,
+                                     preload=settings.preload, memory_merge=settings.memory_merge,
                                      crash_policy=settings.crash_policy)
         # triggers = local: deferred tasks wait here, in a trigger runner child (README "In-region triggers").
         self.triggers: LocalTriggers | None = (
@@ -553,4 +556,23 @@ class Worker:
             "paused_queues": {q: p.describe() for q, p in self.budgets.paused.items()},
             "metrics_url": self.health.url if self.health is not None else None,
             "ray": self.ray.describe() if self.ray is not None else None,
+            "memory_merge": self._memory_merge_status(now) if self.settings.memory_merge else None,
         })
+
+    def _memory_merge_status(self, now: float) -> dict[str, Any] | None:
+        """How much of the running tasks' memory KSM has merged (re-read every 10 s, not each status)."""
+        if now >= self._merge_due:
+            import psutil
+
+            from airflow_outpost.worker.processes import memory_merge
+
+            self._merge_due = now + 10.0
+            pids: list[int] = []
+            for run in self.jobs.running.values():
+                if run.proc is not None and run.proc.returncode is None:
+                    pids.append(run.proc.pid)
+                    with contextlib.suppress(psutil.Error):
+                        pids.extend(c.pid for c in psutil.Process(run.proc.pid).children(recursive=True))
+            self._merge_status = {"ksm_running": memory_merge.host_running(),
+                                  "merged_mib": round(memory_merge.merging_pages(pids) * memory_merge.PAGE_SIZE / 2**20, 1)}
+        return self._merge_status
