@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from airflow_outpost.worker.testing.controlplane import ControlPlane, free_port
+from airflow_outpost.worker.testing.worker_process import run_outpost
 
 pytestmark = pytest.mark.controlplane
 
@@ -158,6 +159,8 @@ def test_memory_merge_opts_every_task_process_in_to_ksm(control_plane: ControlPl
         assert "ksm_merge_any: no" in Path(f"/proc/{pid}/ksm_stat").read_text(), pid
     merge = w.status()["memory_merge"]  # what `outpost status` shows
     assert merge["ksm_running"] == memory_merge.host_running() and isinstance(merge["merged_mib"], float)
+    shown = run_outpost("status", "--state-folder", str(w.state_folder)).stdout
+    assert re.search(r"memory merge: on, [0-9.]+ MiB of running tasks' pages merged \(KSM ", shown), shown
     assert control_plane.wait_for_run("outpost_sleep", run_id, timeout_s=90) == "success"
 
 
