@@ -326,11 +326,14 @@ def main() -> int:
     sleep_s = 40 + 2 * max(counts)  # long enough for the slowest worker to start all of them
     ksm = memory_merge.host_settings()
     merging = "merge" in args.workers.split(",")
-    if merging and (memory_merge.unsupported_reason() or ksm.get("run") != "1"):
+    if merging:
         # Not changed here: KSM is the host's (root's) decision, and its scan rate decides the figures.
-        why = memory_merge.unsupported_reason() or "KSM is not running on this host (as root: echo 1 > /sys/kernel/mm/ksm/run)"
-        print(f"outpost --memory-merge left out: {why}", flush=True)
-        merging = False
+        why = memory_merge.unsupported_reason() or (None if memory_merge.host_running() else
+                                                     "KSM is not running on this host (as root: echo 1 > "
+                                                     f"{memory_merge.KSM_SYSFS}/run)")
+        if why is not None:
+            print(f"outpost --memory-merge left out: {why}", flush=True)
+            merging = False
     work = Path(tempfile.mkdtemp(prefix="outpost-bench-memory-"))
     results: list[dict] = []
     partial = args.out.with_suffix(".partial.json")
