@@ -14,11 +14,15 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo lint typecheck test test-all test-slow bench-dispatch clean
 
-$(VENV)/.installed: pyproject.toml
+# The two distributions (worker/, runners/) install editable: both are plain src layouts, so setuptools
+# writes a path entry (.pth) for each src/ folder (no import hook), which editors, pyright and mypy
+# read as they read site-packages. The workspace package (metadata only: its runners and dev extras)
+# installs as a normal package in the same call.
+$(VENV)/.installed: pyproject.toml worker/pyproject.toml runners/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[runners,dev]"
+	$(PY) -m pip install --quiet -e ./worker -e ./runners ".[runners,dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,17 +30,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/outpost demo
 
-# Lint and import order (ruff), then types (mypy). mypy reads build/typecheck, a link tree that lays
-# worker/ and runners/ out as the airflow_outpost package they install as.
+# Lint and import order (ruff), then types (mypy on worker/src and runners/src), then imports as an
+# editor resolves them (basedpyright against the editable install: any unresolved import fails).
 lint: setup
 	$(VENV)/bin/ruff check .
 
 typecheck: setup
-	rm -rf build/typecheck && mkdir -p build/typecheck/airflow_outpost
-	for f in __init__.py __main__.py py.typed; do ln -s ../../../airflow_outpost/$$f build/typecheck/airflow_outpost/$$f; done
-	ln -s ../../../worker build/typecheck/airflow_outpost/worker
-	ln -s ../../../runners build/typecheck/airflow_outpost/runners
 	$(VENV)/bin/mypy
+	$(VENV)/bin/basedpyright --pythonpath $(PY) --level error worker/src runners/src
 
 test: lint typecheck
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -20,6 +20,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = "airflow-outpost"
+# This project's own distributions install from the source tree (install.sh), never from a pin.
+OWN = ("airflow-outpost", "airflow-outpost-worker", "airflow-outpost-runners")
 EXTRAS = ("runners",)
 # Installed by install.sh from the variant's own index, or pinned by torch itself.
 EXCLUDE_PREFIXES = ("torch", "nvidia-", "triton", "cuda-")
@@ -42,7 +44,7 @@ def closure() -> dict[str, str]:
         except PackageNotFoundError:
             sys.exit(f"{name} is required but not installed here; install .[runners] first")
         key = canonicalize_name(dist.metadata["Name"])
-        if key != ROOT and (key in KEEP or not key.startswith(EXCLUDE_PREFIXES)):
+        if key not in OWN and (key in KEEP or not key.startswith(EXCLUDE_PREFIXES)):
             pins[key] = dist.version
         for line in dist.requires or []:
             req = Requirement(line)

@@ -5,5 +5,6 @@ example's source is compiled here under this file's name instead of being copied
 """
 from pathlib import Path
 
-_EXAMPLE = Path(__file__).resolve().parents[2] / "worker" / "example_dags" / "outpost_rag_pipeline.py"
+_EXAMPLES = Path(__file__).resolve().parents[2] / "worker" / "src" / "airflow_outpost" / "worker" / "example_dags"
+_EXAMPLE = _EXAMPLES / "outpost_rag_pipeline.py"
 exec(compile(_EXAMPLE.read_text(encoding="utf-8"), __file__, "exec"))

@@ -5,5 +5,5 @@ that resolve outside its DAGs folder.
 """
 from pathlib import Path
 
-_EXAMPLE = Path(__file__).resolve().parents[2] / "worker" / "example_dags" / "outpost_search.py"
+_EXAMPLE = Path(__file__).resolve().parents[2] / "worker" / "src" / "airflow_outpost" / "worker" / "example_dags" / "outpost_search.py"
 exec(compile(_EXAMPLE.read_text(encoding="utf-8"), __file__, "exec"))

@@ -25,7 +25,7 @@ from airflow_outpost.worker.cli.main import build_parser
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.preflight import airflow_jwt_secret
 from airflow_outpost.worker.testing.worker_process import run_outpost
-from tests.helpers import DAGS, REPO, build_wheel, fresh_venv
+from tests.helpers import DAGS, REPO, build_wheels, fresh_venv
 
 IMAGES = REPO / "images"
 ENTRYPOINT = IMAGES / "entrypoint.sh"
@@ -267,7 +267,7 @@ def test_env_example_starts_a_worker_with_the_images_user_and_paths(control_plan
     root = Path(tempfile.mkdtemp(prefix="outpost-root-"))
     try:
         root.chmod(0o755)
-        venv, site = fresh_venv(root, build_wheel(root))
+        venv, site = fresh_venv(root, *build_wheels(root).values())
         # uid 10001 must be able to reach the interpreter and the borrowed dependencies; where the
         # interpreter lives in root's home (pyenv) the worker runs as this user instead.
         reachable = all(_traversable_by_others(p) for p in (Path(sys.base_prefix), Path(sysconfig_purelib()), root))

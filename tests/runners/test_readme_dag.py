@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import REPO
 
-EXAMPLE = REPO / "worker" / "example_dags" / "outpost_search.py"
+EXAMPLE = REPO / "worker" / "src" / "airflow_outpost" / "worker" / "example_dags" / "outpost_search.py"
 
 
 def _readme_python_blocks() -> list[str]:

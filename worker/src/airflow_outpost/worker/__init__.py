@@ -16,6 +16,8 @@ This package's own namespace stays light, because task processes import it too (
 lives here): settings and errors only. ``Worker`` is ``airflow_outpost.worker.runtime.worker.Worker``.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from airflow_outpost.worker.config import Settings, load_settings
 from airflow_outpost.worker.errors import (
     AuthError,
@@ -31,7 +33,13 @@ from airflow_outpost.worker.errors import (
     VersionMismatchError,
 )
 
+try:
+    __version__: str = version("airflow-outpost-worker")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
 __all__ = [
+    "__version__",
     "AuthError",
     "ConfigError",
     "ConnectError",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from airflow_outpost.worker.testing.controlplane import ControlPlane
 
-EXAMPLE_DAGS = Path(__file__).resolve().parents[1] / "example_dags"  # airflow_outpost/worker/example_dags
+EXAMPLE_DAGS = Path(__file__).resolve().parents[1] / "example_dags"  # worker/src/airflow_outpost/worker/example_dags
 
 
 def _say(msg: str) -> None:

@@ -1,6 +1,7 @@
 """Compute that DAG tasks call on an outpost worker: embeddings, FAISS indexes, Ray batch inference.
 
-Nothing here imports ``worker``; the worker hands task processes their configuration through
+Nothing here imports ``airflow_outpost.worker`` (this distribution, ``airflow-outpost-runners``, installs
+alone on Ray nodes); the worker hands task processes their configuration through
 the environment (``OUTPOST_STORE_ROOT``, ``OUTPOST_REGION``, ...).
 
 The names below are the DAG-author API. Importing this package is cheap: FAISS, torch, Ray,
@@ -59,9 +60,12 @@ from airflow_outpost.runners.results import (
     RollbackResult,
     WarmActorsSummary,
 )
-from airflow_outpost.runners.store.region_store import Store
+from airflow_outpost.runners.store.region_store import Store, code_version
+
+__version__: str = code_version()
 
 __all__ = [
+    "__version__",
     # store
     "Store",
     # embeddings

@@ -25,7 +25,7 @@ API::
     hash_bytes(b) / hash_text(s) / hash_file(p) / hash_tree(dir) -> "sha256:<hex>"
     input_record(path) -> {"path", "sha256", "bytes"}
     model_record(path, name=None, revision=None) -> {"name", "path", "revision", "weights_sha256"}
-    code_version() -> "0.2.0"                     # airflow-outpost version that wrote the output
+    code_version() -> "0.3.0"                     # airflow-outpost-runners version that wrote the output
 
 Every manifest carries lineage: ``inputs`` (path + content hash), ``model`` (name + revision +
 weights hash), ``code_version`` and ``written_at``, plus whatever the writer puts in ``body``.
@@ -56,7 +56,7 @@ ENV_ROOT = "OUTPOST_STORE_ROOT"
 KINDS = ("corpora", "embeddings", "indexes", "results", "models")
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
-PACKAGE_NAME = "airflow-outpost"
+PACKAGE_NAME = "airflow-outpost-runners"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _CHUNK = 1 << 20
@@ -99,12 +99,13 @@ def hash_tree(path: str | os.PathLike[str]) -> str:
 
 
 def code_version() -> str:
-    """Version of airflow-outpost that is running (installed metadata, else the source pyproject)."""
+    """Version of airflow-outpost-runners that is running (installed metadata, else the source pyproject)."""
     try:
         return importlib.metadata.version(PACKAGE_NAME)
     except importlib.metadata.PackageNotFoundError:
         pass
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"  # runners/store/ -> the checkout
+    # runners/src/airflow_outpost/runners/store/ -> runners/pyproject.toml in a checkout
+    pyproject = Path(__file__).resolve().parents[4] / "pyproject.toml"
     try:
         # A source checkout (tests, `python -m`) has no metadata; read the version it declares.
         match = re.search(r'(?m)^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"))
