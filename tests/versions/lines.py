@@ -3,7 +3,7 @@
 A line's venv holds that line's stock Airflow (the control plane) with the edge3 release it
 supports, and this checkout installed into it (editable) against exactly what Airflow pinned
 there, as a worker host of that line installs outpost. The venv is rebuilt when its spec or
-``pyproject.toml`` changes (the ``ready`` stamp holds both).
+``pyproject.toml`` or ``worker/pyproject.toml`` changes (the ``ready`` stamp holds both).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 from tests.helpers import REPO
 
 LINES_DIR = REPO / "build" / "lines"
+# What a line's venv installs from this checkout: the worker distribution (its pins decide the Task SDK).
+PYPROJECTS = ("pyproject.toml", "worker/pyproject.toml")
 
 # What each line's control plane needs (README's version table says the same).
 LINES: dict[str, list[str]] = {
@@ -31,7 +33,7 @@ LINES: dict[str, list[str]] = {
 
 
 def _stamp(line: str) -> str:
-    digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in PYPROJECTS)).hexdigest()
     return json.dumps({"spec": LINES[line], "pyproject": digest, "python": sys.version.split()[0]})
 
 
@@ -56,6 +58,6 @@ def line_python(line: str) -> Path:
     frozen.write_text(subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True,
                                      check=True).stdout)
     # Against the line's own pins: fails if pyproject does not allow this line's Task SDK.
-    pip("install", "-c", str(frozen), "-e", str(REPO))
+    pip("install", "-c", str(frozen), "-e", str(REPO / "worker"))
     ready.write_text(_stamp(line))
     return py
