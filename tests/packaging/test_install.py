@@ -230,3 +230,23 @@ def test_static_import_resolution_fails_on_an_unresolved_import(tmp_path: Path) 
     assert out.returncode == 1, out.stdout
     assert '"airflow_outpost.runners.no_such_module" could not be resolved' in out.stdout
     assert '"airflow_outpost.runners.index.build"' not in out.stdout
+
+
+@pytest.mark.controlplane
+@pytest.mark.timeout(600)
+def test_non_editable_install_started_from_the_repository_root_runs_the_core_dags(control_plane, start_worker,
+                                                                                     tmp_path: Path) -> None:
+    """The wheels, not the checkout, with the repository root as the worker's working directory (which
+    the zygote's ``python -m`` puts first on sys.path): nothing there may shadow the installed package."""
+    venv, site = fresh_venv(tmp_path, *build_wheels(tmp_path).values())
+    py = venv / "bin" / "python"
+    w = start_worker(queues="q_chain,q_mapped", concurrency=4, python=str(py), cwd=ROOT)
+    runs = {}
+    for dag_id in ("outpost_chain", "outpost_mapped"):
+        runs[dag_id] = run_id = control_plane.trigger(dag_id)
+        state = control_plane.wait_for_run(dag_id, run_id, timeout_s=300)
+        assert state == "success", (control_plane.task_states(dag_id, run_id), w.log()[-3000:])
+    assert control_plane.xcom("outpost_chain", runs["outpost_chain"], "describe") == "outpost:40"
+    assert control_plane.xcom("outpost_mapped", runs["outpost_mapped"], "total") == sum(x * x for x in range(36))
+    # The worker is the fresh venv's interpreter, whose only airflow_outpost is the wheels' (fresh_venv).
+    assert w.proc is not None and Path(f"/proc/{w.proc.pid}/cmdline").read_text().startswith(str(py))
