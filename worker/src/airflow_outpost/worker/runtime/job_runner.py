@@ -111,8 +111,9 @@ class JobRunner:
         self._resumes = ResumeQueue()  # tries whose trigger ended, in the order they wait for a slot
         self.outbox = Outbox(settings.state_folder / "outbox.sqlite")
         # Delivers the outbox (job states, then the worker's own) to the control plane, in order.
-        self.reports = ReportSender(self.outbox, client=client, settings=settings, link=link, sysinfo=sysinfo)
-        self.logs = LogShipper(settings, client=client, egress=egress, state_folder=state_folder)
+        self.logs = LogShipper(settings, client=client, egress=egress, state_folder=state_folder, outbox=self.outbox)
+        self.reports = ReportSender(self.outbox, client=client, settings=settings, link=link, sysinfo=sysinfo,
+                                    before_final=self.logs.ship_pending)  # a job's log goes before its final state
         self.expired = 0  # jobs whose token expired in the queue
         self._background: set[asyncio.Task[Any]] = set()
         self.rejected = 0
