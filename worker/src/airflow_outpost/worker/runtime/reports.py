@@ -18,7 +18,7 @@ backoff), so it never blocks another job's reports. What each answer does:
 
 Before a job's final state, ``before_final`` ships what is left of its log (see
 :mod:`airflow_outpost.worker.runtime.task_logs`), so a log push that failed is retried with the final
-report; after ``LOG_TAIL_TRIES`` failed tries the state goes without the rest of its log.
+report; after ``LOG_TAIL_TRIES`` tries in a row that ship none of it, the state goes without the rest.
 ``aclose()`` stops it and closes the outbox; what is undelivered is replayed at the next start.
 """
 
@@ -44,13 +44,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REJECT_TRIES = 5  # a refusal other than auth/5xx this often in a row: the report is dead-lettered
-LOG_TAIL_TRIES = 5  # failed tries to ship a finished job's log before its final state goes without it
+LOG_TAIL_TRIES = 20  # tries in a row that ship none of a finished job's log before its state goes without it
 AUTH_LOG_EVERY_S = 60.0
 BACKOFF_CAP_S = 15.0
 
 
-def _backoff(failures: int) -> float:
-    return random.uniform(0.25, min(BACKOFF_CAP_S, 0.5 * 2 ** min(failures, 5)))
+def _backoff(failures: int, base_s: float = 0.5) -> float:
+    """Jittered exponential backoff for the ``failures``-th failure in a row, capped at 15 s."""
+    return random.uniform(base_s / 2, min(BACKOFF_CAP_S, base_s * 2 ** min(failures, 5)))
 
 
 class ReportSender:
@@ -59,13 +60,14 @@ class ReportSender:
 
     def __init__(self, outbox: Outbox, *, client: EdgeClient, settings: Settings, link: ControlPlaneLink,
                  sysinfo: Callable[[], dict[str, Any]],
-                 before_final: Callable[[JobKey], Awaitable[None]] | None = None) -> None:
+                 before_final: Callable[[JobKey], Awaitable[None]] | None = None, retry_base_s: float = 0.5) -> None:
         self.outbox = outbox
         self.client = client
         self.settings = settings
         self.link = link
         self.sysinfo = sysinfo
         self.before_final = before_final
+        self.retry_base_s = retry_base_s  # the first retry comes after about this long
         self.failures: dict[str, int] = {}  # failed deliveries by reason, for /metrics
         self._wake = asyncio.Event()
         # subject -> (monotonic time of its next try, (seq of the failing report, its tries in a row))
@@ -137,7 +139,7 @@ class ReportSender:
                 failures += 1
                 if self._blocked_by != blocked:
                     self._blocked_by, self._blocked_since = blocked, time.time()
-                timeout = _backoff(failures)
+                timeout = _backoff(failures, self.retry_base_s)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -197,7 +199,7 @@ class ReportSender:
         """Back ``report``'s subject off; return how many times in a row this report failed."""
         _, (seq, tries) = self._retry_at.get(report.subject, (0.0, (report.seq, 0)))
         tries = tries + 1 if seq == report.seq else 1
-        self._retry_at[report.subject] = (time.monotonic() + _backoff(tries), (report.seq, tries))
+        self._retry_at[report.subject] = (time.monotonic() + _backoff(tries, self.retry_base_s), (report.seq, tries))
         if tries == 1 or tries % 10 == 0:
             log.warning("report %s %s was not accepted (%s); try %d, retrying it alone", report.subject, report.state,
                         exc, tries)
@@ -228,11 +230,15 @@ class ReportSender:
     async def _ship_log_tail(self, report: Report) -> None:
         """Ship what is left of the job's log; give up on it (not on the state) after ``LOG_TAIL_TRIES``."""
         assert report.key is not None and self.before_final is not None
+        before = self.outbox.log_tail(report.key)
         try:
             await self.before_final(report.key)
         except (ConnectError, AuthError, CredentialError):
             raise
         except OutpostError as exc:
+            if self.outbox.log_tail(report.key) != before:  # it shipped some: only tries that ship none count
+                self._log_tail_failures.pop(report.subject, None)
+                self._retry_at.pop(report.subject, None)  # and the next try comes soon
             tries = self._log_tail_failures[report.subject] = self._log_tail_failures.get(report.subject, 0) + 1
             if tries < LOG_TAIL_TRIES:
                 raise
