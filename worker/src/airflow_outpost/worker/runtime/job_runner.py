@@ -583,6 +583,8 @@ class JobRunner:
                     after_kill_s: float = AFTER_KILL_WAIT_S) -> None:
         """Wait for running jobs (up to ``timeout_s`` or until ``force``), then SIGTERM, then SIGKILL
         after ``grace_s``, then up to ``after_kill_s`` for the killed tasks' failures to be reported."""
+        # Every wait below ends by then: stop_budget_s (what a supervisor's stop timeout must allow) counts it.
+        budget_end = time.monotonic() + timeout_s + grace_s + after_kill_s
         tasks = [r.task for r in self.running.values() if r.task is not None]
         if tasks:
             log.info("draining %d job(s) for up to %.0fs", len(tasks), timeout_s)
@@ -607,8 +609,8 @@ class JobRunner:
                     r.proc.signal(signal.SIGKILL, group=True)
         # Every job task reports its final state (failed when killed) before the worker goes offline.
         remaining = [r.task for r in self.running.values() if r.task is not None]
-        if remaining:
-            await asyncio.wait(remaining, timeout=60)
+        if remaining:  # pushing their last logs, queuing their final states: the rest of the budget
+            await asyncio.wait(remaining, timeout=max(after_kill_s, budget_end - time.monotonic()))
         if self._background:
             await asyncio.wait(list(self._background), timeout=30)
 

@@ -76,11 +76,14 @@ def _subject(key: JobKey) -> str:
 class Outbox:
     """A SQLite-backed FIFO of undelivered reports. ``open()``/``close()`` are idempotent."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only  # for readers beside the worker (outpost status): no writes, no schema
         self._db: sqlite3.Connection | None = None
 
     def open(self) -> Outbox:
+        if self._db is None and self.read_only:
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=2)
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None)
@@ -216,3 +219,19 @@ class Outbox:
         if self._db is None:
             return 0
         return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+
+def read_outbox(path: Path) -> dict[str, object] | None:
+    """What ``outpost status`` shows of the outbox at ``path``, read-only (whether the worker runs or
+    not): pending reports and dead letters (count and newest five); None if there is none to read."""
+    if not Path(path).exists():
+        return None
+    box = Outbox(path, read_only=True)
+    try:
+        box.open()
+        return {"pending": box.depth, "dead_letters": box.dead_letter_count, "dead_letter_recent": box.dead_letters(5)}
+    except sqlite3.Error:  # an outbox of an older version (no dead-letter table yet) or not readable by us
+        return None
+    finally:
+        box.close()
