@@ -212,3 +212,34 @@ def test_a_multi_megabyte_log_arrives_whole_in_order_once_through_failing_pushes
     assert "".join(server.logs) == log_file.read_text()  # whole, in order, nothing twice
     assert pushes["refused"] > 5  # the fault was sent
     assert server.events[-1] == "state:a:success" and server.events.count("state:a:success") == 1
+
+
+def test_dead_letters_and_auth_waits_show_in_outpost_status_and_metrics(tmp_path: Path, capsys) -> None:
+    from airflow_outpost.worker.cli.main import main
+    from airflow_outpost.worker.observability.prometheus import WorkerMetrics, WorkerSnapshot
+
+    folder = tmp_path / "state"
+    box = Outbox(folder / "outbox.sqlite").open()
+    seq = box.put(A, "success")
+    box.bury(next(r for r in box.pending() if r.seq == seq), "PATCH ... -> HTTP 422: bad state")
+    box.put(B, "failed")
+    box.close()
+    (folder / "status.json").write_text(json.dumps({
+        "pid": 1, "name": "w1", "api_url": "http://cp:8080", "state": "offline", "updated": 0, "queues": None,
+        "concurrency": 1, "free_slots": 1, "jobs": []}))
+    main(["status", "--state-folder", str(folder)])
+    out = capsys.readouterr().out
+    assert "outbox: 1 report(s) pending, 1 dead-lettered" in out
+    assert "dead letter: dag a run1 1 -1 success: PATCH ... -> HTTP 422: bad state" in out
+    main(["status", "--json", "--state-folder", str(folder)])
+    shown = json.loads(capsys.readouterr().out)["outbox"]
+    assert shown["dead_letters"] == 1 and shown["dead_letter_recent"][0]["state"] == "success"
+
+    reports = {"dead_letters": 1, "failures": {"auth": 3}, "blocked_by": "auth"}
+    metrics = WorkerMetrics(lambda: WorkerSnapshot(
+        state="idle", reachable=True, concurrency=1, free_slots=1, running_queues=(), live=(), outbox_depth=1,
+        requests_total=0, request_rates={}, gpus_total=0, gpus_free=0, gpu_devices=(), ray=None, reports=reports))
+    text = metrics.render().decode()
+    assert "outpost_dead_letter_reports 1.0" in text
+    assert 'outpost_report_delivery_failures_total{reason="auth"} 3.0' in text
+    assert 'outpost_report_delivery_blocked{reason="auth"} 1.0' in text
