@@ -10,6 +10,7 @@ the value and what is allowed, before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -144,6 +145,15 @@ class Settings:
     client_key: Path | None = None
 
     def __post_init__(self) -> None:
+        # nan passes every range check below (each comparison is False) and inf waits forever:
+        # refused first, naming the setting, whatever its range.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            pairs = value if f.name == "budgets" else [(f.name, value)]
+            for name, number in pairs:
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise ConfigError(f.name if f.name != "budgets" else f"budgets {name}", number,
+                                      "a finite number (nan and inf are not durations or amounts)")
         api = urlsplit(self.api_url or "")
         if api.scheme not in ("http", "https") or not api.netloc:
             raise ConfigError("api_url", self.api_url, "must be an http(s) URL of the Airflow API server, e.g. http://host:8080")

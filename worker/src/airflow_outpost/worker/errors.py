@@ -11,6 +11,7 @@ Hierarchy::
     │   ├── VersionMismatchError      400 on register/heartbeat: server refuses our versions
     │   └── NotFoundError             404: e.g. worker unknown to the server, Edge API off
     ├── ConnectError                  no answer at all (refused, DNS, timeout, TLS): retryable
+    ├── CredentialError               our own credential cannot be read (missing or empty secret/token file)
     ├── JobRejected                   a fetched job is malformed or hostile; never retried
     └── StartupError                  the worker cannot join the control plane (the CLI prints it)
 """
@@ -64,6 +65,14 @@ class ConnectError(OutpostError):
     """The control plane could not be reached at all."""
 
     retryable = True
+
+
+class CredentialError(OutpostError):
+    """The worker's own credential cannot be read now (missing or empty secret or token file).
+
+    Not ``retryable`` for one operation (startup fails with it at once), but a rotation that
+    rewrites the file in place (``printf > file`` truncates first) causes it for a moment: what
+    must not be lost (the outbox) retries it with backoff."""
 
 
 class JobRejected(OutpostError):

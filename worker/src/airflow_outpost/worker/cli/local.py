@@ -60,9 +60,29 @@ def pid_alive(pid: Any) -> bool:
         return True
 
 
+def is_worker_of(folder: Path, pid: Any) -> bool:
+    """True if ``pid`` runs and is the outpost worker of ``folder``: it holds the folder's lock. A pid
+    from a stale ``status.json`` may since belong to any process, which must not be signalled.
+    Where this user cannot open the lock file, the process's command line must name outpost."""
+    if not pid_alive(pid):
+        return False
+    lock = folder / "worker.lock"
+    holder = StateFolder(folder).lock_holder()
+    if holder is not None:
+        return bool(holder == pid)
+    if not lock.exists() or os.access(lock, os.R_OK):
+        return False  # no lock, or a lock nobody holds: the worker that wrote status.json is gone
+    try:
+        return any("outpost" in part for part in psutil.Process(pid).cmdline())
+    except psutil.AccessDenied:
+        return True  # another user's process: signalling it fails anyway, and says so
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _running_worker(folder: Path) -> dict[str, Any] | None:
     status = StateFolder(folder).read_status()
-    if status is None or status.get("state") == "offline" or not pid_alive(status.get("pid")):
+    if status is None or status.get("state") == "offline" or not is_worker_of(folder, status.get("pid")):
         print(f"outpost: no running worker with state folder {folder}", file=sys.stderr)
         return None
     return status

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, pid_alive, state_folder_for
+from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, is_worker_of, state_folder_for
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.errors import ConfigError, OutpostError
 from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable
@@ -156,9 +156,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     status = StateFolder(folder).read_status()
     if status is None:
-        print(f"no worker status in {folder}", file=sys.stderr)
+        print(f"no worker status in {folder} (status.json is missing or unreadable)", file=sys.stderr)
         return EXIT_FAILED
-    alive = pid_alive(status.get("pid"))
+    alive = is_worker_of(folder, status.get("pid"))  # not any process that now has a stale status.json's pid
+    from airflow_outpost.worker.runtime.outbox import read_outbox
+
+    # Counted from the outbox itself: right whether the worker runs or not.
+    if (box := read_outbox(folder / "outbox.sqlite")) is not None:
+        status["outbox"] = {**(status.get("outbox") or {}), **box}
     if args.json:
         print(json.dumps({**status, "alive": alive}, indent=1))
         return 0 if alive else EXIT_FAILED
@@ -190,6 +195,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if (lt := status.get("local_triggers")):
         ended = ", ".join(f"{kind} {n}" for kind, n in sorted(lt.get("ended", {}).items())) or "none yet"
         print(f"  local triggers: {lt['waiting']}/{lt['max']} waiting (oldest {lt.get('oldest_s', 0)}s); ended: {ended}")
+    if (box := status.get("outbox")):
+        line = f"  outbox: {box.get('pending', 0)} report(s) pending, {box.get('dead_letters', 0)} dead-lettered"
+        if alive and box.get("blocked_by"):
+            since = time.strftime("%H:%M:%S", time.localtime(box["blocked_since"])) if box.get("blocked_since") else "?"
+            line += f"; delivery waits since {since}: {box['blocked_by']} ({box.get('last_error')})"
+        print(line)
+        for dead in box.get("dead_letter_recent") or []:
+            subject = dead["subject"]
+            what = " ".join(f"{subject[k]}" for k in ("dag_id", "task_id", "run_id", "try_number", "map_index")
+                            if k in subject) if isinstance(subject, dict) else subject
+            print(f"    dead letter: {what} {dead['state']}: {dead['reason']}")
     for job in status.get("jobs", []):
         adopted = " (adopted after a crash)" if job.get("adopted") else ""
         if job.get("waiting"):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from airflow_outpost.worker.errors import AuthError, ConfigError, ConnectError, OutpostError
+from airflow_outpost.worker.errors import AuthError, ConfigError, ConnectError, CredentialError
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.config import Settings
@@ -76,12 +76,15 @@ class TokenFileAuth:
         try:
             st = os.stat(self.path)
         except OSError as exc:
-            raise OutpostError(f"token_file {self.path} cannot be read: {exc}") from exc
+            raise CredentialError(f"token_file {self.path} cannot be read: {exc}") from exc
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
-            token = self.path.read_text().strip()
+            try:
+                token = self.path.read_text().strip()
+            except OSError as exc:
+                raise CredentialError(f"token_file {self.path} cannot be read: {exc}") from exc
             if not token:
-                raise OutpostError(f"token_file {self.path} is empty")
+                raise CredentialError(f"token_file {self.path} is empty")
             if self._token is not None and token != self._token:
                 log.info("token_file %s changed; using the new token", self.path)
             self._token, self._stamp = token, stamp

@@ -34,6 +34,7 @@ from airflow_outpost.worker.edge.request_counter import RequestCounter
 from airflow_outpost.worker.errors import (
     AuthError,
     ConnectError,
+    CredentialError,
     DuplicateWorkerError,
     JobRejected,
     NotFoundError,
@@ -58,9 +59,12 @@ class SharedSecretAuth:
         self._secret, self._issuer, self._valid_for_s = secret, issuer, valid_for_s
 
     def header(self, method_path: str) -> str:
-        secret = self._secret()
+        try:
+            secret = self._secret()
+        except OSError as exc:
+            raise CredentialError(f"the shared secret cannot be read: {exc}") from exc
         if not secret:
-            raise OutpostError(
+            raise CredentialError(
                 "no credentials: set jwt_secret (OUTPOST_JWT_SECRET) or jwt_secret_file to the control "
                 "plane's [api_auth] jwt_secret"
             )

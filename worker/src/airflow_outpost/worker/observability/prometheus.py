@@ -50,6 +50,7 @@ class WorkerSnapshot:
     gpu_devices: tuple[str, ...]
     ray: Mapping[str, Any] | None  # RayHost.describe(), None without a worker Ray
     local_triggers: Mapping[str, Any] | None = None  # LocalTriggers.describe(), None with triggers = central
+    reports: Mapping[str, Any] | None = None  # ReportSender.describe(): dead letters, failures, why delivery waits
 
 
 class WorkerMetrics:
@@ -127,6 +128,20 @@ class _StateCollector(Collector):
             yield ended
         yield GaugeMetricFamily("outpost_pending_reports", "State reports in the outbox, not yet acknowledged by the control plane",
                                 value=w.outbox_depth)
+        if (r := w.reports) is not None:
+            yield GaugeMetricFamily("outpost_dead_letter_reports", "Reports the control plane refused for good (404/409/422 "
+                                    "after several tries), kept in the outbox's dead-letter table", value=r["dead_letters"])
+            failed = CounterMetricFamily("outpost_report_delivery_failures", "Report deliveries that failed, by reason: "
+                                         "unreachable, auth (401/403), credentials (unreadable), server (5xx), rejected, error",
+                                         labels=["reason"])
+            for reason, n in sorted(r["failures"].items()):
+                failed.add_metric([reason], n)
+            yield failed
+            blocked = GaugeMetricFamily("outpost_report_delivery_blocked", "1 while every report waits, by why",
+                                        labels=["reason"])
+            for reason in ("unreachable", "auth", "credentials"):
+                blocked.add_metric([reason], 1 if r.get("blocked_by") == reason else 0)
+            yield blocked
         yield CounterMetricFamily("outpost_control_plane_requests", "Requests sent to the control plane",
                                   value=w.requests_total)
         rps = GaugeMetricFamily("outpost_control_plane_requests_per_second",

@@ -111,8 +111,9 @@ class JobRunner:
         self._resumes = ResumeQueue()  # tries whose trigger ended, in the order they wait for a slot
         self.outbox = Outbox(settings.state_folder / "outbox.sqlite")
         # Delivers the outbox (job states, then the worker's own) to the control plane, in order.
-        self.reports = ReportSender(self.outbox, client=client, settings=settings, link=link, sysinfo=sysinfo)
-        self.logs = LogShipper(settings, client=client, egress=egress, state_folder=state_folder)
+        self.logs = LogShipper(settings, client=client, egress=egress, state_folder=state_folder, outbox=self.outbox)
+        self.reports = ReportSender(self.outbox, client=client, settings=settings, link=link, sysinfo=sysinfo,
+                                    before_final=self.logs.ship_pending)  # a job's log goes before its final state
         self.expired = 0  # jobs whose token expired in the queue
         self._background: set[asyncio.Task[Any]] = set()
         self.rejected = 0
@@ -582,6 +583,8 @@ class JobRunner:
                     after_kill_s: float = AFTER_KILL_WAIT_S) -> None:
         """Wait for running jobs (up to ``timeout_s`` or until ``force``), then SIGTERM, then SIGKILL
         after ``grace_s``, then up to ``after_kill_s`` for the killed tasks' failures to be reported."""
+        # Every wait below ends by then: stop_budget_s (what a supervisor's stop timeout must allow) counts it.
+        budget_end = time.monotonic() + timeout_s + grace_s + after_kill_s
         tasks = [r.task for r in self.running.values() if r.task is not None]
         if tasks:
             log.info("draining %d job(s) for up to %.0fs", len(tasks), timeout_s)
@@ -606,8 +609,8 @@ class JobRunner:
                     r.proc.signal(signal.SIGKILL, group=True)
         # Every job task reports its final state (failed when killed) before the worker goes offline.
         remaining = [r.task for r in self.running.values() if r.task is not None]
-        if remaining:
-            await asyncio.wait(remaining, timeout=60)
+        if remaining:  # pushing their last logs, queuing their final states: the rest of the budget
+            await asyncio.wait(remaining, timeout=max(after_kill_s, budget_end - time.monotonic()))
         if self._background:
             await asyncio.wait(list(self._background), timeout=30)
 

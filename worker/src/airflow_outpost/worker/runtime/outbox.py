@@ -7,6 +7,13 @@ at a time, so a job's ``success`` never overtakes its ``running``; after an outa
 whatever is left is replayed in the same order. Replays are idempotent: the Edge API accepts the
 same job state twice, and :meth:`Outbox.put` does not queue a report that is already pending.
 
+Order is kept per subject (one job, or the worker), not across them: the sender skips a job whose
+oldest report the server keeps refusing, so one stuck job never holds back another's. A report the
+server rejects for good (404/409/422 ...) after a few tries moves to the ``dead_letter`` table with
+the reason (:meth:`Outbox.bury`), where ``outpost status`` and ``/metrics`` show it: never dropped
+silently. ``log_tail`` rows hold the part of a finished job's log that could not be pushed yet
+(path and acknowledged offset); the sender ships it before that job's final state.
+
 Worker-state rows are only meaningful to the process that wrote them: a new process registers
 afresh, so :meth:`Outbox.drop_worker_reports` discards them at start.
 """
@@ -33,6 +40,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_once ON outbox (kind, subject, state);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    seq INTEGER PRIMARY KEY,      -- the outbox row's seq
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    state TEXT NOT NULL,
+    note TEXT,
+    created REAL NOT NULL,
+    buried REAL NOT NULL,
+    reason TEXT NOT NULL          -- the server's last answer
+);
+CREATE TABLE IF NOT EXISTS log_tail (
+    subject TEXT PRIMARY KEY,     -- the JobKey as JSON
+    path TEXT NOT NULL,           -- the task log file
+    offset INTEGER NOT NULL,      -- bytes of it the server acknowledged
+    note TEXT                     -- pushed after the log (how the task process ended)
+);
 """
 
 
@@ -53,11 +76,14 @@ def _subject(key: JobKey) -> str:
 class Outbox:
     """A SQLite-backed FIFO of undelivered reports. ``open()``/``close()`` are idempotent."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only  # for readers beside the worker (outpost status): no writes, no schema
         self._db: sqlite3.Connection | None = None
 
     def open(self) -> Outbox:
+        if self._db is None and self.read_only:
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=2)
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None)
@@ -102,8 +128,17 @@ class Outbox:
         return [Report(seq, kind, JobKey(**json.loads(subject)) if kind == "job" else None, subject, state, note, created)
                 for seq, kind, subject, state, note, created in rows]
 
+    def heads(self) -> list[Report]:
+        """The oldest undelivered report of each subject (job or worker), oldest first: what may go next."""
+        if self._db is None:
+            return []
+        rows = self.db.execute("SELECT seq, kind, subject, state, note, created FROM outbox WHERE seq IN "
+                               "(SELECT MIN(seq) FROM outbox GROUP BY kind, subject) ORDER BY seq").fetchall()
+        return [Report(seq, kind, JobKey(**json.loads(subject)) if kind == "job" else None, subject, state, note, created)
+                for seq, kind, subject, state, note, created in rows]
+
     def ack(self, seq: int) -> None:
-        """The server acknowledged (or definitively refused) report ``seq``: forget it.
+        """The server acknowledged report ``seq``: forget it.
 
         Not fsynced (the next queued report's commit syncs it with its own): a power cut may bring
         the row back, and the report is sent again, which the Edge API accepts. Process crashes
@@ -115,6 +150,52 @@ class Outbox:
         finally:
             db.execute("PRAGMA synchronous=FULL")
 
+    def bury(self, report: Report, reason: str) -> None:
+        """The server refused ``report`` for good: move it to the dead-letter table with ``reason``
+        (in one transaction, synced). Idempotent."""
+        db = self.db
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT OR REPLACE INTO dead_letter (seq, kind, subject, state, note, created, buried, reason) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (report.seq, report.kind, report.subject, report.state,
+                                                          report.note, report.created, time.time(), reason[:2000]))
+            db.execute("DELETE FROM outbox WHERE seq = ?", (report.seq,))
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, object]]:
+        """Reports the server refused for good, newest first: subject, state, reason, when."""
+        if self._db is None:
+            return []
+        rows = self.db.execute("SELECT seq, kind, subject, state, created, buried, reason FROM dead_letter "
+                               "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [{"seq": seq, "kind": kind, "subject": json.loads(subject) if kind == "job" else subject, "state": state,
+                 "queued": created, "buried": buried, "reason": reason}
+                for seq, kind, subject, state, created, buried, reason in rows]
+
+    @property
+    def dead_letter_count(self) -> int:
+        if self._db is None:
+            return 0
+        return int(self.db.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
+
+    # -- log tails ----------------------------------------------------------------------------
+    def put_log_tail(self, key: JobKey, path: Path, offset: int, note: str | None) -> None:
+        """Remember (durably) that ``path`` from ``offset`` on, then ``note``, is still to be pushed for ``key``."""
+        self.db.execute("INSERT OR REPLACE INTO log_tail (subject, path, offset, note) VALUES (?, ?, ?, ?)",
+                        (_subject(key), str(path), offset, note))
+
+    def log_tail(self, key: JobKey) -> tuple[Path, int, str | None] | None:
+        if self._db is None:
+            return None
+        row = self.db.execute("SELECT path, offset, note FROM log_tail WHERE subject = ?", (_subject(key),)).fetchone()
+        return (Path(row[0]), int(row[1]), row[2]) if row else None
+
+    def advance_log_tail(self, key: JobKey, offset: int, note: str | None) -> None:
+        """The server acknowledged the log of ``key`` up to ``offset`` (and the note, if now None)."""
+        self.db.execute("UPDATE log_tail SET offset = ?, note = ? WHERE subject = ?", (offset, note, _subject(key)))
+
+    def drop_log_tail(self, key: JobKey) -> None:
+        self.db.execute("DELETE FROM log_tail WHERE subject = ?", (_subject(key),))
+
     def final_state(self, key: JobKey) -> str | None:
         """The final state queued for ``key`` and not yet delivered, if any."""
         if self._db is None:
@@ -125,6 +206,7 @@ class Outbox:
 
     def drop_job_reports(self, key: JobKey) -> int:
         """Discard undelivered reports for ``key`` (a job this worker turned out not to own)."""
+        self.drop_log_tail(key)
         return self.db.execute("DELETE FROM outbox WHERE kind = 'job' AND subject = ?", (_subject(key),)).rowcount
 
     def drop_worker_reports(self) -> int:
@@ -137,3 +219,19 @@ class Outbox:
         if self._db is None:
             return 0
         return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+
+def read_outbox(path: Path) -> dict[str, object] | None:
+    """What ``outpost status`` shows of the outbox at ``path``, read-only (whether the worker runs or
+    not): pending reports and dead letters (count and newest five); None if there is none to read."""
+    if not Path(path).exists():
+        return None
+    box = Outbox(path, read_only=True)
+    try:
+        box.open()
+        return {"pending": box.depth, "dead_letters": box.dead_letter_count, "dead_letter_recent": box.dead_letters(5)}
+    except sqlite3.Error:  # an outbox of an older version (no dead-letter table yet) or not readable by us
+        return None
+    finally:
+        box.close()

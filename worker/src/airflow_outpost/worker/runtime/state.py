@@ -196,10 +196,36 @@ class StateFolder:
         write_json_atomic(self.root / "status.json", status, durable=False)
 
     def read_status(self) -> dict[str, Any] | None:
+        """The last status written, or None if there is none or it is unreadable (written without
+        fsync, a power cut can leave it empty or cut short)."""
         try:
-            return json.loads((self.root / "status.json").read_text())
-        except FileNotFoundError:
+            status = json.loads((self.root / "status.json").read_text())
+        except (OSError, ValueError):
             return None
+        return status if isinstance(status, dict) else None
+
+    def lock_holder(self) -> int | None:
+        """The pid of the worker holding this folder's lock now; None if no process holds it, or the
+        lock file cannot be opened by this user (then it cannot tell).
+
+        Takes a shared lock for a moment to ask (a worker starting at that very moment fails to take
+        its lock and says so)."""
+        try:
+            fd = os.open(self.root / "worker.lock", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = True
+            else:
+                held = False
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            text = os.read(fd, 32).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        return int(text) if held and text.isdigit() else None
 
     # -- requests from the local CLI (outpost maintenance) ------------------------------------
     @property

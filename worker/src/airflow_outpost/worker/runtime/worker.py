@@ -532,7 +532,8 @@ class Worker:
             requests_total=self.counter.total, request_rates=self.counter.rates(),
             gpus_total=self.gpus.total, gpus_free=self.gpus.free, gpu_devices=tuple(self.gpus.devices),
             ray=self.ray.describe() if self.ray is not None else None,
-            local_triggers=self.triggers.describe() if self.triggers is not None else None)
+            local_triggers=self.triggers.describe() if self.triggers is not None else None,
+            reports=self.jobs.reports.describe())
 
     # -- status ------------------------------------------------------------------------------
     def _write_status(self, *, force: bool = False, state: str | None = None) -> None:
@@ -550,7 +551,7 @@ class Worker:
             "maintenance_comments": self.link.maintenance_comments,
             "concurrency": self.link.concurrency, "free_slots": self.jobs.free_slots,
             "queues": self.link.queues, "requests_per_s": self.counter.rates(), "jobs": self.jobs.describe(),
-            "finished": self.jobs.finished,
+            "finished": self.jobs.finished, "outbox": self.jobs.reports.describe(),
             "local_triggers": self.triggers.describe() if self.triggers is not None else None,
             "gpus": {"total": self.gpus.total, "free": self.gpus.free},
             "paused_queues": {q: p.describe() for q, p in self.budgets.paused.items()},
