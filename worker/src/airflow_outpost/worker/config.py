@@ -73,6 +73,9 @@ class Settings:
     heartbeat_interval_s: float = 10.0
     execution_api_url: str | None = None
     log_folder: Path = field(default_factory=lambda: _default_home() / "logs")
+    # A group that may read task logs (a log shipper's): the log folder is given to it, setgid, so
+    # every log (0640) and folder (0750) under it carries it. None: the worker's own group.
+    log_group: str | None = None
     state_folder: Path = field(default_factory=lambda: _default_home() / "state")
     dags_folder: Path | None = None
     push_logs: bool = False
@@ -173,6 +176,8 @@ class Settings:
                 if not _QUEUE_RE.match(q):
                     raise ConfigError("queues", q, "queue names are 1-256 characters of letters, digits, '_', '.', ':' or '-'")
         _positive_int("concurrency", self.concurrency, maximum=1024)
+        if self.log_group is not None:
+            group_id("log_group", self.log_group)
         _positive_int("push_log_chunk_size", self.push_log_chunk_size, maximum=10_000_000)
         for module in self.preload:
             if not _MODULE.fullmatch(module):
@@ -242,6 +247,16 @@ class Settings:
         if self.jwt_secret_file is not None:
             return Path(self.jwt_secret_file).read_text().strip()
         return self.jwt_secret
+
+
+def group_id(name: str, value: str) -> int:
+    """The gid of a group name or number that exists on this host, else ConfigError naming ``name``."""
+    import grp
+
+    try:
+        return grp.getgrgid(int(value)).gr_gid if value.isdigit() else grp.getgrnam(value).gr_gid
+    except (KeyError, OverflowError):
+        raise ConfigError(name, value, "must be a group name or gid that exists on this host (getent group)") from None
 
 
 def _validate_deploy(s: Settings) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_outpost.runners.embeddings.embedder import PACKAGED_MODEL_NAME, resolve_model_path
 from airflow_outpost.runners.model_service.protocol import (
     ENV_IDLE,
+    PEERCRED,
     ModelServiceError,
     array_from,
     error_for,
@@ -54,13 +55,23 @@ _SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "PRIVATE_KEY")
 
 
 def _connect(path: Path, timeout_s: float | None) -> socket.socket:
+    """Connect to the service on ``path``; ModelServiceError if another user's process listens there.
+
+    The server refuses clients of another uid; the client checks the server the same way, so a
+    socket another local user bound first (a squatted path) never receives our texts.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
         sock.connect(str(path))
+        pid, uid, _ = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
     except OSError:
         sock.close()
         raise
+    if uid != os.getuid():
+        sock.close()
+        raise ModelServiceError(f"the model service socket {path} is served by another user (uid {uid}, pid {pid}), "
+                                f"not this one (uid {os.getuid()}): refusing to send it data")
     return sock
 
 

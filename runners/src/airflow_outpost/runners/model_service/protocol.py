@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -41,6 +42,8 @@ WIRE_DTYPES = ("float32", "float16")
 _LEN = struct.Struct(">I")
 # The longest path a UNIX socket address can hold on Linux (sun_path is 108 bytes, NUL included).
 _MAX_SOCKET_PATH = 107
+# struct ucred (pid, uid, gid) as SO_PEERCRED returns it: both ends check the other's uid.
+PEERCRED = struct.Struct("3i")
 
 
 _ERRORS: dict[str, type[RunnerError]] = {
@@ -59,12 +62,28 @@ def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     elif os.environ.get("OUTPOST_STORE_ROOT"):
         path = Path(os.environ["OUTPOST_STORE_ROOT"]) / SOCKET_NAME
     else:
-        path = Path(tempfile.gettempdir()) / f"outpost-model-service-{os.getuid()}.sock"
+        path = private_dir(Path(tempfile.gettempdir()) / f"outpost-model-service-{os.getuid()}") / "service.sock"
     path = path.expanduser().absolute()
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
         raise ModelServiceError(
             f"model service socket path {path} is {len(os.fsencode(path))} bytes; UNIX sockets allow "
             f"{_MAX_SOCKET_PATH}: set {ENV_SOCKET} to a shorter path"
+        )
+    return path
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only this user can enter: created 0700, or checked to be this user's and
+    closed to others (a folder in the shared temp folder that another user made first is refused)."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ModelServiceError(
+            f"{path} must be a folder of this user (uid {os.getuid()}) closed to others (0700), but it is "
+            f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}: remove it, or set {ENV_SOCKET}"
         )
     return path
 

@@ -37,7 +37,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -49,6 +48,7 @@ from typing import Any
 
 from airflow_outpost.runners.errors import ModelError, RunnerError
 from airflow_outpost.runners.model_service.protocol import (
+    PEERCRED,
     PROTOCOL,
     GpuMemoryError,
     array_payload,
@@ -62,7 +62,6 @@ from airflow_outpost.runners.model_service.protocol import (
 __all__ = ["ModelService", "main"]
 
 log = logging.getLogger("airflow_outpost.runners.model_service.service")
-_PEERCRED = struct.Struct("3i")
 # Memory a CUDA load needs beyond the weights: CUDA context, allocator slack, activations of
 # the embedder's token-budget batches. Overridable for larger models or tighter GPUs.
 ENV_GPU_RESERVE = "OUTPOST_MODEL_GPU_RESERVE_MB"
@@ -305,7 +304,7 @@ class ModelService:
         client = False
         try:
             with conn:
-                pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                pid, uid, _ = PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
                 if uid != os.getuid():
                     log.warning("refusing a client with uid %d (pid %d): the service serves uid %d only",
                                 uid, pid, os.getuid())

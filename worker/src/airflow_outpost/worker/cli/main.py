@@ -22,6 +22,7 @@ from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, 
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.errors import ConfigError, OutpostError
 from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable
+from airflow_outpost.worker.runtime.file_modes import WORKER_UMASK, secure_folders
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -40,6 +41,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "heartbeat_interval_s": "seconds between heartbeats (default 10)",
         "execution_api_url": "Task Execution API URL (default: <api-url>/execution/)",
         "log_folder": "where task logs are written (default ~/.outpost/logs)",
+        "log_group": "group that may read task logs, e.g. a log shipper's: the log folder is given to it (setgid); "
+                     "logs are 0640, folders 0750 (default: the worker's own group)",
         "state_folder": "job journal, lock and status (default ~/.outpost/state)",
         "dags_folder": "DAG files on this host (sets [core] dags_folder for tasks)",
         "push_logs": "also ship task logs to the control plane (true/false)",
@@ -135,8 +138,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     settings = load_settings(flags)
     # Before anything starts (health server, zygote, model service, Ray): a bad setting is exit 2,
     # which a supervisor does not restart.
+    # Everything the worker creates is its own (state 0700, SQLite files 0600); task processes
+    # set their own umask (0027) so their logs are readable by the log folder's group only.
+    os.umask(WORKER_UMASK)
     require_credentials(settings)
     require_writable(settings)
+    secure_folders(settings)
     check_memory_merge(settings)
     from airflow_outpost.worker.runtime.worker import Worker
 

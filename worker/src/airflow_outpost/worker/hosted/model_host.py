@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import importlib.util
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,13 +29,14 @@ MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux
 
 
 def socket_path_for(state_folder: Path) -> Path:
-    """``<state_folder>/model-service.sock``, or a short path in /tmp if that is too long for a
-    UNIX socket (deep state folders, e.g. under a test runner's temp directory)."""
+    """``<state_folder>/model-service.sock`` (the state folder is 0700), or, if that is too long for a
+    UNIX socket (deep state folders, e.g. under a test runner's temp directory), a socket in a new
+    folder of random name that only this user can enter (``mkdtemp``: no path another user can
+    take first)."""
     path = state_folder.resolve() / "model-service.sock"
     if len(str(path).encode()) <= MAX_SOCKET_PATH:
         return path
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"outpost-models-{os.getuid()}-{digest}.sock"
+    return Path(tempfile.mkdtemp(prefix="outpost-models-")) / "model-service.sock"
 
 
 def service_available() -> bool:
@@ -99,3 +98,6 @@ class ModelHost:
                 proc.kill()
             await proc.wait()
         self.socket.unlink(missing_ok=True)
+        if self.socket.parent.name.startswith("outpost-models-"):  # our mkdtemp folder
+            with contextlib.suppress(OSError):
+                self.socket.parent.rmdir()

@@ -54,6 +54,7 @@ import sys
 from typing import Any
 
 from airflow_outpost.worker.processes import memory_merge
+from airflow_outpost.worker.runtime.file_modes import TASK_UMASK
 
 PR_SET_PDEATHSIG = 1
 _job_started = False
@@ -333,6 +334,7 @@ def _read_policy() -> None:
 
 
 def zygote_main() -> int:
+    os.umask(TASK_UMASK)  # logs 0640, folders 0750: the log folder's group may read them
     _read_policy()
     _read_memory_merge()
     parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
@@ -407,6 +409,7 @@ def zygote_main() -> int:
 
 
 def single_main() -> int:
+    os.umask(TASK_UMASK)  # logs 0640, folders 0750: the log folder's group may read them
     _read_policy()
     _read_memory_merge()
     parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
