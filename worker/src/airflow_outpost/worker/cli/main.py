@@ -21,7 +21,7 @@ import time
 from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, pid_alive, state_folder_for
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.errors import ConfigError, OutpostError
-from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable
+from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable, warn_plain_http
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -138,6 +138,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     require_credentials(settings)
     require_writable(settings)
     check_memory_merge(settings)
+    warn_plain_http(settings)
     from airflow_outpost.worker.runtime.worker import Worker
 
     async def main() -> int:
