@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 
 from airflow_outpost.worker.egress import ledger
-from airflow_outpost.worker.egress.ledger import FIELDS, GENESIS, Ledger
+from airflow_outpost.worker.egress.ledger import FIELDS, GENESIS
 from airflow_outpost.worker.testing.worker_process import run_outpost
 from tests.egress.test_ledger import _entry, _fill
 
