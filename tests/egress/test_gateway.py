@@ -17,6 +17,7 @@ from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.egress import ledger
 from airflow_outpost.worker.egress.gateway import Egress
 from airflow_outpost.worker.egress.policy import Policy, classify
+from airflow_outpost.worker.testing.task_tokens import TaskTokens
 
 
 def _token(sub: str) -> str:
@@ -48,7 +49,7 @@ async def _with_gateway(tmp_path: Path, fn, **flags):
     egress = Egress(_settings(tmp_path, **flags), upstream_transport=httpx.MockTransport(upstream))
     url = await egress.start()
     try:
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with httpx.AsyncClient(base_url=url, auth=TaskTokens(egress)) as client:
             return await fn(client, upstream, egress)
     finally:
         await egress.aclose()
@@ -109,7 +110,7 @@ def test_unreachable_control_plane_is_a_retryable_502(tmp_path: Path) -> None:
         egress = Egress(_settings(tmp_path, outage_hold_s=0), upstream_transport=httpx.MockTransport(down))
         url = await egress.start()
         try:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with httpx.AsyncClient(base_url=url, auth=TaskTokens(egress)) as client:
                 r = await client.patch("task-instances/x/state", json={})
             assert r.status_code == 502 and "unreachable" in r.json()["detail"]
         finally:
@@ -184,11 +185,11 @@ def test_rendered_fields_stay_in_the_region_by_default(tmp_path: Path) -> None:
 def test_gzipped_running_elsewhere_answer_is_understood() -> None:
     import gzip
 
-    from airflow_outpost.worker.egress.gateway import _elsewhere
+    from airflow_outpost.worker.egress.upstream import running_elsewhere
 
     answer = gzip.compress(json.dumps({"detail": {"reason": "running_elsewhere"}}).encode())
-    assert _elsewhere("PUT", "task-instances/abc/heartbeat", answer[:2048]) == "abc"
-    assert _elsewhere("PUT", "task-instances/abc/heartbeat", b"\x1f\x8bnot gzip") is None
+    assert running_elsewhere("PUT", "task-instances/abc/heartbeat", answer[:2048]) == "abc"
+    assert running_elsewhere("PUT", "task-instances/abc/heartbeat", b"\x1f\x8bnot gzip") is None
 
 
 def test_a_start_refused_by_the_server_is_remembered(tmp_path: Path) -> None:
@@ -211,7 +212,7 @@ def test_a_start_refused_by_the_server_is_remembered(tmp_path: Path) -> None:
         egress = Egress(_settings(tmp_path / "b"), upstream_transport=httpx.MockTransport(refuse_run))
         url = await egress.start()
         try:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with httpx.AsyncClient(base_url=url, auth=TaskTokens(egress)) as client:
                 r = await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000bb/run", content=b"{}")
                 assert r.status_code == 409 and r.json()["detail"]["reason"] == "invalid_state"  # passed through
                 # A heartbeat refused because the try runs elsewhere counts; one for a task that
@@ -242,7 +243,7 @@ def test_confirm_start_runs_a_try_only_where_the_server_recorded_it(tmp_path: Pa
         egress = Egress(_settings(tmp_path, confirm_start_s="0.05"), upstream_transport=httpx.MockTransport(upstream))
         url = await egress.start()
         try:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with httpx.AsyncClient(base_url=url, auth=TaskTokens(egress)) as client:
                 r = await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000ee/run",
                                        json={"hostname": "h1", "pid": 4242, "unixname": "u"})
                 assert r.status_code == expected
@@ -271,7 +272,7 @@ def test_accepted_task_states_are_noted_refused_ones_are_not(tmp_path: Path) -> 
                         on_task_state=lambda ti, state: seen.append((ti, state)))
         url = await egress.start()
         try:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with httpx.AsyncClient(base_url=url, auth=TaskTokens(egress)) as client:
                 ok = "0190f0f0-0000-7000-8000-0000000000ee"
                 await client.patch(f"task-instances/{ok}/state", json={"state": "up_for_retry", "end_date": "x"})
                 await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000ff/state", json={"state": "success"})
@@ -294,7 +295,7 @@ def test_a_failing_state_callback_is_logged_and_the_request_still_ledgered(tmp_p
                         on_task_state=broken)
         url = await egress.start()
         try:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with httpx.AsyncClient(base_url=url, auth=TaskTokens(egress)) as client:
                 resp = await client.patch("task-instances/0190f0f0-0000-7000-8000-0000000000ee/state", json={"state": "success"})
                 return resp.status_code
         finally:

@@ -23,6 +23,7 @@ from airflow_outpost.worker.edge.auth import ClientCredentialsAuth, TokenFileAut
 from airflow_outpost.worker.edge.client import EdgeClient
 from airflow_outpost.worker.egress.gateway import Egress
 from airflow_outpost.worker.errors import ConfigError, ConnectError
+from airflow_outpost.worker.testing.task_tokens import TaskTokens
 
 
 async def _app(scope, receive, send) -> None:
@@ -93,7 +94,7 @@ def test_gateway_forwards_over_mtls(tls_server: dict, tmp_path: Path) -> None:
         egress = Egress(_settings(tls_server, tmp_path, ca_bundle=str(tls_server["ca"]), client_cert=str(tls_server["client"])))
         url = await egress.start()
         try:
-            async with httpx.AsyncClient() as plain:  # task processes speak plain HTTP on loopback
+            async with httpx.AsyncClient(auth=TaskTokens(egress)) as plain:  # task processes speak plain HTTP on loopback
                 return (await plain.get(url + "task-instances/x/previous-successful-dagrun")).json()
         finally:
             await egress.aclose()

@@ -13,6 +13,7 @@ import pytest
 
 from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.egress.gateway import Egress
+from airflow_outpost.worker.testing.task_tokens import TaskTokens
 
 
 class FlakyExecutionApi:
@@ -45,7 +46,7 @@ def _run(tmp_path: Path, upstream: FlakyExecutionApi, fn, **flags) -> None:
         egress = Egress(settings, upstream_transport=httpx.MockTransport(upstream))
         url = await egress.start()
         try:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async with httpx.AsyncClient(base_url=url, timeout=60, auth=TaskTokens(egress)) as client:
                 await fn(client, egress.gateway._outage)
         finally:
             await egress.aclose()
@@ -117,7 +118,7 @@ def test_the_worker_reaching_the_control_plane_wakes_the_held_requests_and_the_r
         outage = egress.gateway._outage
         outage.cap_s = outage.base_s = 3600.0  # held requests would sleep "forever" unless woken
         try:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async with httpx.AsyncClient(base_url=url, timeout=60, auth=TaskTokens(egress)) as client:
                 held = asyncio.create_task(client.post("xcoms/d/r/t/a", content=b"1"))
                 while outage.holding < 1:
                     await asyncio.sleep(0.05)
@@ -158,7 +159,7 @@ def test_a_client_error_is_not_held(tmp_path: Path) -> None:
         egress = Egress(settings, upstream_transport=httpx.MockTransport(forbidden))
         url = await egress.start()
         try:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with httpx.AsyncClient(base_url=url, auth=TaskTokens(egress)) as client:
                 r = await client.patch("task-instances/t1/state", json={})
             assert r.status_code == 403 and egress.gateway._outage.down_since is None
         finally:

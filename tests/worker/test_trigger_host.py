@@ -18,6 +18,7 @@ from airflow_outpost.worker.egress.gateway import Egress, Resume
 from airflow_outpost.worker.errors import ConfigError
 from airflow_outpost.worker.observability.prometheus import WorkerMetrics, WorkerSnapshot
 from airflow_outpost.worker.runtime import recovery
+from airflow_outpost.worker.testing.task_tokens import TaskTokens
 from airflow_outpost.worker.triggers import Deferral, LocalTriggers, WaitEnd
 from airflow_outpost.worker.triggers.host import trigger_timeout_s
 from tests.helpers import DAGS
@@ -202,7 +203,7 @@ def test_the_gateway_keeps_a_deferral_and_replays_a_resumed_start(tmp_path: Path
     async def main() -> None:
         url = await egress.start()
         try:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with httpx.AsyncClient(base_url=url, auth=TaskTokens(egress)) as client:
                 r = await client.patch(f"task-instances/{ti}/run", json=RUN_BODY)
                 assert r.status_code == 200 and egress.start_of(ti) == RUN_BODY
                 r = await client.patch(f"task-instances/{ti}/state", json=defer)

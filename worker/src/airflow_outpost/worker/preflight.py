@@ -4,17 +4,20 @@ credential fallback.
 A setting that cannot work (no credential, a secret file this user cannot read, a state or log
 folder it cannot write, ``memory_merge`` on a kernel without it) is a :class:`ConfigError`: exit 2
 with one line naming the setting, before the health server, the zygote, the model service or Ray
-start, so a supervisor does not restart a worker that can never run.
+start, so a supervisor does not restart a worker that can never run. A setting that works but
+is unsafe (plain HTTP to another host) is a warning.
 """
 
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from airflow_outpost.worker.errors import ConfigError
 
@@ -87,3 +90,31 @@ def check_memory_merge(s: Settings) -> None:
     if memory_merge.host_running() is not True:
         log.warning("memory_merge is on, but KSM is not running on this host (%s/run is not 1): task pages are "
                     "merged only once it is; as root: echo 1 > %s/run", memory_merge.KSM_SYSFS, memory_merge.KSM_SYSFS)
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return False
+
+
+def plain_http_urls(s: Settings) -> list[tuple[str, str]]:
+    """The (setting, URL) pairs that speak plain HTTP to a host other than this one."""
+    found = []
+    for name in ("api_url", "execution_api_url", "oidc_token_url"):
+        url = getattr(s, name)
+        if url and urlsplit(url).scheme == "http" and not _loopback(urlsplit(url).hostname or ""):
+            found.append((name, url))
+    return found
+
+
+def warn_plain_http(s: Settings) -> None:
+    """Warn for each setting that sends credentials in clear text over the network: the worker's
+    token or OIDC client secret, tasks' tokens, XComs and (by policy) logs would be readable and
+    forgeable on the way."""
+    for name, url in plain_http_urls(s):
+        log.warning("%s %s is plain http to a host that is not this one: the worker's credentials, task tokens "
+                    "and task data cross the network unencrypted; use https", name, url)

@@ -85,9 +85,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"no egress ledger at {path}", file=sys.stderr)
         return 1
-    result = ledger.verify(path)
+    try:
+        result = ledger.verify(path)
+    except ledger.LedgerKeyError as exc:
+        print(f"cannot verify: {exc}", file=sys.stderr)
+        return 1
     if result.ok:
-        print(f"ok: {result.rows} row(s), chain intact; head {result.head}")
+        if not result.keyed:
+            legacy = (f" ({result.legacy_rows} legacy row(s): no key at {ledger.key_path(path)}, so the plain "
+                      "SHA-256 chain is checked, which anyone who can write the file can recompute)")
+        elif result.legacy_rows:
+            legacy = (f" ({result.legacy_rows} legacy row(s) from before the key, plain SHA-256, covered by the "
+                      "keyed rows after them)")
+        else:
+            legacy = ""
+        print(f"ok: {result.rows} row(s), chain intact{legacy}; head {result.head}")
         return 0
     row = result.bad_row or {}
     print(f"TAMPERED: row {row.get('id')} ({result.reason}); {result.rows} row(s) before it verify; "

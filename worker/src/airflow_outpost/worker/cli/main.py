@@ -21,7 +21,7 @@ import time
 from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, is_worker_of, state_folder_for
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.errors import ConfigError, OutpostError
-from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable
+from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable, warn_plain_http
 from airflow_outpost.worker.runtime.file_modes import WORKER_UMASK, secure_folders
 
 EXIT_CONFIG = 2
@@ -145,6 +145,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     require_writable(settings)
     secure_folders(settings)
     check_memory_merge(settings)
+    warn_plain_http(settings)
     from airflow_outpost.worker.runtime.worker import Worker
 
     async def main() -> int:

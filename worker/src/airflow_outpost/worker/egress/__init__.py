@@ -2,6 +2,8 @@
 
 * :mod:`.gateway`: ``Egress``, the one local chokepoint between task processes and the control plane
   (a loopback HTTP gateway in front of the Task Execution API).
+* :mod:`.admission`: what the gateway forwards at all (Execution API paths, tokens of running tries).
+* :mod:`.upstream`: forwarding to the control plane and streaming the answer back.
 * :mod:`.policy`: the egress policy, decided per request.
 * :mod:`.ledger`: the append-only, hash-chained ledger of what left.
 * :mod:`.outage`: holding task requests through a control-plane outage.

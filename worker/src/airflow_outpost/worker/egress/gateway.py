@@ -5,7 +5,10 @@ gateway, an ASGI app served by uvicorn inside the worker's event loop, forwards 
 the real Execution API over one pooled ``httpx.AsyncClient`` (with the worker's TLS settings),
 after the egress policy (:mod:`airflow_outpost.worker.egress.policy`) allowed it, and records it in the ledger
 (:mod:`airflow_outpost.worker.egress.ledger`). Methods, headers (the task's ``Authorization`` token), bodies and status
-codes pass unchanged, so a 404/409 from the server reaches the Task SDK as it expects. A refused
+codes pass unchanged, so a 404/409 from the server reaches the Task SDK as it expects. Only the
+Execution API, and only for the tries this worker runs, is forwarded
+(:mod:`airflow_outpost.worker.egress.admission`: no dot segments, a task token of a running
+try; refused 400/401/403 and ledgered). A refused
 request is answered with the refusal's status and ``{"detail": "<rule, kind, size>"}``, which the
 Task SDK raises in the task (``ServerResponseError``), failing it with that message.
 
@@ -13,15 +16,15 @@ Task SDK raises in the task (``ServerResponseError``), failing it with that mess
 launcher, ``aclose()`` last; both idempotent. The worker's own Edge API calls are recorded through
 :meth:`Egress.record_edge` (``EdgeClient.recorder``).
 
-Outage handling (holding requests while the control plane is down) belongs in
-:meth:`Gateway._forward`: it is the only place that talks to the upstream.
+Talking to the upstream (outage holding, confirmed and resumed starts) is
+:mod:`airflow_outpost.worker.egress.upstream`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -29,9 +32,7 @@ import logging
 import re
 import socket
 import time
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -40,9 +41,14 @@ import uvicorn
 
 from airflow_outpost.worker.config import WORKER_CREDENTIAL_ENV
 from airflow_outpost.worker.edge.auth import control_plane_ssl
+from airflow_outpost.worker.egress import admission
+from airflow_outpost.worker.egress.admission import PREFIX, token_subject
 from airflow_outpost.worker.egress.ledger import Entry, Ledger
-from airflow_outpost.worker.egress.outage import OUTAGE_STATUSES, Outage
+from airflow_outpost.worker.egress.outage import Outage
 from airflow_outpost.worker.egress.policy import Policy, Refusal, classify
+from airflow_outpost.worker.egress.upstream import HOP_BY_HOP, Resume, Upstream, reply, running_elsewhere
+
+__all__ = ["PREFIX", "Egress", "Gateway", "Resume"]
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.config import Settings
@@ -51,50 +57,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/execution/"
 _TI_RUN = re.compile(r"^task-instances/([^/]+)/run$")
 _TI_HEARTBEAT = re.compile(r"^task-instances/([^/]+)/heartbeat$")
 _TI_STATE = re.compile(r"^task-instances/([^/]+)/state$")
-
-
-def _elsewhere(method: str, path: str, answer: bytes) -> str | None:
-    """The task instance id if a 409 says this try belongs to another worker, else ``None``.
-
-    Either the server refused to start it (``PATCH .../run``), or a heartbeat was answered
-    ``running_elsewhere``: the same job was handed to two workers and the other one runs it.
-    """
-    if method == "PATCH" and (m := _TI_RUN.match(path)):
-        return m.group(1)
-    if method == "PUT" and (m := _TI_HEARTBEAT.match(path)):
-        try:
-            if answer[:2] == b"\x1f\x8b":  # the API server gzips even small answers when asked to
-                answer = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(answer)
-            detail = json.loads(answer).get("detail")
-        except (ValueError, AttributeError, zlib.error):
-            return None
-        if isinstance(detail, dict) and detail.get("reason") == "running_elsewhere":
-            return m.group(1)
-    return None
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
-_HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length",
-})
-
-
-def _token_subject(authorization: str | None) -> str | None:
-    """The ``sub`` claim of a task's bearer token (not verified: it only labels ledger rows)."""
-    if not authorization:
-        return None
-    token = authorization.split(" ", 1)[-1]
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
-        return None
-    sub = claims.get("sub") if isinstance(claims, dict) else None
-    return str(sub) if sub is not None else None
 
 
 def _edge_task_label(rel: str) -> str | None:
@@ -105,16 +72,6 @@ def _edge_task_label(rel: str) -> str | None:
         mi = f"[{map_index}]" if map_index.lstrip("-").isdigit() and int(map_index) >= 0 else ""
         return f"{dag_id}.{task_id}{mi} run={run_id} try={try_number}"
     return None
-
-
-@dataclass(frozen=True)
-class Resume:
-    """How a try resumes after its local trigger ended: its first start request, replayed, and
-    the method and kwargs the Task SDK is to resume with (``__fail__`` to fail it)."""
-
-    run_body: dict[str, Any]
-    next_method: str
-    next_kwargs: Any
 
 
 class _Server(uvicorn.Server):
@@ -131,9 +88,9 @@ class Gateway:
     def __init__(self, egress: Egress, upstream: str, *, client: httpx.AsyncClient) -> None:
         self._egress = egress
         self._upstream = upstream if upstream.endswith("/") else upstream + "/"
-        self._http = client
         self._outage = Outage(egress.settings.outage_hold_s)
         self._outage.on_up = lambda: egress.on_upstream_back() if egress.on_upstream_back is not None else None
+        self._to = Upstream(client, self._outage, egress.mark_start_refused)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.url: str | None = None
@@ -185,8 +142,17 @@ class Gateway:
             return
         raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         method = scope["method"]
-        if not raw_path.startswith(PREFIX):
-            await _reply(send, 404, {"detail": f"outpost gateway serves only {PREFIX}*"})
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        auth = next((v for k, v in headers if k.lower() == "authorization"), None)
+        subject = token_subject(auth)
+        task = self._egress.task_label(subject)
+        # Before the body is read: a caller that may not use the gateway cannot make it buffer one.
+        if (refusal := admission.check(raw_path, method, auth, self._egress.running)) is not None:
+            endpoint = raw_path if refusal.status == 400 else PREFIX + unquote(raw_path[len(PREFIX):])
+            if refusal.status != 400:
+                refusal = dataclasses.replace(refusal, kind=classify(unquote(raw_path[len(PREFIX):]), method))
+            self._egress.refused(refusal, task, endpoint, method, None)
+            await reply(send, refusal.status, {"detail": refusal.message})
             return
         rest = raw_path[len(PREFIX):]
         body = bytearray()
@@ -196,13 +162,10 @@ class Gateway:
                 return
             body += message.get("body", b"")
             if len(body) > MAX_REQUEST_BYTES:
-                await _reply(send, 413, {"detail": f"outpost gateway: request body over {MAX_REQUEST_BYTES} bytes"})
+                await reply(send, 413, {"detail": f"outpost gateway: request body over {MAX_REQUEST_BYTES} bytes"})
                 return
             if not message.get("more_body"):
                 break
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        auth = next((v for k, v in headers if k.lower() == "authorization"), None)
-        task = self._egress.task_label(_token_subject(auth))
         path = unquote(rest)
         kind = classify(path, method)
         if method == "PATCH" and (st := _TI_STATE.match(path)) and self._egress.keep_deferral(st.group(1), bytes(body), auth):
@@ -219,11 +182,11 @@ class Gateway:
         if refusal is not None:
             self._egress.refused(refusal, task, endpoint, method, digest)
             body_out = {"message": refusal.message} if refusal.keep_local else {"detail": refusal.message}
-            await _reply(send, refusal.status, body_out)
+            await reply(send, refusal.status, body_out)
             return
         query = scope.get("query_string", b"").decode("latin-1")
         url = self._upstream + rest + (f"?{query}" if query else "")
-        fwd_headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+        fwd_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
         confirm = self._egress.settings.confirm_start_s
         run = _TI_RUN.match(path) if method == "PATCH" else None
         beat = _TI_HEARTBEAT.match(path) if method == "PUT" else None
@@ -233,12 +196,12 @@ class Gateway:
             # A resumed try's new task process heartbeats as the try's first one (the server checks the pid).
             body = bytearray(json.dumps({"hostname": resume.run_body.get("hostname"), "pid": resume.run_body.get("pid")}).encode())
         if resume is not None and run is not None:
-            status, bytes_in, head = await self._resume_start(send, url, fwd_headers, resume)
+            status, bytes_in, head = await self._to.resume_start(send, url, fwd_headers, resume)
         elif confirm and run is not None:
-            status, bytes_in, head = await self._start_confirmed(send, url, fwd_headers, bytes(body), run.group(1), confirm)
+            status, bytes_in, head = await self._to.start_confirmed(send, url, fwd_headers, bytes(body), run.group(1), confirm)
         else:
-            status, bytes_in, head = await self._forward(send, method, url, fwd_headers, bytes(body))
-        if status == 409 and resume is None and (ti_id := _elsewhere(method, path, head)):
+            status, bytes_in, head = await self._to.forward(send, method, url, fwd_headers, bytes(body))
+        if status == 409 and resume is None and (ti_id := running_elsewhere(method, path, head)):
             self._egress.mark_start_refused(ti_id)
         elif run is not None and resume is None and status is not None and 200 <= status < 300:
             self._egress.remember_start(run.group(1), bytes(body))
@@ -247,162 +210,6 @@ class Gateway:
         self._egress.ledger.record(Entry(
             ts=time.time(), task=task, endpoint=endpoint, method=method, kind=kind, bytes=len(body),
             bytes_in=bytes_in, status=status, outcome="sent" if status else "error", digest=digest))
-
-    async def _resume_start(self, send: Any, url: str, headers: list[tuple[str, str]],
-                            resume: Resume) -> tuple[int | None, int, bytes]:
-        """Start a try again after its local trigger fired, as Airflow's resume from deferral would.
-
-        The server still runs the try (it never saw the deferral), so the try's first start is
-        sent again: the same hostname, unixname, pid and start date make it a duplicate start the
-        server answers with the try's context, changing nothing. Into that answer go the
-        ``next_method``/``next_kwargs`` Airflow's triggerer would have stored, and no XCom keys to
-        clear (the first run's XComs stay, as after a deferral). A 404/409 (the try was marked
-        failed or cleared meanwhile) reaches the Task SDK unchanged, which then does not run it.
-        """
-        try:
-            resp = await self._http.request("PATCH", url, headers=headers, content=json.dumps(resume.run_body).encode())
-        except httpx.HTTPError as exc:  # the Task SDK retries a 502
-            await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
-            return None, 0, b""
-        content = resp.content
-        if resp.is_success:
-            try:
-                context = json.loads(content)
-                context.update(next_method=resume.next_method, next_kwargs=resume.next_kwargs, xcom_keys_to_clear=[])
-                if "start_date" in context:  # Execution API 2025-08+ (Task SDK 1.2): the try's first start, as on a resume
-                    context["start_date"] = resume.run_body.get("start_date")
-                content = json.dumps(context).encode()
-            except (ValueError, AttributeError) as exc:
-                await _reply(send, 502, {"detail": f"outpost gateway: unreadable start answer ({exc})"})
-                return None, len(resp.content), b""
-        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items()
-               if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"]  # httpx decoded it
-        out.append((b"content-length", str(len(content)).encode()))
-        await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
-        await send({"type": "http.response.body", "body": content})
-        return resp.status_code, len(resp.content), content[:2048]
-
-    async def _start_confirmed(self, send: Any, url: str, headers: list[tuple[str, str]], body: bytes,
-                               ti_id: str, settle_s: float) -> tuple[int | None, int, bytes]:
-        """Forward a task start, then confirm this worker owns the try before the task may run.
-
-        On a SQLite metadata DB the server can hand one job to several workers and accept each of
-        their starts. The start recorded last (hostname, pid) owns the try; after ``settle_s`` a
-        heartbeat with this start's identity tells whether that is us. If it is not, the task is
-        answered 409 (as a refused start), so its code never runs here.
-        """
-        try:
-            resp = await self._http.request("PATCH", url, headers=headers, content=body)
-            if resp.is_success:
-                await asyncio.sleep(settle_s)
-                who = json.loads(body or b"{}")
-                beat = json.dumps({"hostname": who.get("hostname"), "pid": who.get("pid")})
-                auth = [(k, v) for k, v in headers if k.lower() == "authorization"]
-                check = await self._http.request("PUT", url[: -len("/run")] + "/heartbeat", content=beat,
-                                                 headers=[*auth, ("content-type", "application/json")])
-                if check.status_code == 409:
-                    self._egress.mark_start_refused(ti_id)
-                    log.warning("task instance %s was handed to another worker too, which started it last; "
-                                "not running it here", ti_id)
-                    await _reply(send, 409, {"detail": {
-                        "reason": "invalid_state", "previous_state": "running",
-                        "message": "outpost: this try was handed to another worker as well and runs there"}})
-                    return 409, len(resp.content) + len(check.content), b""
-        except httpx.HTTPError as exc:  # the Task SDK retries a 502
-            await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
-            return None, 0, b""
-        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items()
-               if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"]  # httpx decoded it
-        out.append((b"content-length", str(len(resp.content)).encode()))
-        await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
-        await send({"type": "http.response.body", "body": resp.content})
-        return resp.status_code, len(resp.content), resp.content[:2048]
-
-    async def _forward(self, send: Any, method: str, url: str, headers: list[tuple[str, str]],
-                       body: bytes) -> tuple[int | None, int, bytes]:
-        """Send upstream and stream the answer back unchanged.
-
-        Returns (status or None, bytes received, the first bytes of the answer for inspection).
-
-        While the control plane is unreachable (transport errors, timeouts, 502/503/504) the request
-        is held and retried (:class:`airflow_outpost.worker.egress.outage.Outage`) for up to ``outage_hold_s``, then
-        answered 502. The Task SDK sends one request at a time per task, so holding keeps each
-        task's requests in order. A heartbeat is answered 204 here while the upstream is down; the
-        next one goes upstream, so a 404/409 (task no longer running) reaches the supervisor as is.
-        """
-        outage = self._outage
-        heartbeat = outage.is_heartbeat(method, url)
-        started, attempt = time.monotonic(), 0
-        try:
-            while True:
-                timeout = outage.heartbeat_timeout_s if heartbeat else httpx.USE_CLIENT_DEFAULT
-                request = self._http.build_request(method, url, headers=headers, content=body, timeout=timeout)
-                response: httpx.Response | None = None
-                try:
-                    response = await self._http.send(request, stream=True)
-                    failure = f"HTTP {response.status_code}" if response.status_code in OUTAGE_STATUSES else None
-                except httpx.TransportError as exc:
-                    failure = f"{type(exc).__name__}: {exc}"
-                except httpx.HTTPError as exc:  # not an outage: retrying cannot help
-                    log.warning("gateway: %s %s failed: %s", method, url, exc)
-                    await _reply(send, 502, {"detail": f"outpost gateway: {type(exc).__name__}: {exc}"})
-                    return None, 0, b""
-                if failure is None and response is not None:
-                    outage.up()
-                    break
-                if response is not None:
-                    await response.aclose()
-                outage.down(failure or "no response")
-                if heartbeat:  # the task is alive, which is all a heartbeat says; nothing left the worker
-                    outage.local_heartbeats += 1
-                    await send({"type": "http.response.start", "status": 204, "headers": []})
-                    await send({"type": "http.response.body", "body": b""})
-                    return None, 0, b""
-                waited = time.monotonic() - started
-                if waited >= outage.hold_s:
-                    log.warning("gateway: gave up on %s %s after holding it %.0fs (%s)", method, url, waited, failure)
-                    await _reply(send, 502, {"detail": f"outpost gateway: control plane unreachable for {waited:.0f}s ({failure})"})
-                    return None, 0, b""
-                attempt += 1
-                if attempt == 1:
-                    outage.holding += 1
-                    outage.held_total += 1
-                await outage.wait(attempt, outage.hold_s - waited)
-        finally:
-            if attempt:
-                outage.holding -= 1
-        received = 0
-        head = b""
-        try:
-            out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.multi_items()
-                           if k.lower() not in _HOP_BY_HOP or k.lower() == "content-length"]
-            await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-            async for chunk in _raw(response):
-                if len(head) < 2048:
-                    head += chunk[:2048 - len(head)]
-                received += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
-        return response.status_code, received, head
-
-
-async def _raw(response: httpx.Response) -> Any:
-    """The body as sent (still encoded); a response built in memory (tests' MockTransport) has it read."""
-    try:
-        async for chunk in response.aiter_raw():
-            yield chunk
-    except httpx.StreamConsumed:
-        yield response.content
-
-
-async def _reply(send: Any, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    # Exactly "application/json": the Task SDK only parses error bodies with that content type.
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
 
 
 class Egress:
@@ -417,6 +224,8 @@ class Egress:
         self.policy = Policy.from_settings(settings)
         self.ledger = Ledger(settings.state_folder / "egress.sqlite")
         self._tasks: dict[str, str] = {}
+        # Token subjects of the tries and callbacks running now: only their tokens may use the gateway.
+        self._running: set[str] = set()
         # Task instances whose start the server refused (409 on .../run): already running elsewhere.
         self.start_refused: set[str] = set()
         # Told each newly refused task instance id, so the job journal can keep it across a crash.
@@ -531,7 +340,9 @@ class Egress:
             state = json.loads(body).get("state")
         except (ValueError, AttributeError):
             return False
-        if state != "deferred" or not self.on_deferral(ti_id, body, auth):
+        # The gateway admitted only the try's own token for its state; checked again here because
+        # a kept deferral is acted on by this worker alone (the server never sees it).
+        if state != "deferred" or token_subject(auth) != ti_id or not self.on_deferral(ti_id, body, auth):
             return False
         self.note_task_state(ti_id, body)
         return True
@@ -544,10 +355,12 @@ class Egress:
     def resume_of(self, ti_id: str) -> Resume | None:
         return self._resumes.get(ti_id)
 
-    def forget_try(self, ti_id: str) -> None:
-        """The job of ``ti_id`` ended: drop what the gateway kept for its resumes."""
-        self._resumes.pop(ti_id, None)
-        self._starts.pop(ti_id, None)
+    def forget_try(self, subject: str) -> None:
+        """The job of ``subject`` (a task instance or callback id) ended: its token no longer
+        passes the gateway, and what the gateway kept for its resumes is dropped."""
+        self._running.discard(subject)
+        self._resumes.pop(subject, None)
+        self._starts.pop(subject, None)
 
     async def aclose(self) -> None:
         await self.gateway.aclose()
@@ -565,11 +378,22 @@ class Egress:
             env["AIRFLOW__CORE__XCOM_BACKEND"] = "airflow_outpost.worker.egress.xcom_backend.RegionLocalXCom"
 
     def task_server(self, job: Job) -> str:
-        """Register ``job`` (so ledger rows name it) and return the URL its task process must use."""
-        self._tasks[job.subject] = str(job.key)  # a token's subject: the task instance, or the callback
+        """Register ``job`` (its token may use the gateway until :meth:`forget_try`, and ledger rows
+        name it) and return the URL its task process must use."""
+        self.admit(job.subject, str(job.key))  # a token's subject: the task instance, or the callback
+        return self.url or self.settings.execution_api
+
+    def admit(self, subject: str, label: str) -> None:
+        """Let tokens whose subject is ``subject`` use the gateway; ledger rows call it ``label``."""
+        self._running.add(subject)
+        self._tasks[subject] = label
         while len(self._tasks) > MAX_TASK_LABELS:  # oldest first (dicts keep insertion order)
             self._tasks.pop(next(iter(self._tasks)))
-        return self.url or self.settings.execution_api
+
+    @property
+    def running(self) -> frozenset[str]:
+        """The token subjects that may use the gateway now."""
+        return frozenset(self._running)
 
     def task_label(self, ti_id: str | None) -> str | None:
         return self._tasks.get(ti_id, ti_id) if ti_id else None

@@ -3,10 +3,15 @@
 One SQLite file in the state folder (``egress.sqlite``). Each row says when, which task, which
 endpoint and method, the egress kind, how many bytes were sent (and received), the status, whether
 the policy refused it (and by which rule), and the SHA-256 of the body. Each row also stores
-``hash = sha256(previous row's hash + the row's fields)``, so editing, deleting or reordering a row
-breaks the chain from that row on; :func:`verify` finds the first bad row. Truncating the tail
-cannot be seen from the file alone: keep the head hash ``verify`` prints somewhere else if that
-matters. Triggers refuse UPDATE and DELETE through SQLite itself.
+``hash = HMAC-SHA256(key, previous row's hash + the row's fields)``, so editing, deleting or
+reordering a row breaks the chain from that row on, and without the key nobody can compute a new
+chain over an edit; :func:`verify` finds the first bad row. The key lives in
+``<state-folder>/keys/ledger.key`` (folder 0700, file 0600), created at the ledger's first start;
+task processes are not given it. Rows written before the key existed (older versions: plain
+SHA-256) stay valid as *legacy* rows: the key file records how many there were, and the first
+keyed row's HMAC covers their head, so they cannot be re-chained either once a keyed row follows.
+Truncating the tail cannot be seen from the file alone: keep the head hash ``verify`` prints
+somewhere else if that matters. Triggers refuse UPDATE and DELETE through SQLite itself.
 
 Writes are batched so the ledger does not slow tasks: :meth:`Ledger.record` only puts the row on
 a queue; a writer thread commits every ``flush_interval_s`` or ``batch_rows`` rows, whichever
@@ -16,9 +21,13 @@ The chain continues across restarts (the writer starts from the last stored hash
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import json
+import os
 import queue
+import secrets
 import sqlite3
 import threading
 import time
@@ -28,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_outpost.worker.edge.jobs import CALLBACK_DAG_ID
+from airflow_outpost.worker.errors import OutpostError
 
 GENESIS = "0" * 64
 FIELDS = ("ts", "task", "endpoint", "method", "kind", "bytes", "bytes_in", "status", "outcome", "rule", "digest")
@@ -66,10 +76,60 @@ class Entry:
         return tuple(getattr(self, f) for f in FIELDS)
 
 
-def chain_hash(previous: str, values: tuple[Any, ...]) -> str:
-    """The row hash: SHA-256 over the previous hash and the canonical JSON of the row's fields."""
-    payload = json.dumps(list(values), separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(f"{previous}|{payload}".encode()).hexdigest()
+def chain_hash(previous: str, values: tuple[Any, ...], key: bytes | None = None) -> str:
+    """The row hash over the previous hash and the canonical JSON of the row's fields: HMAC-SHA256
+    with ``key``, plain SHA-256 (a legacy row) without."""
+    message = f"{previous}|{json.dumps(list(values), separators=(',', ':'), ensure_ascii=True)}".encode()
+    if key is None:
+        return hashlib.sha256(message).hexdigest()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+class LedgerKeyError(OutpostError):
+    """The ledger's key file exists but cannot be read or used."""
+
+
+@dataclass(frozen=True)
+class LedgerKey:
+    """The chain's HMAC key, and how many rows (ids ``1..legacy_rows``) predate it."""
+
+    secret: bytes = dataclasses.field(repr=False)
+    legacy_rows: int = 0
+
+
+def key_path(path: Path) -> Path:
+    """Where the key of the ledger at ``path`` lives: ``keys/ledger.key`` beside it."""
+    return Path(path).parent / "keys" / "ledger.key"
+
+
+def load_key(path: Path) -> LedgerKey | None:
+    """The key of the ledger at ``path``; ``None`` if it has none (a legacy ledger)."""
+    kp = key_path(path)
+    try:
+        data = json.loads(kp.read_text())
+        return LedgerKey(bytes.fromhex(data["key"]), int(data.get("legacy_rows", 0)))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise LedgerKeyError(f"unreadable egress ledger key {kp}: {exc}") from exc
+
+
+def _create_key(path: Path, legacy_rows: int) -> LedgerKey:
+    """A new random key, written 0600 in a 0700 folder (temp file, fsync, rename)."""
+    kp = key_path(path)
+    kp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(kp.parent, 0o700)  # mkdir's mode is subject to the umask, and exist_ok keeps an old folder's
+    key = LedgerKey(secrets.token_bytes(32), legacy_rows)
+    tmp = kp.with_name(f".{kp.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps({"key": key.secret.hex(), "legacy_rows": legacy_rows,
+                                 "created": time.time()}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, kp)
+    return key
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -100,8 +160,13 @@ class Ledger:
         if self._thread is not None:
             return
         db = connect(self.path)
-        row = db.execute("SELECT hash FROM egress ORDER BY id DESC LIMIT 1").fetchone()
-        self._thread = threading.Thread(target=self._writer, args=(db, row[0] if row else GENESIS),
+        row = db.execute("SELECT id, hash FROM egress ORDER BY id DESC LIMIT 1").fetchone()
+        try:
+            key = load_key(self.path) or _create_key(self.path, legacy_rows=row[0] if row else 0)
+        except BaseException:
+            db.close()
+            raise
+        self._thread = threading.Thread(target=self._writer, args=(db, row[1] if row else GENESIS, key.secret),
                                         name="egress-ledger", daemon=True)
         self._thread.start()
 
@@ -135,7 +200,7 @@ class Ledger:
             self._queue.put(None)
             self._thread.join(30)
 
-    def _writer(self, db: sqlite3.Connection, head: str) -> None:
+    def _writer(self, db: sqlite3.Connection, head: str, key: bytes) -> None:
         stop = False
         try:
             while not stop:
@@ -163,7 +228,7 @@ class Ledger:
                     rows = []
                     for e in batch:
                         values = e.values()
-                        head = chain_hash(head, values)
+                        head = chain_hash(head, values, key)
                         rows.append((*values, head))
                     with db:
                         db.executemany(f"INSERT INTO egress ({', '.join(FIELDS)}, hash) "
@@ -187,6 +252,8 @@ class VerifyResult:
     head: str
     bad_row: dict[str, Any] | None = None
     reason: str | None = None
+    legacy_rows: int = 0  # rows verified by the plain, unkeyed chain (written before the key existed)
+    keyed: bool = True  # False: the ledger has no key file, so every row is legacy
 
 
 def _rows(db: sqlite3.Connection, where: str = "", params: tuple[Any, ...] = (),
@@ -198,18 +265,28 @@ def _rows(db: sqlite3.Connection, where: str = "", params: tuple[Any, ...] = (),
 
 
 def verify(path: Path) -> VerifyResult:
-    """Walk the chain; return the first row whose hash does not follow from its predecessor."""
+    """Walk the chain; return the first row whose hash does not follow from its predecessor.
+
+    Rows up to the key's ``legacy_rows`` (all rows, for a ledger without a key) are checked
+    against the plain SHA-256 chain, the rest against the HMAC chain. Raises
+    :class:`LedgerKeyError` if the key file cannot be read.
+    """
+    key = load_key(path)
+    secret, legacy_upto = (key.secret, key.legacy_rows) if key is not None else (None, 0)
     db = connect(path)
     try:
-        head, count, last_id = GENESIS, 0, 0
+        head, count, last_id, legacy = GENESIS, 0, 0, 0
         for row in _rows(db):
-            expected = chain_hash(head, tuple(row[f] for f in FIELDS))
+            plain = secret is None or row["id"] <= legacy_upto
+            expected = chain_hash(head, tuple(row[f] for f in FIELDS), None if plain else secret)
             if row["hash"] != expected:
                 reason = ("row content or order changed, or a row before it was removed"
                           if row["id"] == last_id + 1 else f"rows {last_id + 1}..{row['id'] - 1} are missing")
-                return VerifyResult(False, count, head, row, reason)
-            head, count, last_id = row["hash"], count + 1, row["id"]
-        return VerifyResult(True, count, head)
+                if key is None:
+                    reason += f" (or it was written with a key, and {key_path(path)} is missing)"
+                return VerifyResult(False, count, head, row, reason, legacy, key is not None)
+            head, count, last_id, legacy = row["hash"], count + 1, row["id"], legacy + plain
+        return VerifyResult(True, count, head, legacy_rows=legacy, keyed=key is not None)
     finally:
         db.close()
 

@@ -67,7 +67,7 @@ class ModelHost:
         self.socket.unlink(missing_ok=True)  # a stale socket of a crashed run
         with open(self.log_path, "ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", SERVICE_MODULE, "--persistent", "--socket", str(self.socket),
+                sys.executable, "-P", "-m", SERVICE_MODULE, "--persistent", "--socket", str(self.socket),
                 "--idle-s", str(self.idle_s), env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent)
         log.info("model service for tasks on %s (pid %d, idle release %.0fs)", self.socket, self._proc.pid, self.idle_s)

@@ -278,7 +278,7 @@ class RayHost:
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.port = _free_port(self.port)  # the same port after a restart, if still free
         self.address = f"127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        cmd = [sys.executable, "-P", "-m", "ray.scripts.scripts", "start", "--head", "--block",
                "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                # Defaults 10001 and 8265 would collide with another Ray on this machine.
                "--ray-client-server-port", str(_free_port()), "--dashboard-port", str(_free_port()),

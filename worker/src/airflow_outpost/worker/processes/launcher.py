@@ -261,8 +261,10 @@ class TaskLauncher:
     async def _spawn(self, *args: str, stdout: Any, stderr: Any) -> asyncio.subprocess.Process:
         if self._env is None:
             raise RuntimeError("TaskLauncher.start(env) was not called")
+        # -P: the worker's working directory is not put on sys.path, so a json.py there cannot
+        # shadow the standard library or an installed package in the zygote and every task.
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "airflow_outpost.worker.processes.task_main", *args,
+            sys.executable, "-P", "-m", "airflow_outpost.worker.processes.task_main", *args,
             stdin=asyncio.subprocess.PIPE, stdout=stdout, stderr=stderr, env=self._env, start_new_session=True,
         )
 

@@ -260,8 +260,8 @@ class JobRunner:
         finally:
             if run.proc is not None:
                 run.proc.output.unlink(missing_ok=True)
+            self.egress.forget_try(job.subject)  # its token no longer passes the gateway
             if job.ti_id is not None:
-                self.egress.forget_try(job.ti_id)
                 if self.triggers is not None:
                     self.triggers.stop(job.ti_id, WaitEnd("stopped", error="its job ended"))
             self._account(run, state)
@@ -304,8 +304,8 @@ class JobRunner:
                         "triggerer instead", run.job.key)
             return False
         try:
-            deferral = Deferral.from_request(ti_id, body, authorization or f"Bearer {run.job.workload.get('token') or ''}",
-                                             start, self.settings.log_folder / run.job.log_path)
+            deferral = Deferral.from_request(ti_id, body, authorization or "", start,
+                                             self.settings.log_folder / run.job.log_path)
         except ValueError as exc:
             log.error("job %s: unreadable deferral (%s); sending it to the control plane", run.job.key, exc)
             return False

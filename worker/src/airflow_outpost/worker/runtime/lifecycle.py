@@ -107,7 +107,7 @@ class Lifecycle:
         log.info("warming models in the background: %s", ", ".join(models))
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _WARM_SCRIPT, self.warm_module, *models, env=without_credentials(dict(self._task_env())),
+                sys.executable, "-P", "-c", _WARM_SCRIPT, self.warm_module, *models, env=without_credentials(dict(self._task_env())),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             log.error("could not start model warming: %s", exc)

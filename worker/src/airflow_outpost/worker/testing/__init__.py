@@ -6,4 +6,5 @@
 * :mod:`.worker_process`: ``WorkerProc`` runs ``outpost worker`` against it; ``run_outpost`` runs
   the CLI to completion.
 * :mod:`.tcp_proxy`: ``TcpProxy``, a loopback proxy a fault test can cut and restore.
+* :mod:`.task_tokens`: ``TaskTokens``, task tokens for requests to the egress gateway.
 """
