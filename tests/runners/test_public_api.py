@@ -67,7 +67,9 @@ def test_one_error_hierarchy_exported_with_retryable_unchanged() -> None:
         cls = getattr(errors, name)
         assert getattr(runners, name) is cls and issubclass(cls, errors.RunnerError), name
     retryable = {name for name in errors.__all__ if getattr(errors, name).retryable}
-    assert retryable == {"ModelServiceError", "GpuMemoryError", "RayConnectError"}
+    # A busy or taken-over store name frees itself: the writer lock's two errors retry.
+    assert retryable == {"ModelServiceError", "GpuMemoryError", "RayConnectError", "StoreBusyError", "LeaseLostError"}
+    assert issubclass(errors.StoreBusyError, errors.StoreError) and issubclass(errors.LeaseLostError, errors.StoreError)
     assert issubclass(errors.QualityGateError, errors.BackendUnavailableError)
     assert issubclass(errors.ModelServiceError, errors.ModelError) and issubclass(errors.GpuMemoryError, errors.ModelError)
     # The modules that raise them still hand out the same classes.

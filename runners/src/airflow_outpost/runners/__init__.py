@@ -32,6 +32,7 @@ from airflow_outpost.runners.errors import (
     GpuMemoryError,
     IndexStateError,
     InputError,
+    LeaseLostError,
     ManifestError,
     MissingFieldError,
     ModelError,
@@ -42,6 +43,7 @@ from airflow_outpost.runners.errors import (
     RayConnectError,
     RunnerError,
     SettingError,
+    StoreBusyError,
     StoreError,
 )
 from airflow_outpost.runners.index.build import IndexConfig, build_index, update_index
@@ -121,6 +123,7 @@ __all__ = [
     "GpuMemoryError",
     "IndexStateError",
     "InputError",
+    "LeaseLostError",
     "ManifestError",
     "MissingFieldError",
     "ModelError",
@@ -131,5 +134,6 @@ __all__ = [
     "RayConnectError",
     "RunnerError",
     "SettingError",
+    "StoreBusyError",
     "StoreError",
 ]

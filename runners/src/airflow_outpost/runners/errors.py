@@ -8,7 +8,10 @@ is this module's class).
 
     RunnerError                         (retryable = False)
     +-- StoreError                      store root missing/unusable, bad kind or name
-    |   +-- ManifestError               a manifest exists but cannot be read or has a bad schema
+    |   +-- ManifestError               a manifest exists but cannot be read, has a bad schema, or names
+    |   |                               a file whose sha256 differs from the one it records
+    |   +-- StoreBusyError              (retryable) another writer holds the name's lock; names the holder
+    |   +-- LeaseLostError              (retryable) this writer's lease expired and was taken over
     +-- InputError                      the input data is wrong; names the file and row
     |   +-- MissingFieldError           a row lacks ``id`` or ``text`` (or it has the wrong type)
     |   +-- EmptyCorpusError            no documents at all
@@ -40,6 +43,7 @@ __all__ = [
     "GpuMemoryError",
     "IndexStateError",
     "InputError",
+    "LeaseLostError",
     "ManifestError",
     "MissingFieldError",
     "ModelError",
@@ -50,6 +54,7 @@ __all__ = [
     "RayConnectError",
     "RunnerError",
     "SettingError",
+    "StoreBusyError",
     "StoreError",
 ]
 
@@ -66,6 +71,28 @@ class StoreError(RunnerError):
 
 class ManifestError(StoreError):
     """A manifest is present but unreadable or malformed."""
+
+
+class StoreBusyError(StoreError):
+    """Another writer holds ``kind/name`` and did not let go within the lock timeout. Retryable.
+
+    ``path`` is the locked directory; ``host``, ``pid`` and ``since`` (ISO time) name the holder
+    as its lease file records it (None where unknown).
+    """
+
+    retryable = True
+
+    def __init__(
+        self, message: str, *, path: str, host: str | None = None, pid: int | None = None, since: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path, self.host, self.pid, self.since = path, host, pid, since
+
+
+class LeaseLostError(StoreError):
+    """This writer's lease expired and another writer took the name over; nothing was published. Retryable."""
+
+    retryable = True
 
 
 class InputError(RunnerError):

@@ -35,6 +35,7 @@ from airflow_outpost.runners.index.versions import (
     current_version,
     is_index_dir,
     list_versions,
+    load_index,
     next_version,
     promote,
     read_version_manifest,
@@ -45,6 +46,7 @@ from airflow_outpost.runners.index.versions import (
 from airflow_outpost.runners.results import IndexSummary
 from airflow_outpost.runners.store.atomic import atomic_directory
 from airflow_outpost.runners.store.region_store import code_version, hash_file
+from airflow_outpost.runners.store.writer_lock import LockSettings, WriterLease, writer_lock
 
 if TYPE_CHECKING:
     import faiss
@@ -209,18 +211,19 @@ def _queries_array(queries: Any, dim: int) -> np.ndarray:
 
 def _write_version(
     index_dir: Path, index: faiss.Index, truth: ExactTopK, deleted: np.ndarray,
-    id_strings: dict[int, str], manifest: dict[str, Any],
+    id_strings: dict[int, str], manifest: dict[str, Any], lease: WriterLease,
 ) -> tuple[str, Path]:
+    """Write the next version directory; the caller holds the index directory's writer lock."""
     import faiss
     import numpy as np
 
-    index_dir.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(index_dir)
     version = next_version(index_dir)
     final = version_dir(index_dir, version)
     manifest = {**manifest, "version": version}
     with atomic_directory(final) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
+        manifest["index_sha256"] = hash_file(tmp / INDEX_FILE)
         np.save(tmp / "eval_queries.npy", truth.queries)
         np.save(tmp / "eval_truth_ids.npy", truth.ids)
         np.save(tmp / "eval_truth_scores.npy", truth.scores)
@@ -230,13 +233,14 @@ def _write_version(
             np.save(tmp / "id_keys.npy", keys)
             np.save(tmp / "id_strings.npy", np.array(list(id_strings.values()), dtype=str))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        lease.check()  # a writer whose lease was taken over must not publish
     return version, final
 
 
 def _finish(
     index_dir: Path, index: faiss.Index, kind: str, params: dict[str, Any], truth: ExactTopK,
     config: IndexConfig, manifest: dict[str, Any], deleted: np.ndarray, id_strings: dict[int, str],
-    do_promote: bool, started: float,
+    do_promote: bool, started: float, lock: LockSettings | None,
 ) -> IndexSummary:
     from airflow_outpost.runners.index.recall import recall_at_k
 
@@ -253,16 +257,20 @@ def _finish(
         recall={"k": k, "queries": len(truth.queries), "value": recall, "min_recall": config.min_recall, "passed": passed},
         config=asdict(config), code_version=code_version(), build_seconds=round(time.perf_counter() - started, 3),
     )
-    version, path = _write_version(index_dir, index, truth, deleted, id_strings, manifest)
-    before = current_version(index_dir)
-    if do_promote and passed:
-        promote(index_dir, version, min_recall=config.min_recall)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    # Version number, directory rename and promotion under one lock: the build itself ran unlocked.
+    with writer_lock(index_dir, lock) as lease:
+        version, path = _write_version(index_dir, index, truth, deleted, id_strings, manifest, lease)
+        before = current_version(index_dir)
+        if do_promote and passed:
+            promote(index_dir, version, min_recall=config.min_recall)
+        now_current = current_version(index_dir)
     log.info("index %s %s: %d vectors, recall@%d=%s (gate %.3f) -> %s", index_dir, version, index.ntotal, k,
-             recall, config.min_recall, "promoted" if current_version(index_dir) == version else "not promoted")
+             recall, config.min_recall, "promoted" if now_current == version else "not promoted")
     return {
         "version": version, "path": str(path), "index_dir": str(index_dir), "kind": kind, "count": int(index.ntotal),
         "dim": int(index.d), "recall": recall, "k": k, "min_recall": config.min_recall, "passed": passed,
-        "promoted": current_version(index_dir) == version, "current": current_version(index_dir),
+        "promoted": now_current == version, "current": now_current,
         "previous": before, "mode": manifest["mode"], "seconds": manifest["build_seconds"],
     }
 
@@ -270,6 +278,7 @@ def _finish(
 def build_index(
     embeddings_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], config: IndexConfig | None = None,
     *, queries: Any = None, auto_promote: bool = True, on_progress: ProgressFn | None = None,
+    lock: LockSettings | None = None,
 ) -> IndexSummary:
     """Build a new index version from every shard of ``embeddings_dir`` into ``index_dir``.
 
@@ -282,7 +291,13 @@ def build_index(
     Returns an ``IndexSummary`` (``version``, ``path``, ``count``, ``recall``, ``passed``,
     ``promoted``, ``current``...). Input errors (dimension mismatch naming the file, bad dtype)
     raise before anything is written. A cancel or crash leaves only a ``.tmp-`` directory and
-    ``current`` unchanged; retrying builds a fresh version (the next build sweeps the leftover).
+    ``current`` unchanged; retrying builds a fresh version (the next build sweeps the leftover
+    once its owner is gone).
+
+    Concurrent builds compute in parallel; the version number, the rename into ``versions/`` and
+    the promotion happen under the index directory's writer lock (``lock``: ``LockSettings``,
+    default from ``OUTPOST_STORE_LOCK*``; StoreBusyError, retryable, after its timeout). Shards
+    listed with a sha256 in the embeddings manifest are checked (ManifestError on a mismatch).
     """
     import faiss
     import numpy as np
@@ -337,7 +352,8 @@ def build_index(
     manifest["inputs"] = [{"path": str(s.vectors.resolve()), "sha256": r["sha256"], "bytes": r["size"]}
                           for s, r in zip(shards, manifest["shards"], strict=True)]
     manifest["model"] = manifest["embeddings"].get("model")
-    return _finish(index_dir, index, kind, params, truth, config, manifest, deleted, id_strings, auto_promote, started)
+    return _finish(index_dir, index, kind, params, truth, config, manifest, deleted, id_strings, auto_promote, started,
+                   lock)
 
 
 def _check_not_swapped(emb_dir: Path, index_dir: Path) -> None:
@@ -360,6 +376,7 @@ def _check_not_swapped(emb_dir: Path, index_dir: Path) -> None:
 def update_index(
     embeddings_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], config: IndexConfig | None = None,
     *, auto_promote: bool = True, allow_rebuild: bool = True, on_progress: ProgressFn | None = None,
+    lock: LockSettings | None = None,
 ) -> IndexSummary:
     """Apply new shards and newly deleted ids of ``embeddings_dir`` to the current version in ``index_dir``.
 
@@ -375,7 +392,21 @@ def update_index(
 
     Returns an ``IndexSummary`` like ``build_index``. A cancel or crash leaves ``current``
     unchanged and at most a ``.tmp-`` directory; retrying redoes the same delta.
+
+    The whole update (reading the current version, applying the delta, publishing) holds the
+    index directory's writer lock (``lock``, as in ``build_index``), so two updates never apply
+    their deltas to the same base.
     """
+    emb_dir, index_dir = Path(embeddings_dir), Path(index_dir)
+    _check_not_swapped(emb_dir, index_dir)
+    with writer_lock(index_dir, lock):
+        return _update_locked(emb_dir, index_dir, config, auto_promote, allow_rebuild, on_progress, lock)
+
+
+def _update_locked(
+    emb_dir: Path, index_dir: Path, config: IndexConfig | None, auto_promote: bool, allow_rebuild: bool,
+    on_progress: ProgressFn | None, lock: LockSettings | None,
+) -> IndexSummary:
     import faiss
     import numpy as np
 
@@ -383,8 +414,6 @@ def update_index(
     from airflow_outpost.runners.index.shards import discover_shards, iter_batches, read_deleted_ids
 
     started = time.perf_counter()
-    emb_dir, index_dir = Path(embeddings_dir), Path(index_dir)
-    _check_not_swapped(emb_dir, index_dir)
     base = current_version(index_dir)
     if base is None:
         raise IndexStateError(f"{index_dir}: no current version to update; run build_index first")
@@ -413,9 +442,9 @@ def update_index(
         if not allow_rebuild:
             raise IndexStateError(f"{index_dir}: incremental update impossible ({reason}) and allow_rebuild=False")
         log.info("index %s: full rebuild because %s", index_dir, reason)
-        return build_index(emb_dir, index_dir, config, auto_promote=auto_promote, on_progress=on_progress)
+        return build_index(emb_dir, index_dir, config, auto_promote=auto_promote, on_progress=on_progress, lock=lock)
 
-    index = faiss.read_index(str(vdir / INDEX_FILE))
+    index = load_index(index_dir, base, vm)
     if config.threads:
         faiss.omp_set_num_threads(config.threads)
     if new_deleted.size:
@@ -465,7 +494,8 @@ def update_index(
         params["nprobe"] = config.nprobe
     elif kind == "hnsw":
         params["ef_search"] = config.hnsw_ef_search
-    return _finish(index_dir, index, kind, params, truth, config, manifest, all_deleted, id_strings, auto_promote, started)
+    return _finish(index_dir, index, kind, params, truth, config, manifest, all_deleted, id_strings, auto_promote, started,
+                   lock)
 
 
 def _load_id_strings(vdir: Path) -> dict[int, str]:

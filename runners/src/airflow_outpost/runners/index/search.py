@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from airflow_outpost.runners.errors import DimensionMismatchError
 from airflow_outpost.runners.index.build import _load_id_strings, _set_search_params
-from airflow_outpost.runners.index.versions import INDEX_FILE, IndexStateError, current_version, read_version_manifest, version_dir
+from airflow_outpost.runners.index.versions import IndexStateError, current_version, load_index, read_version_manifest, version_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,15 +30,14 @@ class IndexSearcher:
         self, index_dir: str | os.PathLike[str], *, version: str | None = None, k: int = 10,
         nprobe: int | None = None, ef_search: int | None = None, vector_column: str = "vector",
     ) -> None:
-        import faiss
-
         self.index_dir = Path(index_dir)
         self.version = version or current_version(self.index_dir)
         if self.version is None:
             raise IndexStateError(f"{self.index_dir}: no promoted index version")
         vdir = version_dir(self.index_dir, self.version)
         self.manifest = read_version_manifest(self.index_dir, self.version)
-        self.index = faiss.read_index(str(vdir / INDEX_FILE))
+        # Checked against the manifest's index_sha256 (ManifestError on a mismatch).
+        self.index = load_index(self.index_dir, self.version, self.manifest)
         params = dict(self.manifest["params"])
         params.update({k_: v for k_, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None})
         _set_search_params(self.index, self.manifest["kind"], params)

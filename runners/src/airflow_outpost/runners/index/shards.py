@@ -24,6 +24,7 @@ import numpy as np
 
 from airflow_outpost.runners.errors import DimensionMismatchError, InputError
 from airflow_outpost.runners.store.atomic import TMP_PREFIX
+from airflow_outpost.runners.store.region_store import verify_file
 
 _VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -103,7 +104,8 @@ def _ids_path_for(vectors: Path) -> Path:
 def discover_shards(directory: str | Path) -> list[Shard]:
     """List and validate the shards of an embeddings directory, reading only .npy headers.
 
-    Raises InputError (unreadable file, wrong dtype, ids/rows count mismatch, no shards) or
+    Raises InputError (unreadable file, wrong dtype, ids/rows count mismatch, no shards),
+    ManifestError (a listed shard's content differs from the sha256 the manifest records) or
     DimensionMismatchError naming the first shard whose dimension differs from the first one.
     Nothing is written.
     """
@@ -115,6 +117,8 @@ def discover_shards(directory: str | Path) -> list[Shard]:
     if isinstance(listed, list) and listed:
         for entry in listed:
             vec = root / entry["vectors"]
+            # A manifest that records a shard's hash is the authority: another version's file is refused.
+            verify_file(vec, entry.get("sha256"), "vector shard")
             pairs.append((vec, root / entry["ids"] if entry.get("ids") else _ids_path_for(vec)))
     else:
         for vec in sorted(root.glob("*.npy")):

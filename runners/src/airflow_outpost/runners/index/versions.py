@@ -7,11 +7,18 @@
       current -> versions/v000003
       versions/v000001/        index.faiss, manifest.json, eval_*.npy, deleted.npy, id_*.npy
       versions/v000002/
-      versions/.tmp-v000004.*  an interrupted build; ignored, swept by the next build
+      versions/.tmp-v000004.<host>~<pid>.*  a build in progress or interrupted; ignored, swept
+                               by the next writer once its owner is gone
+      .writer.lock, .writer.lease  the one-writer lock (airflow_outpost.runners.store.writer_lock)
 
 The ``current`` symlink is the commit point of a promotion (one atomic rename). The top-level
 manifest is written after it and carries the history that ``rollback`` walks back; if a crash
 lands between the two, the symlink wins and the history is trimmed to end at it on next use.
+
+Writers (``build_index``/``update_index`` publishing a version, ``promote``, ``rollback``) hold
+the index directory's writer lock while they pick a version number and read-modify-write the
+history, so concurrent writers on one or several hosts get gapless versions and lose no event.
+Each version manifest records ``index_sha256``; ``load_index`` checks it before serving.
 """
 
 from __future__ import annotations
@@ -20,14 +27,14 @@ import datetime as _dt
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from airflow_outpost.runners.errors import IndexStateError, ManifestError, StoreError
 from airflow_outpost.runners.results import PromoteResult, RollbackResult
-from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_symlink, atomic_write_json
-from airflow_outpost.runners.store.region_store import SCHEMA_VERSION, code_version
+from airflow_outpost.runners.store.atomic import atomic_symlink, atomic_write_json, sweep_orphans
+from airflow_outpost.runners.store.region_store import SCHEMA_VERSION, code_version, verify_file
+from airflow_outpost.runners.store.writer_lock import LockSettings, writer_lock
 
 VERSIONS = "versions"
 CURRENT = "current"
@@ -69,14 +76,23 @@ def next_version(index_dir: Path) -> str:
 
 
 def sweep_temporaries(index_dir: Path) -> int:
-    """Remove leftovers of interrupted builds (``versions/.tmp-*``); return how many."""
-    base = index_dir / VERSIONS
-    if not base.is_dir():
-        return 0
-    leftovers = [p for p in base.iterdir() if p.name.startswith(TMP_PREFIX)]
-    for p in leftovers:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return len(leftovers)
+    """Remove leftovers of interrupted builds (``.tmp-*`` in ``versions/`` and the top level); return how many.
+
+    Call it holding the index directory's writer lock: then every other writer's lease has
+    ended, and only a live process on this host can still own a temporary (kept).
+    """
+    return sweep_orphans(index_dir / VERSIONS, writer_lock_held=True, recursive=False) + sweep_orphans(
+        index_dir, writer_lock_held=True, recursive=False)
+
+
+def load_index(index_dir: Path, version: str, manifest: dict[str, Any] | None = None) -> Any:
+    """Read ``index.faiss`` of ``version`` after checking it against the ``index_sha256`` its manifest records."""
+    import faiss
+
+    vm = manifest if manifest is not None else read_version_manifest(index_dir, version)
+    path = version_dir(index_dir, version) / INDEX_FILE
+    verify_file(path, vm.get("index_sha256"), "FAISS index")
+    return faiss.read_index(str(path))
 
 
 def current_version(index_dir: str | os.PathLike[str]) -> str | None:
@@ -150,16 +166,25 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def promote(index_dir: str | os.PathLike[str], version: str, *, min_recall: float | None = None) -> PromoteResult:
+def promote(
+    index_dir: str | os.PathLike[str], version: str, *, min_recall: float | None = None, lock: LockSettings | None = None,
+) -> PromoteResult:
     """Point ``current`` at ``version`` atomically, if its recorded recall passes the gate.
 
     ``min_recall`` defaults to the threshold recorded when the version was built. Raises
     IndexStateError (and changes nothing) if the version is missing or its recall is below
     the threshold. Idempotent, so safe to retry: promoting the current version again is a no-op.
     A crash between the link and the manifest write is repaired on next use (the link wins).
-    Returns a ``PromoteResult`` (``current``, ``previous``, ``recall``).
+    Returns a ``PromoteResult`` (``current``, ``previous``, ``recall``). Holds the index
+    directory's writer lock (``lock``, default from ``OUTPOST_STORE_LOCK*``; StoreBusyError after
+    its timeout), so concurrent promotions and rollbacks apply one after the other.
     """
     index_dir = Path(index_dir)
+    with writer_lock(index_dir, lock):
+        return _promote_locked(index_dir, version, min_recall)
+
+
+def _promote_locked(index_dir: Path, version: str, min_recall: float | None) -> PromoteResult:
     vm = read_version_manifest(index_dir, version)
     recall = vm.get("recall", {}).get("value")
     threshold = vm.get("recall", {}).get("min_recall") if min_recall is None else min_recall
@@ -180,15 +205,20 @@ def promote(index_dir: str | os.PathLike[str], version: str, *, min_recall: floa
     return {"current": version, "previous": previous, "recall": recall}
 
 
-def rollback(index_dir: str | os.PathLike[str]) -> RollbackResult:
+def rollback(index_dir: str | os.PathLike[str], *, lock: LockSettings | None = None) -> RollbackResult:
     """Point ``current`` back at the version promoted before it; return a ``RollbackResult``
     (``current``, ``rolled_back``).
 
     Raises IndexStateError if there is no earlier promoted version. Each call steps back one
     promotion, so it is not idempotent: a retry after a successful call steps back again. The
-    rolled-back version stays on disk and can be promoted again.
+    rolled-back version stays on disk and can be promoted again. Holds the writer lock like ``promote``.
     """
     index_dir = Path(index_dir)
+    with writer_lock(index_dir, lock):
+        return _rollback_locked(index_dir)
+
+
+def _rollback_locked(index_dir: Path) -> RollbackResult:
     manifest = read_index_manifest(index_dir)
     history = manifest["history"]
     if len(history) < 2:

@@ -3,7 +3,11 @@
 Every output the runners produce is first written under a temporary name in the same
 directory, flushed and fsync'd, then renamed over its final name. A crash at any point
 leaves either the previous file or the new one under the final name, never a half file;
-leftover temporaries start with ``.tmp-`` and are ignored (and may be swept) by readers.
+leftover temporaries start with ``.tmp-`` and are ignored by readers.
+
+A temporary's name records its owner: ``.tmp-<final name>.<host>~<pid>.<random>``. ``sweep_orphans``
+removes only temporaries whose owner is gone: a dead process on this host, or (when the caller
+holds the name's writer lock, so every other writer's lease has ended) another host's.
 """
 
 from __future__ import annotations
@@ -11,13 +15,65 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 TMP_PREFIX = ".tmp-"
+_OWNER_RE = re.compile(r"\.(?P<host>[A-Za-z0-9_-]+)~(?P<pid>\d+)\.[^.]*$")
+
+
+def _host_tag(host: str) -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "_", host)[:64] or "_"
+
+
+def owner_tag() -> str:
+    """``<host>~<pid>`` of this process, as it appears in its temporaries' names."""
+    return f"{_host_tag(socket.gethostname())}~{os.getpid()}"
+
+
+def temp_prefix(final: Path) -> str:
+    """Prefix of a temporary for ``final``: ``.tmp-<name>.<host>~<pid>.``"""
+    return f"{TMP_PREFIX}{final.name}.{owner_tag()}."
+
+
+def temp_owner(name: str) -> tuple[str, int] | None:
+    """``(host tag, pid)`` recorded in a temporary's name, or None for an untagged (older) one."""
+    m = _OWNER_RE.search(name)
+    return (m.group("host"), int(m.group("pid"))) if m else None
+
+
+def sweep_orphans(base: Path, *, writer_lock_held: bool, recursive: bool = True) -> int:
+    """Delete ``.tmp-*`` under ``base`` whose owner is gone; return how many.
+
+    Always removed: temporaries of a dead process on this host. With ``writer_lock_held`` (the
+    caller holds ``base``'s writer lock, so no other writer's lease is alive) also those of other
+    hosts and untagged ones. Temporaries of a live process on this host are kept.
+    """
+    from airflow_outpost.runners.store.writer_lock import pid_alive
+
+    if not base.is_dir():
+        return 0
+    here = _host_tag(socket.gethostname())
+    found = base.rglob(TMP_PREFIX + "*") if recursive else base.glob(TMP_PREFIX + "*")
+    removed = 0
+    for p in sorted(found, reverse=True):
+        owner = temp_owner(p.name)
+        if owner is not None and owner[0] == here:
+            if owner[1] == os.getpid() or pid_alive(owner[1]):
+                continue
+        elif not writer_lock_held:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,7 +93,7 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final), dir=final.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -73,7 +129,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     if final.exists():
         raise FileExistsError(f"refusing to overwrite existing output directory {final}")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), dir=final.parent))
     try:
         yield tmp
         for child in tmp.rglob("*"):
@@ -90,7 +146,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_symlink(target: str, link: str | os.PathLike[str]) -> None:
     """Point symlink ``link`` at ``target`` atomically (create a temp link, rename over)."""
     link = Path(link)
-    tmp = link.with_name(f"{TMP_PREFIX}{link.name}.{os.getpid()}")
+    tmp = link.with_name(temp_prefix(link) + "link")
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, link)

@@ -20,9 +20,11 @@ API::
     store.write_manifest(kind, name, body, *, inputs=(), model=None) -> dict
     store.list(kind) -> list[str]                 # names that have a manifest
     store.uri(path) -> "file:///..."              # local URI for XCom summaries
-    store.sweep_temporaries(kind, name) -> int    # removes leftovers of crashed writes
+    store.sweep_temporaries(kind, name) -> int    # removes leftovers of crashed writes (owner gone)
+    store.writer_lock(kind, name) -> context      # the one-writer-per-name lock (store.writer_lock)
 
     hash_bytes(b) / hash_text(s) / hash_file(p) / hash_tree(dir) -> "sha256:<hex>"
+    verify_file(p, sha256, what) -> None          # ManifestError if the content's hash differs
     input_record(path) -> {"path", "sha256", "bytes"}
     model_record(path, name=None, revision=None) -> {"name", "path", "revision", "weights_sha256"}
     code_version() -> "0.3.0"                     # airflow-outpost-runners version that wrote the output
@@ -34,6 +36,13 @@ Atomicity: the manifest is the commit point. Writers publish data files first, u
 that an older manifest never references (versioned names), then replace ``manifest.json``
 atomically (``airflow_outpost.runners.store.atomic``). A crash at any point leaves the previous manifest, and every
 file it references, readable; leftovers are ``.tmp-*`` files or unreferenced versioned files.
+
+Writers: one per name at a time. ``embed_corpus``, ``build_index``, ``update_index``, ``promote``
+and ``rollback`` allocate a version and publish it holding ``writer_lock(kind, name)`` (an fcntl
+lock where the mount honours it, and always a renewed lease file; see
+``airflow_outpost.runners.store.writer_lock``). Readers take no lock: they check the sha256 that
+the manifest records for each file they read (``verify_file``), so a file that does not belong to
+the manifest's version raises ManifestError instead of returning wrong data.
 """
 
 from __future__ import annotations
@@ -44,13 +53,15 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from airflow_outpost.runners.errors import ManifestError, StoreError
-from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_write_json
+from airflow_outpost.runners.store.atomic import atomic_write_json, sweep_orphans
+from airflow_outpost.runners.store.writer_lock import LockSettings, WriterLease, writer_lock
 
 ENV_ROOT = "OUTPOST_STORE_ROOT"
 KINDS = ("corpora", "embeddings", "indexes", "results", "models")
@@ -79,6 +90,39 @@ def hash_file(path: str | os.PathLike[str]) -> str:
         while block := fh.read(_CHUNK):
             h.update(block)
     return "sha256:" + h.hexdigest()
+
+
+_verified_lock = threading.Lock()
+_verified: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def verify_file(path: str | os.PathLike[str], expected: str | None, what: str) -> None:
+    """Raise ManifestError unless ``path``'s content hashes to ``expected`` (skipped if None).
+
+    How readers tell a file of the manifest's version from one another writer put under the same
+    name. A file already verified with the same inode, size and mtime is not hashed again in this
+    process, so repeated reads of a large shard stay cheap.
+    """
+    if expected is None:
+        return
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{p}: {what} named by the manifest is missing") from exc
+    key = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _verified_lock:
+        known = _verified.get(key)
+    actual = known or hash_file(p)
+    if actual != expected:
+        raise ManifestError(
+            f"{p}: {what} has {actual} but the manifest records {expected}: it belongs to another "
+            "version (a concurrent or interrupted writer); refusing to read it"
+        )
+    with _verified_lock:
+        if len(_verified) > 4096:
+            _verified.clear()
+        _verified[key] = actual
 
 
 def hash_tree(path: str | os.PathLike[str]) -> str:
@@ -241,19 +285,24 @@ class Store:
         """Local ``file://`` URI for a path in the store (what goes into XCom instead of data)."""
         return Path(path).resolve().as_uri()
 
-    def sweep_temporaries(self, kind: str, name: str) -> int:
-        """Delete ``.tmp-*`` leftovers of interrupted writes under ``kind/name``; return how many.
+    @contextmanager
+    def writer_lock(self, kind: str, name: str, settings: LockSettings | None = None) -> Iterator[WriterLease]:
+        """Hold the one-writer lock of ``kind/name`` (see ``airflow_outpost.runners.store.writer_lock``).
 
-        Only call it when no writer is active on ``kind/name``.
+        Raises StoreBusyError (retryable) naming the holder after ``settings.timeout_s``.
+        """
+        with writer_lock(self.path(kind, name), settings) as lease:
+            yield lease
+
+    def sweep_temporaries(self, kind: str, name: str, settings: LockSettings | None = None) -> int:
+        """Delete ``.tmp-*`` leftovers of writers that are gone under ``kind/name``; return how many.
+
+        Takes the name's writer lock (waiting like a writer), so a temporary of a live writer is
+        never removed: under the lock, only temporaries of dead processes on this host and of
+        other hosts (whose leases have ended) go.
         """
         base = self.path(kind, name)
         if not base.is_dir():
             return 0
-        removed = 0
-        for p in sorted(base.rglob(TMP_PREFIX + "*"), reverse=True):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        with writer_lock(base, settings):
+            return sweep_orphans(base, writer_lock_held=True)
