@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import airflow_outpost.runners as runners
 from airflow_outpost.runners.errors import ManifestError, SettingError, StoreBusyError, StoreError
 from airflow_outpost.runners.store import atomic as _atomic
 from airflow_outpost.runners.store.region_store import ENV_ROOT, Store, hash_file, hash_tree, input_record
@@ -37,7 +38,7 @@ def test_manifest_round_trip_records_lineage(store, tmp_path):
                                    model={"name": "m", "weights_sha256": "sha256:00"})
     got = store.read_manifest("results", "r1")
     assert got == written
-    assert got["rows"] == 3 and got["code_version"] == "0.2.0"
+    assert got["rows"] == 3 and got["code_version"] == runners.__version__
     assert got["inputs"][0]["sha256"] == hash_file(src)
     assert got["model"]["name"] == "m"
     assert store.list("results") == ["r1"]

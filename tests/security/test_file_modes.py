@@ -10,7 +10,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from airflow_outpost.runners.errors import ModelServiceError
 from airflow_outpost.runners.model_service import client as model_client
 from airflow_outpost.runners.model_service.protocol import private_dir
 from airflow_outpost.worker.testing.controlplane import ControlPlane
-from airflow_outpost.worker.testing.os_users import os_group, os_user
+from airflow_outpost.worker.testing.os_users import os_group, os_user, user_python
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates OS users (useradd): run as root, as CI does")
 
@@ -131,10 +130,11 @@ def test_a_socket_another_user_listens_on_is_refused_not_talked_to(open_root: Pa
             "import json, os, socket, sys, time\n"
             "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o777); s.listen(1)\n"
             "print(json.dumps('ready'), flush=True)\n"
-            "s.settimeout(20)\n"
-            "try:\n    conn, _ = s.accept(); data = conn.recv(100)\nexcept OSError:\n    data = b''\n"
+            "s.settimeout(30)\n"
+            "conns = []\n"
+            "while True:\n    try:\n        conns.append(s.accept()[0])\n    except OSError:\n        break\n"
         )
-        proc = subprocess.Popen([sys.executable, "-c", listener, str(path)], user=other.uid, group=other.gid,
+        proc = subprocess.Popen([user_python(), "-c", listener, str(path)], user=other.uid, group=other.gid,
                                 stdout=subprocess.PIPE, text=True, cwd="/")
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == '"ready"'

@@ -62,9 +62,11 @@ from airflow_outpost.runners.results import (
     RollbackResult,
     WarmActorsSummary,
 )
-from airflow_outpost.runners.store.region_store import Store, code_version
+from airflow_outpost.runners.store import region_store as _region_store
+from airflow_outpost.runners.store.region_store import Store
 
-__version__: str = code_version()
+__version__: str = _region_store.code_version()
+del _region_store
 
 __all__ = [
     "__version__",

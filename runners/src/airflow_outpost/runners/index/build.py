@@ -448,7 +448,7 @@ def _update_locked(
     if config.threads:
         faiss.omp_set_num_threads(config.threads)
     if new_deleted.size:
-        index.remove_ids(new_deleted)  # type: ignore[arg-type]  # the Python wrapper takes an id array
+        index.remove_ids(new_deleted)  # the Python wrapper takes an id array
     truth = ExactTopK(np.load(vdir / "eval_queries.npy"), config.eval_k * _TRUTH_DEPTH, _faiss_metric(config.metric))
     truth.ids, truth.scores = np.load(vdir / "eval_truth_ids.npy"), np.load(vdir / "eval_truth_scores.npy")
     id_strings = _load_id_strings(vdir)
@@ -459,7 +459,7 @@ def _update_locked(
     for ids, vectors, strings in iter_batches(new, config.add_batch_rows, exclude=all_deleted):
         if kind != "hnsw":
             # Upsert: a re-embedded document replaces its old vector (the wrapper takes an id array).
-            index.remove_ids(ids)  # type: ignore[arg-type]
+            index.remove_ids(ids)
         index.add_with_ids(vectors, ids)
         removed.append(ids)
         added_batches.append((ids, vectors))

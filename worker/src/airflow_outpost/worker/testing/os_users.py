@@ -26,13 +26,23 @@ class OsUser:
     groups: tuple[int, ...] = ()
 
     def run_python(self, script: str, *args: str, timeout_s: float = 60) -> Any:
-        """Run ``python -c script args...`` as this user; return what it printed, parsed as JSON."""
-        out = subprocess.run([sys.executable, "-c", script, *args], user=self.uid, group=self.gid,
+        """Run ``python -c script args...`` (standard library only) as this user; return what it
+        printed, parsed as JSON."""
+        out = subprocess.run([user_python(), "-c", script, *args], user=self.uid, group=self.gid,
                              extra_groups=list(self.groups), capture_output=True, text=True, timeout=timeout_s,
                              cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/"})
         if out.returncode != 0:
             raise AssertionError(f"script as {self.name} exited {out.returncode}:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout)
+
+
+def user_python() -> str:
+    """An interpreter another user can run: the system's, since a test venv may live in root's
+    home (pyenv under /root, mode 0700)."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(candidate):
+            return candidate
+    return sys.executable
 
 
 @contextmanager
