@@ -75,12 +75,15 @@ def free_port() -> int:
 class RayCluster:
     """A two-node Ray cluster on this machine (1 CPU per node) with token auth."""
 
-    def __init__(self, num_nodes: int = 2, cpus_per_node: int = 1) -> None:
+    def __init__(self, num_nodes: int = 2, cpus_per_node: int = 1, temp_dir: str | None = None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.token = secrets.token_hex(32)
         # Short path: Ray puts unix sockets under it and socket paths are limited to ~107 bytes.
-        self.temp_dir = tempfile.mkdtemp(prefix="oprt-", dir="/tmp")
+        # ``ray start --head`` writes ``<temp_dir>/ray_current_cluster``, which plain ``ray.init()``
+        # of a process whose Ray temp folder ($RAY_TMPDIR/ray) is that dir would join.
+        self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="oprt-", dir="/tmp")
+        os.makedirs(self.temp_dir, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.num_nodes, self.cpus_per_node = num_nodes, cpus_per_node
 

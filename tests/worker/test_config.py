@@ -62,6 +62,13 @@ def test_stock_edge_api_url_form_is_accepted() -> None:
         ({"ray_keep_warm_s": "60"}, "ray_keep_warm_s", "only applies with ray set"),
         ({"ray": "local", "ray_keep_warm_s": "-5"}, "ray_keep_warm_s", "from 0 to 7 days"),
         ({"ray": "local", "ray_keep_warm_s": "soon"}, "ray_keep_warm_s", "duration such as 15m"),
+        ({"ray_node_ip_address": "127.0.0.1"}, "ray_node_ip_address", "only applies with ray = local"),
+        ({"ray": "auto", "ray_node_ip_address": "127.0.0.1"}, "ray_node_ip_address", "only applies with ray = local"),
+        ({"ray": "local", "ray_node_ip_address": "head.internal"}, "ray_node_ip_address", "an IPv4 address of this host"),
+        ({"ray": "local", "ray_node_ip_address": "::1"}, "ray_node_ip_address", "an IPv4 address of this host"),
+        ({"ray": "local", "ray_node_ip_address": "0.0.0.0"}, "ray_node_ip_address", "not 0.0.0.0"),
+        # TEST-NET-3: no interface of this host has it, so Ray's head could never listen there.
+        ({"ray": "local", "ray_node_ip_address": "203.0.113.77"}, "ray_node_ip_address", "this host has no interface"),
         ({"preload": "pyarrow,os.path;rm -rf"}, "preload", "dotted Python module names"),
     ],
 )
@@ -137,6 +144,26 @@ def test_ray_defaults_to_a_ray_per_task_and_is_set_like_every_setting(tmp_path: 
         assert load_settings({"api_url": "http://h", "ray": address}, env={}).ray == address
     # The flag wins over the environment.
     assert load_settings({"api_url": "http://h", "ray": "auto"}, env={"OUTPOST_RAY": "local"}).ray == "auto"
+
+
+def test_ray_node_ip_address_defaults_to_loopback_and_is_set_like_every_setting(tmp_path: Path) -> None:
+    assert load_settings({"api_url": "http://h", "ray": "local"}, env={}).ray_node_ip_address is None  # 127.0.0.1
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('api_url = "http://h"\nray = "local"\nray_node_ip_address = "127.0.0.1"\n')
+    assert load_settings({"config": str(cfg)}, env={}).ray_node_ip_address == "127.0.0.1"
+    env = {"OUTPOST_RAY": "local", "OUTPOST_RAY_NODE_IP_ADDRESS": " 127.0.0.1 "}
+    assert load_settings({"api_url": "http://h"}, env=env).ray_node_ip_address == "127.0.0.1"
+    # The flag wins over the environment (and is checked, not the environment's value).
+    with pytest.raises(ConfigError, match="ray_node_ip_address='203.0.113.77'"):
+        load_settings({"api_url": "http://h", "ray_node_ip_address": "203.0.113.77"}, env=env)
+
+
+def test_bad_ray_node_ip_address_stops_the_cli_with_exit_code_2() -> None:
+    result = run_outpost("worker", "--api-url", "http://127.0.0.1:9", "--ray", "local",
+                         "--ray-node-ip-address", "203.0.113.77")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "ray_node_ip_address='203.0.113.77'" in last and "no interface" in last and "Traceback" not in result.stderr
 
 
 def test_bad_ray_flag_stops_the_cli_with_exit_code_2() -> None:

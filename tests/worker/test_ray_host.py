@@ -9,6 +9,7 @@ runs in the worker's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -216,6 +217,67 @@ def test_a_head_that_does_not_come_up_leaves_tasks_on_their_own_ray(
     assert str(host.log_path) in caplog.text and "start their own Ray" in caplog.text
     assert "leftover process(es)" in caplog.text
     assert marked_pids(host.temp_dir) == []
+
+
+# A driver on the head's cluster: waits until ``sys.argv[1]`` nodes are alive and lists them.
+_NODES = r"""
+import json, sys, time
+import ray
+from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
+
+with ray_session(RayConfig.from_env()):
+    deadline = time.time() + 90
+    while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[1]) and time.time() < deadline:
+        time.sleep(0.5)
+    print(json.dumps({"nodes": [{"id": n["NodeID"], "ip": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU")}
+                                for n in ray.nodes() if n["Alive"]],
+                      "head": ray.get_runtime_context().gcs_address}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_another_node_joins_the_head_at_its_node_ip_address(loop_thread: LoopThread, tmp_path: Path) -> None:
+    from airflow_outpost.worker.config import load_settings
+
+    settings = load_settings({"api_url": "http://h", "ray": "local", "ray_num_cpus": "1",
+                              "ray_node_ip_address": "127.0.0.1", "state_folder": str(tmp_path / "state")}, env={})
+    host = RayHost.from_settings(settings)
+    assert host is not None and host.node_ip_address == "127.0.0.1"
+    joined: subprocess.Popen[bytes] | None = None
+    try:
+        loop_thread.run(host.start(_base_env()))
+        assert loop_thread.run(host.wait_ready()), host._log_tail()
+        assert host.address == f"127.0.0.1:{host.port}"
+        # README's join command on "another host": the head's address and its token, this node's own IP.
+        token = (host.folder / "auth_token").read_text().strip()
+        with open(tmp_path / "joined.log", "wb") as out:
+            joined = subprocess.Popen(
+                [str(Path(sys.executable).with_name("ray")), "start", "--address", str(host.address),
+                 "--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", "--disable-usage-stats"],
+                env={**_base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+        env.update(host.task_env(), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+        proc = subprocess.run([sys.executable, "-c", _NODES, "2"], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=180, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        seen = json.loads(proc.stdout.strip().splitlines()[-1])
+        log_tail = (tmp_path / "joined.log").read_text(errors="replace")[-2000:]
+        assert len(seen["nodes"]) == 2, (seen, log_tail)  # the head and the node that joined it
+        assert len({n["id"] for n in seen["nodes"]}) == 2 and sum(n["cpus"] for n in seen["nodes"]) == 2
+        assert seen["head"].endswith(f":{host.port}") and joined.poll() is None
+    finally:
+        if joined is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(joined.pid, signal.SIGTERM)
+            try:
+                joined.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(joined.pid, signal.SIGKILL)
+                joined.wait()
+        loop_thread.run(host.aclose())
+    # The joined node ran under the head's temp dir: nothing of either is left.
+    assert _pids_naming(host.temp_dir) == [] and marked_pids(host.temp_dir) == []
 
 
 def test_an_existing_cluster_is_passed_to_tasks_and_probed(loop_thread: LoopThread, tmp_path: Path) -> None:

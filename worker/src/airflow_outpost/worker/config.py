@@ -10,6 +10,7 @@ the value and what is allowed, before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -123,6 +124,9 @@ class Settings:
     ray: str | None = None
     ray_num_cpus: int | None = None  # local: None = all cores
     ray_num_gpus: int | None = None  # local: None = 0 (GPUs stay with the worker's GPU slots)
+    # local: the head's node IP, the address Ray gives every node and driver for it; None = 127.0.0.1
+    # (this host only). An address of a network interface lets other hosts join with `ray start`.
+    ray_node_ip_address: str | None = None
     ray_auth_token_file: Path | None = None  # cluster: its token, given to tasks as RAY_AUTH_TOKEN_PATH
     ray_keep_warm_s: float | None = None  # None = model_idle_s
     budgets: tuple[tuple[str, float], ...] = ()  # (("queue:gpu", 7200.0), ("dag:train", 1800.0))
@@ -305,6 +309,12 @@ def _validate_ray(s: Settings) -> None:
         if getattr(s, name) is not None and s.ray != "local":
             raise ConfigError(name, getattr(s, name), "only applies with ray = local (the worker's own Ray head); "
                                                        "an existing cluster has its own resources")
+    if s.ray_node_ip_address is not None:
+        if s.ray != "local":
+            raise ConfigError("ray_node_ip_address", s.ray_node_ip_address,
+                              "only applies with ray = local (the worker's own Ray head); an existing cluster "
+                              "has its own addresses")
+        object.__setattr__(s, "ray_node_ip_address", _host_ipv4("ray_node_ip_address", s.ray_node_ip_address))
     if s.ray_auth_token_file is not None:
         if s.ray in (None, "local"):
             raise ConfigError("ray_auth_token_file", str(s.ray_auth_token_file),
@@ -321,6 +331,25 @@ def _validate_ray(s: Settings) -> None:
             raise ConfigError("ray_keep_warm_s", s.ray_keep_warm_s, "a duration from 0 to 7 days, e.g. 600 or 10m")
     else:
         object.__setattr__(s, "ray_keep_warm_s", float(s.model_idle_s))
+
+
+def _host_ipv4(name: str, value: Any) -> str:
+    """``value`` as an IPv4 address that this host has (it can bind it), else ConfigError."""
+    allowed = ("an IPv4 address of this host that the region's other hosts reach it at, e.g. 10.0.0.5 "
+               "(default 127.0.0.1: this host only)")
+    try:
+        ip = ipaddress.IPv4Address(str(value).strip())
+    except ValueError:
+        raise ConfigError(name, value, allowed) from None
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+        # Ray hands this address to every node and driver as where to reach the head: it must be one.
+        raise ConfigError(name, value, allowed + "; not 0.0.0.0, a broadcast or a multicast address")
+    with socket.socket() as sock:
+        try:
+            sock.bind((str(ip), 0))
+        except OSError as exc:
+            raise ConfigError(name, value, f"{allowed}; this host has no interface with it ({exc.strerror})") from None
+    return str(ip)
 
 
 def _valid_ray_address(address: str) -> bool:

@@ -19,6 +19,15 @@ Ray's bounded retries with a message that says so. The variables are restored on
 
 Ray itself binds its gRPC ports on all interfaces whatever address is used to reach it; the
 token is what keeps other hosts out.
+
+``address=None`` is a Ray of the task's own, never someone else's: plain ``ray.init()`` joins
+whatever cluster ``RAY_ADDRESS`` or the ``ray_current_cluster`` file in Ray's temp folder
+(``/tmp/ray``, written by any user's ``ray start --head``) names, which on a shared host sends
+the task's data to another team's cluster (or fails: "num_cpus and num_gpus must not be
+provided"). So the session calls ``ray.init(address="local")``, which Ray documents as "start a
+new local Ray instance" and which reads neither, and hides ``RAY_ADDRESS`` from the process
+(and the Ray processes it starts) for the duration. Joining needs an explicit address; ``"auto"``
+keeps Ray's discovery for those who want it.
 """
 
 from __future__ import annotations
@@ -41,12 +50,15 @@ __all__ = ["RayAuthError", "RayConfig", "RayConnectError", "RaySessionInfo", "ra
 
 log = logging.getLogger(__name__)
 _AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_SAVED_VARS = (*_AUTH_VARS, "RAY_ADDRESS")
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    """Where Ray runs. ``address=None`` starts a local Ray for the session (``num_cpus`` CPUs,
-    default all); ``"auto"``, ``"host:port"`` or ``"ray://host:port"`` joins an existing cluster.
+    """Where Ray runs. ``address=None`` starts a new local Ray for the session (``num_cpus`` CPUs,
+    default all), ignoring ``RAY_ADDRESS`` and any cluster another Ray user started on the host;
+    ``"auto"`` (Ray's discovery: ``RAY_ADDRESS``, then the host's latest ``ray start``),
+    ``"host:port"`` or ``"ray://host:port"`` joins an existing cluster.
 
     ``auth_mode="token"`` (Ray 2.60's default) sends the token; ``"disabled"`` joins clusters
     started with ``RAY_AUTH_MODE=disabled``. ``runtime_env`` is passed to ``ray.init`` (for
@@ -139,7 +151,8 @@ def ray_session(config: RayConfig | None = None) -> Iterator[RaySessionInfo]:
     open. Otherwise the session calls ``ray.shutdown()`` on exit, which also stops a local Ray
     it started. Raises RayAuthError (missing/unreadable/rejected token; not retryable) or
     RayConnectError (nothing listening at the address; retryable), never hangs past Ray's
-    bounded connect retries. Auth variables it set are restored on exit, also on error.
+    bounded connect retries. Auth variables it set (and ``RAY_ADDRESS``, hidden while a Ray of its
+    own runs) are restored on exit, also on error.
     """
     import ray
 
@@ -147,7 +160,7 @@ def ray_session(config: RayConfig | None = None) -> Iterator[RaySessionInfo]:
     if ray.is_initialized():
         yield {"address": None, "started": False, "reused": True, "resources": ray.cluster_resources()}
         return
-    saved = {name: os.environ.get(name) for name in _AUTH_VARS}
+    saved = {name: os.environ.get(name) for name in _SAVED_VARS}
     try:
         if config.auth_mode == "disabled":
             os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -168,7 +181,11 @@ def ray_session(config: RayConfig | None = None) -> Iterator[RaySessionInfo]:
         _reset_ray_auth_cache()
         kwargs: dict[str, Any] = {"log_to_driver": config.log_to_driver, "runtime_env": dict(config.runtime_env or {})}
         if config.address is None:
-            ray.init(num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False,
+            # "local": a new Ray, whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster say (module docstring).
+            if (other := os.environ.pop("RAY_ADDRESS", None)):
+                log.warning("ray: ignoring RAY_ADDRESS=%s: RayConfig(address=None) starts a Ray of its own; "
+                            "set RayConfig.address to join a cluster", other)
+            ray.init(address="local", num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False,
                      object_store_memory=config.object_store_memory, **kwargs)
         else:
             _probe(config.address, config.connect_timeout_s)

@@ -71,6 +71,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
                "host:port, ray://host:port (default: each task starts its own)",
         "ray_num_cpus": "CPUs of the local Ray head (default: all cores)",
         "ray_num_gpus": "GPUs of the local Ray head (default 0)",
+        "ray_node_ip_address": "IPv4 address of this host that the local Ray head gives nodes and tasks as its "
+                               "own, so other hosts can join it with ray start (default 127.0.0.1: this host only)",
         "ray_auth_token_file": "file holding an existing Ray cluster's auth token (tasks get RAY_AUTH_TOKEN_PATH)",
         "ray_keep_warm_s": "how long tasks' Ray model actors stay warm when idle (default: model_idle_s)",
         "budgets": "daily budgets, e.g. queue:gpu=2h,dag:train=30m (also --budget, repeatable)",

@@ -2,7 +2,8 @@
 
 Without this, each task that uses Ray starts its own local Ray (seconds) and stops it at the end,
 so nothing Ray-side stays warm between tasks. With ``ray = "local"`` the worker starts
-``ray start --head --block`` as its own child, on loopback, in its own process group, with token
+``ray start --head --block`` as its own child, on loopback (or on ``ray_node_ip_address``, where
+other hosts can join it with ``ray start --address``), in its own process group, with token
 auth (a fresh random token per worker run, in ``<state_folder>/ray/auth_token``, mode 0600), and
 tells each task where it is: ``OUTPOST_RAY_ADDRESS``, ``RAY_AUTH_TOKEN_PATH`` and
 ``OUTPOST_RAY_KEEP_WARM_S``, which ``airflow_outpost.runners.batch.ray_session.RayConfig.from_env()`` reads. Named
@@ -47,6 +48,7 @@ MAX_RESTART_DELAY_S = 60.0
 HEALTHY_AFTER_S = 300.0  # a head that ran this long starts the backoff again from 1 s
 PROBE_INTERVAL_S = 10.0
 MARKER_ENV = "OUTPOST_RAY_TEMP_DIR"
+LOOPBACK = "127.0.0.1"
 # Variables the worker's Ray settings replace: an inherited value would point tasks elsewhere.
 _TASK_VARS = ("OUTPOST_RAY_ADDRESS", "OUTPOST_RAY_KEEP_WARM_S")
 _LOCAL_ONLY_VARS = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -120,8 +122,9 @@ class RayHost:
 
     def __init__(self, ray: str, state_folder: Path, *, keep_warm_s: float, num_cpus: int | None = None,
                  num_gpus: int | None = None, auth_token_file: Path | None = None,
-                 start_timeout_s: float = START_TIMEOUT_S) -> None:
+                 node_ip_address: str = LOOPBACK, start_timeout_s: float = START_TIMEOUT_S) -> None:
         self.local = ray == "local"
+        self.node_ip_address = node_ip_address  # local: where the head is reached (Settings.ray_node_ip_address)
         self.folder = Path(state_folder) / "ray"
         self.log_path = self.folder / "ray.log"
         self._own_token_file = self.folder / "auth_token"  # the local head's, written at start
@@ -146,7 +149,8 @@ class RayHost:
         if s.ray is None:
             return None
         return cls(s.ray, s.state_folder, keep_warm_s=float(s.ray_keep_warm_s or 0), num_cpus=s.ray_num_cpus,
-                   num_gpus=s.ray_num_gpus, auth_token_file=s.ray_auth_token_file)
+                   num_gpus=s.ray_num_gpus, auth_token_file=s.ray_auth_token_file,
+                   node_ip_address=s.ray_node_ip_address or LOOPBACK)
 
     # -- what tasks see ----------------------------------------------------------------------
     def scrub(self, env: dict[str, str]) -> None:
@@ -187,6 +191,10 @@ class RayHost:
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
         write_atomic(self._own_token_file, (self._token + "\n").encode())  # mkstemp: mode 0600
+        if self.node_ip_address != LOOPBACK:
+            log.warning("the worker's Ray head advertises %s: hosts that reach it and hold the token in %s can join "
+                        "it and run code as this user; Ray's traffic, the token included, is not encrypted "
+                        "(README \"Warm Ray\")", self.node_ip_address, self._own_token_file)
         self._task = asyncio.create_task(self._supervise(), name="ray head")
 
     async def wait_ready(self, timeout_s: float | None = None) -> bool:
@@ -277,9 +285,9 @@ class RayHost:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.port = _free_port(self.port)  # the same port after a restart, if still free
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{self.node_ip_address}:{self.port}"
         cmd = [sys.executable, "-P", "-m", "ray.scripts.scripts", "start", "--head", "--block",
-               "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+               "--node-ip-address", self.node_ip_address, "--port", str(self.port),
                # Defaults 10001 and 8265 would collide with another Ray on this machine.
                "--ray-client-server-port", str(_free_port()), "--dashboard-port", str(_free_port()),
                "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(self.temp_dir),
@@ -298,7 +306,7 @@ class RayHost:
         while loop.time() < deadline:
             if self._proc is None or self._proc.returncode is not None:
                 return False
-            if await _accepts("127.0.0.1", self.port or 0):
+            if await _accepts(self.node_ip_address, self.port or 0):
                 # Someone else may hold the port (then Ray's GCS cannot bind it and the head exits):
                 # a head already gone is not up; one that exits later is restarted like any death.
                 await asyncio.sleep(0.1)
