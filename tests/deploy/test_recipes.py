@@ -24,6 +24,7 @@ import pytest
 from airflow_outpost.worker.cli.main import build_parser
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.preflight import airflow_jwt_secret
+from airflow_outpost.worker.runtime.state import StateFolder
 from airflow_outpost.worker.testing.worker_process import run_outpost
 from tests.helpers import DAGS, REPO, build_wheels, fresh_venv
 
@@ -196,13 +197,17 @@ def test_budgets_table_next_to_a_worker_table_is_kept(tmp_path: Path) -> None:
 
 def test_status_and_egress_find_the_state_folder_through_config(tmp_path: Path) -> None:
     folder = tmp_path / "state"
-    folder.mkdir()
+    state = StateFolder(folder)
+    state.acquire()  # as the worker that wrote status.json does: `outpost status` asks who holds the lock
     (folder / "status.json").write_text(json.dumps({"pid": os.getpid(), "name": "w", "api_url": "http://h:1",
                                                     "state": "idle", "updated": time.time(), "concurrency": 1,
                                                     "free_slots": 1, "queues": None}))
     cfg = tmp_path / "outpost.toml"
     cfg.write_text(f'api_url = "http://h:1"\nstate_folder = "{folder}"\n')
-    out = run_outpost("status", "--config", str(cfg), "--json")
+    try:
+        out = run_outpost("status", "--config", str(cfg), "--json")
+    finally:
+        state.release()
     assert out.returncode == 0 and json.loads(out.stdout)["name"] == "w", out.stderr
     ledger = run_outpost("egress", "verify", "--config", str(cfg))
     assert f"no egress ledger at {folder / 'egress.sqlite'}" in ledger.stderr

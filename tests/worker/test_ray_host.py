@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from airflow_outpost.worker.hosted.ray_host import MARKER_ENV, RayHost, marked_pids, temp_dir_for
+from airflow_outpost.worker.runtime.state import StateFolder
 from airflow_outpost.worker.testing.worker_process import run_outpost
 from tests.helpers import REPO
 
@@ -319,8 +320,13 @@ def test_outpost_status_shows_the_ray(tmp_path: Path) -> None:
     status = {"pid": os.getpid(), "name": "w1", "api_url": "http://h", "state": "idle", "updated": time.time(),
               "concurrency": 2, "free_slots": 2, "queues": None, "requests_per_s": {}, "jobs": [],
               "ray": {"mode": "local", "address": "127.0.0.1:6380", "up": False, "restarts": 2, "log": "x"}}
+    folder = StateFolder(tmp_path)
+    folder.acquire()  # as the worker that wrote status.json does: `outpost status` asks who holds the lock
     (tmp_path / "status.json").write_text(json.dumps(status))
-    result = run_outpost("status", "--state-folder", str(tmp_path))
+    try:
+        result = run_outpost("status", "--state-folder", str(tmp_path))
+    finally:
+        folder.release()
     assert result.returncode == 0, result.stderr
     assert "ray 127.0.0.1:6380 (local head owned by the worker): DOWN (tasks start their own Ray), restarted 2" \
         in result.stdout
