@@ -28,7 +28,7 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 
 
-def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+def add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML settings file (env OUTPOST_CONFIG)")
     helps = {
         "api_url": "Airflow API server root, e.g. http://airflow:8080 (env OUTPOST_API_URL)",
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default=argparse.SUPPRESS, help=log_help)
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", parents=[common], help="join a control plane and run its tasks")
-    _add_settings_flags(w)
+    add_settings_flags(w)
     w.set_defaults(func=_cmd_worker)
     st = sub.add_parser("status", parents=[common], help="show the running worker's state, jobs and request rate")
     add_state_args(st)
