@@ -43,6 +43,7 @@ from airflow_outpost.worker.edge.auth import control_plane_ssl
 from airflow_outpost.worker.egress.ledger import Entry, Ledger
 from airflow_outpost.worker.egress.outage import OUTAGE_STATUSES, Outage
 from airflow_outpost.worker.egress.policy import Policy, Refusal, classify
+from airflow_outpost.worker.triggers.comms import TRIGGER_HEADER
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.config import Settings
@@ -75,6 +76,7 @@ def _elsewhere(method: str, path: str, answer: bytes) -> str | None:
         if isinstance(detail, dict) and detail.get("reason") == "running_elsewhere":
             return m.group(1)
     return None
+_TRIGGER_HEADER = TRIGGER_HEADER.lower()
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
 _HOP_BY_HOP = frozenset({
@@ -203,6 +205,9 @@ class Gateway:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         auth = next((v for k, v in headers if k.lower() == "authorization"), None)
         task = self._egress.task_label(_token_subject(auth))
+        if any(k.lower() == _TRIGGER_HEADER for k, _ in headers):  # a local trigger's Task SDK request
+            headers = [(k, v) for k, v in headers if k.lower() != _TRIGGER_HEADER]
+            task = f"{task or '?'} via trigger"
         path = unquote(rest)
         kind = classify(path, method)
         if method == "PATCH" and (st := _TI_STATE.match(path)) and self._egress.keep_deferral(st.group(1), bytes(body), auth):
