@@ -52,7 +52,8 @@ def _task_log(worker, task_id: str, run_id: str) -> str:
 def test_a_deferrable_external_task_sensor_waits_on_the_worker(control_plane, start_worker) -> None:
     cp = control_plane
     worker = start_worker(queues=QUEUE, extra_args=LOCAL)
-    logical_date = (dt.datetime(2030, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=uuid.uuid4().int % 100_000)).isoformat()
+    # After the DAGs' start date and in the past (the scheduler holds other runs), unique per run.
+    logical_date = (dt.datetime(2025, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=uuid.uuid4().int % 100_000)).isoformat()
     sensor_run = _run_at(cp, "outpost_tc_external", logical_date)
     _wait_waiting(worker, 1)  # the sensor's WorkflowTrigger counts (nothing yet) on the worker
     upstream_run = _run_at(cp, "outpost_tc_upstream", logical_date)
