@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -248,10 +249,13 @@ class Runner:
         self.out = out
         self.comms = comms
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._emitting = threading.Lock()
 
     def emit(self, message: dict[str, Any]) -> None:
-        self.out.write(json.dumps(message, default=str) + "\n")
-        self.out.flush()
+        line = json.dumps(message, default=str) + "\n"
+        with self._emitting:  # comms threads report refreshed tokens too: one whole line at a time
+            self.out.write(line)
+            self.out.flush()
 
     async def _run(self, message: dict[str, Any]) -> None:
         try:
@@ -296,9 +300,9 @@ async def _main() -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     runner: Runner | None = None
 
-    def on_token(ti_id: str, token: str) -> None:  # from a comms thread: write on the loop's
+    def on_token(ti_id: str, token: str) -> None:  # from a comms thread; emit is thread-safe
         if runner is not None:
-            loop.call_soon_threadsafe(runner.emit, {"op": "token", "id": ti_id, "token": token})
+            runner.emit({"op": "token", "id": ti_id, "token": token})
 
     runner = Runner(sys.stdout, TriggerComms(on_token=on_token))
     # What Airflow's trigger runner sets: the Task SDK then asks local secrets backends, then comms.
