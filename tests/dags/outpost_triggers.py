@@ -1,5 +1,6 @@
-"""Triggers for the airflow DAG ``outpost_defer`` (importable from the dag folder, where Airflow and the
-worker's trigger runner find it): one that polls a loopback HTTP server, one that raises."""
+"""Triggers for the airflow DAGs ``outpost_defer`` and ``outpost_trigger_comms`` (importable from the dag
+folder, where Airflow and the worker's trigger runner find it): one that polls a loopback HTTP server,
+one that raises, ones that use the Task SDK's comms (Variables, Connections, XComs)."""
 from __future__ import annotations
 
 import asyncio
@@ -82,3 +83,83 @@ class KillerTrigger(BaseTrigger):
         await asyncio.sleep(0.2)
         os._exit(3)
         yield  # pragma: no cover
+
+
+class ControlPlaneReadTrigger(BaseTrigger):
+    """Reads a Variable and a Connection through the Task SDK (local backends first, then the
+    control plane), once with the sync API from ``async def run`` and once with the async one."""
+
+    def __init__(self, variable: str, conn_id: str) -> None:
+        super().__init__()
+        self.variable, self.conn_id = variable, conn_id
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("outpost_triggers.ControlPlaneReadTrigger", {"variable": self.variable, "conn_id": self.conn_id})
+
+    async def run(self):
+        from airflow.sdk import BaseHook, Variable
+
+        value = Variable.get(self.variable)  # sync, from the loop: through greenback as in Airflow's triggerer
+        conn = await BaseHook.aget_connection(self.conn_id)
+        yield TriggerEvent({"variable": value, "host": conn.host, "login": conn.login})
+
+
+class XComRoundTripTrigger(BaseTrigger):
+    """Sets an XCom on its own task and reads it back through the Task SDK."""
+
+    def __init__(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> None:
+        super().__init__()
+        self.dag_id, self.run_id, self.task_id, self.map_index = dag_id, run_id, task_id, map_index
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("outpost_triggers.XComRoundTripTrigger",
+                {"dag_id": self.dag_id, "run_id": self.run_id, "task_id": self.task_id, "map_index": self.map_index})
+
+    async def run(self):
+        from airflow.sdk.bases.xcom import BaseXCom
+        from asgiref.sync import sync_to_async
+
+        where = {"dag_id": self.dag_id, "run_id": self.run_id, "task_id": self.task_id, "map_index": self.map_index}
+        await sync_to_async(BaseXCom.set)(key="from_trigger", value={"set_by": "trigger", "n": 42}, **where)
+        value = await sync_to_async(BaseXCom.get_one)(key="from_trigger", **where)
+        yield TriggerEvent({"read_back": value})
+
+
+class UnknownRequestTrigger(BaseTrigger):
+    """Sends the Task SDK comms a request type no Task SDK defines (one a newer one might)."""
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("outpost_triggers.UnknownRequestTrigger", {})
+
+    async def run(self):
+        from typing import Literal
+
+        from airflow.sdk.execution_time import task_runner
+        from pydantic import BaseModel
+
+        class GetSomethingNew(BaseModel):
+            type: Literal["GetSomethingNew"] = "GetSomethingNew"
+
+        await task_runner.SUPERVISOR_COMMS.asend(GetSomethingNew())
+        yield TriggerEvent("unreachable")
+
+
+class VariablePollTrigger(BaseTrigger):
+    """Reads ``key`` every ``pause_s``, ``times`` times; the event holds every value it read."""
+
+    def __init__(self, key: str, times: int = 3, pause_s: float = 0.5) -> None:
+        super().__init__()
+        self.key, self.times, self.pause_s = key, times, pause_s
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("outpost_triggers.VariablePollTrigger", {"key": self.key, "times": self.times, "pause_s": self.pause_s})
+
+    async def run(self):
+        from airflow.sdk import Variable
+        from asgiref.sync import sync_to_async
+
+        seen = []
+        for _ in range(self.times):
+            seen.append(await sync_to_async(Variable.get)(self.key))  # from a thread, as providers' triggers do
+            await asyncio.sleep(self.pause_s)
+        yield TriggerEvent(seen)

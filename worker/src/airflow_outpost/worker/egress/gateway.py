@@ -47,6 +47,7 @@ from airflow_outpost.worker.egress.ledger import Entry, Ledger
 from airflow_outpost.worker.egress.outage import Outage
 from airflow_outpost.worker.egress.policy import Policy, Refusal, classify
 from airflow_outpost.worker.egress.upstream import HOP_BY_HOP, Resume, Upstream, reply, running_elsewhere
+from airflow_outpost.worker.triggers.comms import TRIGGER_HEADER
 
 __all__ = ["PREFIX", "Egress", "Gateway", "Resume"]
 
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 _TI_RUN = re.compile(r"^task-instances/([^/]+)/run$")
 _TI_HEARTBEAT = re.compile(r"^task-instances/([^/]+)/heartbeat$")
 _TI_STATE = re.compile(r"^task-instances/([^/]+)/state$")
+_TRIGGER_HEADER = TRIGGER_HEADER.lower()
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
 
@@ -146,6 +148,9 @@ class Gateway:
         auth = next((v for k, v in headers if k.lower() == "authorization"), None)
         subject = token_subject(auth)
         task = self._egress.task_label(subject)
+        if any(k.lower() == _TRIGGER_HEADER for k, _ in headers):  # a local trigger's Task SDK request
+            headers = [(k, v) for k, v in headers if k.lower() != _TRIGGER_HEADER]
+            task = f"{task or '?'} via trigger"
         # Before the body is read: a caller that may not use the gateway cannot make it buffer one.
         if (refusal := admission.check(raw_path, method, auth, self._egress.running)) is not None:
             endpoint = raw_path if refusal.status == 400 else PREFIX + unquote(raw_path[len(PREFIX):])

@@ -14,7 +14,9 @@ returns a future of its :class:`WaitEnd`. Meanwhile it
   ``Trigger timeout``), and refuses a wait beyond ``max_local_triggers`` the same way, naming
   the limit.
 
-Nothing here talks to the control plane but the heartbeats, and those carry no trigger data.
+Nothing here talks to the control plane but the heartbeats, and those carry no trigger data. The
+triggers' own Task SDK requests (Variables, XComs, counts, ...) go from the runner child through
+the egress gateway with the try's token; a token either side got refreshed is passed to the other.
 ``aclose()`` cancels every trigger (the waits end ``stopped``) and is safe twice.
 """
 
@@ -283,10 +285,10 @@ class LocalTriggers:
             return
         self._send(self._run_message(deferral))
 
-    @staticmethod
-    def _run_message(d: Deferral) -> dict[str, Any]:
+    def _run_message(self, d: Deferral) -> dict[str, Any]:
         return {"op": "run", "id": d.ti_id, "classpath": d.classpath, "kwargs": d.trigger_kwargs,
-                "next_method": d.next_method, "next_kwargs": d.next_kwargs, "log": d.log_file}
+                "next_method": d.next_method, "next_kwargs": d.next_kwargs, "log": d.log_file,
+                "api": self._gateway_url(), "token": d.token}
 
     def _send(self, message: dict[str, Any]) -> None:
         child = self._child
@@ -304,7 +306,7 @@ class LocalTriggers:
             self._stderr_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self._stderr_path, "ab") as err:
                 self._child = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "airflow_outpost.worker.triggers.runner", stdin=asyncio.subprocess.PIPE,
+                    sys.executable, "-P", "-m", "airflow_outpost.worker.triggers.runner", stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE, stderr=err, env=self._env(), limit=64 * 1024 * 1024,
                     # Its own session: a signal to the worker's process group (Ctrl-C, a container
                     # stop) must not kill the triggers before the drain decides about them. It
@@ -324,6 +326,8 @@ class LocalTriggers:
                 continue
             if isinstance(message, dict) and message.get("op") == "done":
                 self._done(message)
+            elif isinstance(message, dict) and message.get("op") == "token":
+                self._refreshed(message.get("id"), message.get("token"), from_child=True)
         code = await child.wait()
         if self._closed:
             return
@@ -392,10 +396,7 @@ class LocalTriggers:
         except httpx.HTTPError as exc:  # the gateway holds outages itself; this is the worker's own loopback
             log.warning("heartbeat of waiting task instance %s failed: %s", d.ti_id, exc)
             return
-        if (token := resp.headers.get("Refreshed-API-Token")) and token != d.token:
-            d.token = token
-            if self._on_token is not None:
-                self._on_token(d.ti_id, token)
+        self._refreshed(d.ti_id, resp.headers.get("Refreshed-API-Token"))
         if resp.status_code in (401, 403, 404, 409, 410):
             detail = _detail(resp)
             if resp.status_code in (401, 403):
@@ -404,6 +405,18 @@ class LocalTriggers:
                         d.ti_id, resp.status_code, detail)
             if self._waits.get(d.ti_id) is wait:  # not a newer wait of the same try
                 self.stop(d.ti_id, WaitEnd("gone", error=f"HTTP {resp.status_code}: {detail}"))
+
+    def _refreshed(self, ti_id: Any, token: Any, *, from_child: bool = False) -> None:
+        """The server handed out a newer token for a waiting try: keep it, journal it, and tell the
+        side that did not see it (the runner child's requests, or the heartbeats)."""
+        wait = self._waits.get(ti_id) if isinstance(ti_id, str) else None
+        if wait is None or not isinstance(token, str) or not token or token == wait.deferral.token:
+            return
+        wait.deferral.token = token
+        if self._on_token is not None:
+            self._on_token(ti_id, token)
+        if not from_child:
+            self._send({"op": "token", "id": ti_id, "token": token})
 
     async def end_task(self, deferral: Deferral, key: Any, state: str, xcoms: dict[str, Any] | None) -> str | None:
         """Set the try's final state as a trigger's ``TaskSuccessEvent`` (and kin) asks, after its

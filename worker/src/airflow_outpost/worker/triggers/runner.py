@@ -3,12 +3,15 @@
 ``python -m airflow_outpost.worker.triggers.runner`` reads one JSON object per line on stdin and
 writes one per line on stdout:
 
-* in ``{"op": "run", "id", "classpath", "kwargs", "next_method", "next_kwargs", "log", "ti"}``:
-  import ``classpath``, decode ``kwargs`` with Airflow's own serialisation (``airflow.sdk.serde``,
+* in ``{"op": "run", "id", "classpath", "kwargs", "next_method", "next_kwargs", "log", "api", "token"}``:
+  import ``classpath`` (only a subclass of Airflow's ``BaseTrigger`` is built), decode ``kwargs``
+  with Airflow's own serialisation (``airflow.sdk.serde``,
   or ``BaseSerialization`` for what a Task SDK 1.1 wrote; never pickle, and serde only builds the
   classes ``[core] allowed_deserialization_classes`` allows), build the trigger and run it until
   its first event. A ``run`` for an id that runs already is ignored (a restarted host resends).
 * in ``{"op": "cancel", "id"}``: cancel that trigger (its ``cleanup()`` runs).
+* in ``{"op": "token", "id", "token"}``: the try's newer token (the worker's heartbeat got one).
+* out ``{"op": "token", "id", "token"}``: the server refreshed the try's token on a trigger's request.
 * out ``{"op": "ready"}`` once, then per trigger one ``{"op": "done", "id", "end", ...}``:
   ``end = "resume"`` with ``next_kwargs`` (the task's stored ``next_kwargs`` plus ``event``, the
   event's payload, encoded as the task's Task SDK encodes them, as Airflow's triggerer does);
@@ -16,6 +19,10 @@ writes one per line on stdout:
   ``TaskFailedEvent`` / ``TaskSkippedEvent`` (the task ends without resuming); ``end = "fail"``
   with ``error`` and ``traceback`` (a list of lines) when the class does not import, the kwargs
   do not decode, the trigger raises or ends without an event.
+
+Triggers get the Task SDK's comms (``SUPERVISOR_COMMS``) as under Airflow's triggerer: Variables,
+Connections, XComs, task-instance and DAG-run counts and states, ... answered through the egress
+gateway (``api``) with the try's own ``token`` (:mod:`~airflow_outpost.worker.triggers.comms`).
 
 All triggers share one asyncio loop, like Airflow's triggerer: a trigger that blocks the loop
 delays the others, but never the worker, which only reads this process's pipe. What a trigger
@@ -31,10 +38,13 @@ import json
 import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
+
+from airflow_outpost.worker.triggers.comms import TriggerComms
 
 _LOG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("outpost_trigger_log", default=None)
 _END_STATES = {"success", "failed", "skipped"}
@@ -156,6 +166,7 @@ def _format_positional(_logger: Any, _method: str, event: MutableMapping[str, An
 def build(classpath: str, raw_kwargs: Any) -> Any:
     """Import and construct the trigger; :class:`TriggerFailed` with a message that names the problem."""
     from airflow.sdk.module_loading import import_string
+    from airflow.triggers.base import BaseTrigger
 
     try:
         cls = import_string(classpath)
@@ -163,6 +174,10 @@ def build(classpath: str, raw_kwargs: Any) -> Any:
         raise TriggerFailed(f"trigger class {classpath!r} is not importable on this worker "
                             f"({type(exc).__name__}: {exc}); install it where the worker runs (a package, or a module "
                             "in the DAG or plugins folder)") from exc
+    if not (isinstance(cls, type) and issubclass(cls, BaseTrigger)):
+        # A deferral names what the runner calls: anything else (os.system, builtins.eval) is refused unbuilt.
+        raise TriggerFailed(f"{classpath!r} is not a trigger class (a subclass of airflow.triggers.base.BaseTrigger); "
+                            "the worker refuses to build it")
     try:
         kwargs = decode(raw_kwargs or {})
     except Exception as exc:  # whatever the decoder raises on foreign data
@@ -173,13 +188,20 @@ def build(classpath: str, raw_kwargs: Any) -> Any:
     return cls(**kwargs)
 
 
-async def run_one(message: dict[str, Any]) -> dict[str, Any]:
-    """Run one trigger to its first event; the ``done`` message for it (never raises but for cancel)."""
+async def run_one(message: dict[str, Any], comms: TriggerComms | None = None) -> dict[str, Any]:
+    """Run one trigger to its first event; the ``done`` message for it (never raises but for cancel).
+    ``comms``: answers the trigger's Task SDK requests as its try (call it in the trigger's own task)."""
     out: dict[str, Any] = {"op": "done", "id": message["id"]}
     _LOG_FILE.set(Path(message["log"]) if message.get("log") else None)
     log = logging.getLogger("airflow_outpost.trigger")
     trigger = None
     try:
+        if comms is not None:
+            comms.caller(message["id"], message.get("api"), message.get("token"))
+        if os.environ.get("AIRFLOW_DISABLE_GREENBACK_PORTAL", "").lower() != "true":
+            import greenback
+
+            await greenback.ensure_portal()  # sync SDK calls in async def run(), as Airflow's triggerer allows
         trigger = build(message["classpath"], message.get("kwargs"))
         log.info("trigger %s waits on worker %s (local triggers)", message["classpath"],
                  os.environ.get("OUTPOST_WORKER_NAME", "?"))
@@ -219,23 +241,31 @@ async def run_one(message: dict[str, Any]) -> dict[str, Any]:
 
 
 class Runner:
-    """Reads commands, runs one asyncio task per trigger, writes each one's end."""
+    """Reads commands, runs one asyncio task per trigger, writes each one's end.
 
-    def __init__(self, out: TextIO) -> None:
+    ``comms``: the Task SDK comms the triggers use (installed as ``SUPERVISOR_COMMS`` by ``main``)."""
+
+    def __init__(self, out: TextIO, comms: TriggerComms | None = None) -> None:
         self.out = out
+        self.comms = comms
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._emitting = threading.Lock()
 
     def emit(self, message: dict[str, Any]) -> None:
-        self.out.write(json.dumps(message, default=str) + "\n")
-        self.out.flush()
+        line = json.dumps(message, default=str) + "\n"
+        with self._emitting:  # comms threads report refreshed tokens too: one whole line at a time
+            self.out.write(line)
+            self.out.flush()
 
     async def _run(self, message: dict[str, Any]) -> None:
         try:
-            self.emit(await run_one(message))
+            self.emit(await run_one(message, self.comms))
         except asyncio.CancelledError:
             pass
         finally:
             self.tasks.pop(message["id"], None)
+            if self.comms is not None:
+                self.comms.forget(message["id"])
 
     def handle(self, message: dict[str, Any]) -> None:
         op, ident = message.get("op"), message.get("id")
@@ -245,6 +275,8 @@ class Runner:
             self.tasks[ident] = asyncio.create_task(self._run(message), name=f"trigger {ident}")
         elif op == "cancel" and (task := self.tasks.get(ident)) is not None:
             task.cancel()
+        elif op == "token" and self.comms is not None and isinstance(token := message.get("token"), str):
+            self.comms.set_token(ident, token)
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
         self.emit({"op": "ready", "pid": os.getpid()})
@@ -261,10 +293,22 @@ class Runner:
 
 
 async def _main() -> None:
+    from airflow.sdk.execution_time import task_runner
+
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    await Runner(sys.stdout).serve(reader)
+    runner: Runner | None = None
+
+    def on_token(ti_id: str, token: str) -> None:  # from a comms thread; emit is thread-safe
+        if runner is not None:
+            runner.emit({"op": "token", "id": ti_id, "token": token})
+
+    runner = Runner(sys.stdout, TriggerComms(on_token=on_token))
+    # What Airflow's trigger runner sets: the Task SDK then asks local secrets backends, then comms.
+    task_runner.SUPERVISOR_COMMS = runner.comms  # type: ignore[assignment]
+    os.environ["_AIRFLOW_PROCESS_CONTEXT"] = "client"
+    await runner.serve(reader)
 
 
 def main() -> None:
