@@ -13,6 +13,7 @@ Hierarchy::
     ├── ConnectError                  no answer at all (refused, DNS, timeout, TLS): retryable
     ├── CredentialError               our own credential cannot be read (missing or empty secret/token file)
     ├── JobRejected                   a fetched job is malformed or hostile; never retried
+    ├── LaunchTimeoutError            a task process did not start in time; its job is failed here
     └── StartupError                  the worker cannot join the control plane (the CLI prints it)
 """
 
@@ -77,6 +78,12 @@ class CredentialError(OutpostError):
 
 class JobRejected(OutpostError):
     """A fetched job failed validation; it is reported failed and never run."""
+
+
+class LaunchTimeoutError(OutpostError):
+    """A task process was not started within the launcher's start timeout (the zygote is stuck or
+    overloaded). The job is reported failed (and retried elsewhere by its retries); a process that
+    starts later anyway is killed before it runs the task."""
 
 
 class StartupError(OutpostError):

@@ -74,6 +74,8 @@ class WorkerMetrics:
                                   ["queue"], buckets=_DURATION_BUCKETS, registry=self.registry)
         self.pickup = Histogram("outpost_pickup_latency_seconds", "Time from job fetch to the task running",
                                 ["queue"], buckets=_PICKUP_BUCKETS, registry=self.registry)
+        self.loop_errors = Counter("outpost_worker_loop_errors", "Errors in the worker's main-loop steps, by step "
+                                   "(each is retried with backoff)", ["step"], registry=self.registry)
         self.runner = RunnerMetrics(runner_dir) if runner_dir is not None else None
         self.registry.register(_StateCollector(self))
 
@@ -89,6 +91,9 @@ class WorkerMetrics:
         self.job_event(queue, state)
         self.workloads.labels(kind=kind, state=state).inc()
         self.duration.labels(queue=queue).observe(duration_s)
+
+    def loop_error(self, step: str) -> None:
+        self.loop_errors.labels(step=step).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

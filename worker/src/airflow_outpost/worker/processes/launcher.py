@@ -12,6 +12,12 @@ worker stops whatever is left of them either way) and a new zygote starts on the
 With ``crash_policy = adopt`` task processes are started without a parent-death signal, so they
 outlive a crashed worker (:mod:`airflow_outpost.worker.processes.task_main`);
 :mod:`airflow_outpost.worker.runtime.recovery` takes them over.
+
+Exactly once at launch: a fork that is not confirmed within ``start_timeout_s`` raises
+:class:`~airflow_outpost.worker.errors.LaunchTimeoutError` (the job runner fails the job, so it is
+retried elsewhere). Each request carries its deadline; a task process forked after it (a zygote that
+was stopped or starved) exits before it runs anything, and one the zygote reports started after
+the worker gave up on it is SIGKILLed at once, and logged.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from airflow_outpost.worker.config import without_credentials
+from airflow_outpost.worker.errors import LaunchTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +141,35 @@ class TaskProcess:
             return ""
 
 
+def _kill_child(pid: int, parent: int) -> bool:
+    """SIGKILL ``pid`` (and its process group) if it is still a child of ``parent``; True if signalled.
+
+    Through a pidfd where the platform has one, so a pid reused since is never signalled.
+    """
+    import psutil
+
+    pidfd_open = getattr(os, "pidfd_open", None)
+    try:
+        fd = pidfd_open(pid) if pidfd_open is not None else None
+    except OSError:
+        return False
+    try:
+        if psutil.Process(pid).ppid() != parent:
+            return False
+        if fd is not None:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # what it forked, if it got as far as its own session
+    return True
+
+
 def _kill_if_in_session(pid: int, sid: int) -> bool:
     """SIGKILL ``pid``, which the caller just saw in session ``sid``; True if it was signalled.
 
@@ -165,9 +202,11 @@ def _kill_if_in_session(pid: int, sid: int) -> bool:
 class _Zygote:
     """One forking parent process and the bookkeeping of the tasks it forked."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path, start_timeout_s: float = START_TIMEOUT_S) -> None:
         self.proc = proc
         self.log_path = log_path
+        self.start_timeout_s = start_timeout_s
+        self.late: dict[str, float] = {}  # request id -> time.monotonic() its launch timed out
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.started: dict[str, asyncio.Future[int]] = {}
         self.exits: dict[str, asyncio.Future[int]] = {}
@@ -189,6 +228,8 @@ class _Zygote:
                 event = msg.get("event")
                 if event == "ready" and not self.ready.done():
                     self.ready.set_result(None)
+                elif event == "started" and msg["id"] in self.late:
+                    self._kill_late(msg["id"], int(msg["pid"]))
                 elif event == "started" and (fut := self.started.pop(msg["id"], None)) and not fut.done():
                     fut.set_result(int(msg["pid"]))
                 elif event == "exit" and (fut := self.exits.pop(msg["id"], None)) and not fut.done():
@@ -213,7 +254,16 @@ class _Zygote:
         except OSError:
             return ""
 
+    def _kill_late(self, rid: str, pid: int) -> None:
+        """The zygote forked ``rid`` after its launch timed out (the job is failed already): kill it."""
+        late_s = time.monotonic() - self.late.pop(rid)
+        self.exits.pop(rid, None)
+        killed = _kill_child(pid, self.proc.pid)
+        log.error("task process %d (request %s) started %.1fs after its launch timed out; its job was failed "
+                  "then, so it %s", pid, rid, late_s, "was killed" if killed else "had already exited")
+
     async def fork(self, request: dict[str, Any]) -> tuple[int, asyncio.Future[int]]:
+        # Nothing is sent before the zygote is ready: waiting for it has its own limit.
         await asyncio.wait_for(asyncio.shield(self.ready), START_TIMEOUT_S)
         loop = asyncio.get_running_loop()
         rid = request["id"]
@@ -221,9 +271,21 @@ class _Zygote:
         exited: asyncio.Future[int] = loop.create_future()
         self.started[rid], self.exits[rid] = started, exited
         assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(request) + "\n").encode())
-        await self.proc.stdin.drain()
-        pid = await asyncio.wait_for(started, START_TIMEOUT_S)
+        # The task process itself refuses to run past this (same host, same clock).
+        request = {**request, "deadline": time.time() + self.start_timeout_s}
+        try:
+            async with asyncio.timeout(self.start_timeout_s):
+                self.proc.stdin.write((json.dumps(request) + "\n").encode())
+                await self.proc.stdin.drain()
+                pid = await started
+        except TimeoutError:
+            self.started.pop(rid, None)
+            self.exits.pop(rid, None)
+            self.late[rid] = time.monotonic()
+            raise LaunchTimeoutError(
+                f"the task process did not start within {self.start_timeout_s:.0f}s (the task zygote, pid "
+                f"{self.proc.pid}, is stuck or overloaded); the job is failed here so its retries run it elsewhere, "
+                "and a process started for it later is killed before it runs the task") from None
         return pid, exited
 
     async def close(self) -> None:
@@ -248,8 +310,10 @@ class TaskLauncher:
     """
 
     def __init__(self, *, output_dir: Path, prewarm: int = 1, crash_policy: str = "stop",
-                 preload: tuple[str, ...] = (), memory_merge: bool = False) -> None:
+                 preload: tuple[str, ...] = (), memory_merge: bool = False,
+                 start_timeout_s: float = START_TIMEOUT_S) -> None:
         self._env: dict[str, str] | None = None
+        self._start_timeout_s = start_timeout_s
         self._preload = preload
         self._memory_merge = memory_merge
         self._crash_policy = crash_policy
@@ -289,7 +353,7 @@ class TaskLauncher:
             log_path = self._output_dir / "zygote.log"
             with open(log_path, "ab") as err:
                 proc = await self._spawn("--zygote", stdout=asyncio.subprocess.PIPE, stderr=err)
-            self._zygote = _Zygote(proc, log_path)
+            self._zygote = _Zygote(proc, log_path, self._start_timeout_s)
         return self._zygote
 
     async def launch(self, workload: dict, server: str, env: dict[str, str] | None = None,

@@ -5,7 +5,9 @@ runner needs and the worker's ``preload`` modules, freezes those objects out of 
 (``gc.freeze``, so children keep sharing their pages), then forks one child per task on request, so
 a fetched task starts in milliseconds with everything already imported. Protocol, one JSON object per line:
 
-* worker -> zygote (stdin): ``{"id", "workload", "server", "env", "output"}``
+* worker -> zygote (stdin): ``{"id", "workload", "server", "env", "output", "deadline"}``; a child
+  forked after ``deadline`` (``time.time()``: the worker's launch timed out) exits with
+  ``LATE_START_EXIT`` before it runs anything
 * zygote -> worker (stdout): ``{"event": "ready"}``, ``{"event": "started", "id", "pid"}``,
   ``{"event": "exit", "id", "pid", "code"}`` (``code`` negative for a signal, as in ``subprocess``)
 
@@ -51,6 +53,7 @@ import os
 import selectors
 import signal
 import sys
+import time
 from typing import Any
 
 from airflow_outpost.worker.processes import memory_merge
@@ -58,6 +61,8 @@ from airflow_outpost.worker.runtime.file_modes import TASK_UMASK
 
 PR_SET_PDEATHSIG = 1
 _job_started = False
+# Exit code of a task process forked after its launch timed out (EX_TEMPFAIL): it ran nothing.
+LATE_START_EXIT = 75
 # Read once by zygote_main/single_main; forked children inherit it.
 _adopt = False
 _merge = False  # OUTPOST_MEMORY_MERGE, read once at start (see _merge_memory)
@@ -285,6 +290,11 @@ def _child(msg: dict[str, Any], zygote_pid: int, close_fds: list[int]) -> None:
         os.dup2(out, 1)
         os.dup2(out, 2)
         os.close(out)
+        if (deadline := msg.get("deadline")) is not None and time.time() > deadline:
+            # The worker gave up on this launch and failed the job: running it now would run it twice.
+            print(f"outpost: this task process started {time.time() - deadline:.1f}s after its launch timed out; "
+                  "the worker failed the job then, so the task is not run here", file=sys.stderr, flush=True)
+            os._exit(LATE_START_EXIT)
         if not _adopt:
             _die_with_parent(zygote_pid)
         gc.freeze()  # the supervisor forks the task process from here: the same reasoning as in the zygote

@@ -30,7 +30,7 @@ from airflow_outpost.worker.config import AFTER_KILL_WAIT_S
 from airflow_outpost.worker.edge.jobs import Job, JobKey, RejectedJob, parse_job, resolve_inside
 from airflow_outpost.worker.edge.tokens import expired_for
 from airflow_outpost.worker.egress.gateway import Resume
-from airflow_outpost.worker.errors import JobRejected, OutpostError
+from airflow_outpost.worker.errors import JobRejected, LaunchTimeoutError, OutpostError
 from airflow_outpost.worker.hosted.costs import live_tasks
 from airflow_outpost.worker.processes.launcher import TaskLauncher, TaskProcess
 from airflow_outpost.worker.runtime import recovery
@@ -199,7 +199,11 @@ class JobRunner:
         if (expired_s := expired_for(job.workload.get("token"))) is not None:
             await self._expired(run, expired_s)
             return False
-        server = await self._start_process(run, job.workload)
+        try:
+            server = await self._start_process(run, job.workload)
+        except LaunchTimeoutError as exc:  # failed here, retried elsewhere; a late process is killed
+            await self._report_final(key, "failed", note=f"not started: {exc}")
+            return False
         assert run.proc is not None
         self.state_folder.journal_start(key, run.proc.pid, recovery.journal_details(run, server))
         log.info("started %s (pid %d)%s", key, run.proc.pid, f" on GPU {','.join(run.devices)}" if run.devices else "")

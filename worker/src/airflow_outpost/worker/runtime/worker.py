@@ -62,6 +62,7 @@ from airflow_outpost.worker.processes.launcher import TaskLauncher
 from airflow_outpost.worker.runtime.job_runner import JobRunner
 from airflow_outpost.worker.runtime.lifecycle import Lifecycle
 from airflow_outpost.worker.runtime.link import ControlPlaneLink
+from airflow_outpost.worker.runtime.loop_steps import DiskSpace, LoopSteps
 from airflow_outpost.worker.runtime.state import StateFolder
 from airflow_outpost.worker.triggers.host import WAIT_HEARTBEAT_MAX_S, WAIT_HEARTBEAT_S, LocalTriggers
 
@@ -133,6 +134,10 @@ class Worker:
             self.ray = None
         self.telemetry = WorkerMetrics(self.snapshot, costs=self.costs, budgets=self.budgets,
                                        runner_dir=settings.state_folder / "runner-metrics" if settings.metrics_port else None)
+        # Each main-loop step is contained: logged, counted, retried with backoff (never ends run()).
+        self.steps = LoopSteps(self.telemetry.loop_error)
+        self.disk = DiskSpace(self.state_folder.root)
+        self._signed_off = False
         self.health: HealthServer | None = (
             HealthServer(settings.metrics_host, settings.metrics_port, readiness=self.readiness,
                          metrics=self.telemetry.render) if settings.metrics_port else None)
@@ -175,7 +180,7 @@ class Worker:
             stack.callback(self.state_folder.release)
             # Read before the first write: it tells whether the previous run crashed.
             self._previous_status = self.state_folder.read_status()
-            stack.callback(self._write_status, force=True, state="offline")
+            stack.callback(self._write_final_status)
             # Before the launcher: task processes get the gateway's URL. On the previous run's port
             # if possible, which task processes that outlived it (crash_policy adopt) still use.
             stack.push_async_callback(self.egress.aclose)
@@ -348,18 +353,19 @@ class Worker:
             now = time.monotonic()
             if now >= next_hb or self._heartbeat_due:
                 self._heartbeat_due = False
-                ok = await self._heartbeat()
+                ok = await self.steps.run("heartbeat", self._heartbeat, default=False)
                 next_hb = now + (s.heartbeat_interval_s if ok else min(s.heartbeat_interval_s, self._outage_delay()))
             if now >= next_rate_log:
                 log.info("control-plane requests/s: %s", self.counter.rates())
                 next_rate_log = now + 60
-            self.lifecycle.tick()
-            self._apply_local_maintenance()
-            self.budgets.refresh(live_tasks(list(self.jobs.running.values())))
+            self.steps.call("lifecycle", self.lifecycle.tick, None)
+            self.steps.call("maintenance", self._apply_local_maintenance, None)
+            self.steps.call("budgets", lambda: self.budgets.refresh(live_tasks(list(self.jobs.running.values()))), None)
+            self.steps.call("disk", self.disk.check, None)
             got = False
             if self._may_fetch():
-                got = await self.jobs.fetch_one()
-            self._write_status()
+                got = await self.steps.run("fetch", self.jobs.fetch_one, default=False)
+            self.steps.call("status", self._write_status, None)
             if got:
                 delay = s.poll_min_interval_s
                 self._quick_polls_until = 0.0  # what the quick polls waited for came
@@ -393,6 +399,7 @@ class Worker:
 
     def _may_fetch(self) -> bool:
         return (not self.draining and not self.link.maintenance and self.link.disconnected_since is None
+                and not self.disk.full
                 and (self.jobs.free_slots > 0 or self.gpus.free > 0))
 
     async def _sleep(self, timeout: float) -> bool:
@@ -429,6 +436,8 @@ class Worker:
 
     def _sysinfo(self) -> dict:
         status, text = (logging.INFO, None) if self.link.versions_match else (logging.WARNING, "Healthy but version mismatch")
+        if self.disk.reason is not None:
+            status, text = logging.WARNING, f"not taking jobs: {self.disk.reason}"
         info = sysinfo(concurrency=self.link.concurrency, free_concurrency=self.jobs.free_slots,
                        started=self.started_at, edge_version=self.settings.edge_provider_version,
                        status=status, status_text=text)
@@ -512,6 +521,7 @@ class Worker:
         # Through the outbox, behind the jobs' final states, so those reach the server first.
         self.jobs.reports.put_worker(state, self.link.maintenance_comments)
         if await self.jobs.reports.flush(flush_s):
+            self._signed_off = True  # status.json says "offline" only now (see _write_final_status)
             log.info("reported offline to the control plane")
         else:
             log.warning("could not deliver %d report(s) before exiting; they stay in the outbox and are sent at "
@@ -520,7 +530,10 @@ class Worker:
     # -- what observers read ------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
         """``(ready, reason)`` for ``/readyz``."""
-        return self.link.readiness(draining=self.draining)
+        ready, reason = self.link.readiness(draining=self.draining)
+        if ready and self.disk.reason is not None:
+            return False, f"not taking jobs: {self.disk.reason}"
+        return ready, reason
 
     def snapshot(self) -> WorkerSnapshot:
         """The worker's state now, for ``/metrics``."""
@@ -536,11 +549,28 @@ class Worker:
             reports=self.jobs.reports.describe())
 
     # -- status ------------------------------------------------------------------------------
+    def _write_final_status(self) -> None:
+        """The last status: "offline" only if the sign-off reached the control plane. Otherwise
+        "stopped" (not signed off), so the next start knows the server still counts this worker
+        active and signs that incarnation off before registering again (edge3 answers 409 to a
+        register while the name is neither offline nor unknown)."""
+        try:
+            self._write_status(force=True, state="offline" if self._signed_off else "stopped")
+        except OSError as exc:
+            log.error("could not write the final status.json: %s", exc)
+
     def _write_status(self, *, force: bool = False, state: str | None = None) -> None:
         now = time.monotonic()
         if not force and now < self._status_due:
             return
         self._status_due = now + 1.0
+        try:
+            self._write_status_now(now, state)
+        except OSError as exc:
+            self.disk.write_failed("status.json", exc)
+            raise
+
+    def _write_status_now(self, now: float, state: str | None) -> None:
         self.state_folder.write_status({
             "pid": os.getpid(), "name": self.settings.name, "api_url": self.settings.api_url,
             "state": state or self.worker_state(), "updated": time.time(),
@@ -558,6 +588,7 @@ class Worker:
             "metrics_url": self.health.url if self.health is not None else None,
             "ray": self.ray.describe() if self.ray is not None else None,
             "memory_merge": self._memory_merge_status(now) if self.settings.memory_merge else None,
+            "signed_off": self._signed_off, "degraded": self.disk.reason, "loop_errors": self.steps.describe(),
         })
 
     def _memory_merge_status(self, now: float) -> dict[str, Any] | None:
