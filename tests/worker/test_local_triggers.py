@@ -238,6 +238,12 @@ def test_a_drain_waits_for_waiting_tasks_then_stops_their_triggers(control_plane
     worker = start_worker(queues="q_defer", extra_args=[*LOCAL, "--drain-timeout-s", "3"])
     run_id = cp.trigger("outpost_defer", conf={"kind": "never"})
     _wait_status(worker, _waiting(1))
+    # Waiting is counted when the deferral is kept; the trigger runs once the runner child has
+    # started (seconds on a loaded machine): stop it only once it runs, so there is a trigger to stop.
+    deadline = time.monotonic() + 60
+    while "waits on worker" not in _task_log(worker, "outpost_defer", run_id):
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.2)
     worker.send(signal.SIGTERM)
     assert worker.wait(60) == 0
     log = worker.log()

@@ -313,6 +313,8 @@ async def _main() -> None:
 
 def main() -> None:
     import airflow.sdk  # noqa: F401  (Airflow configures its logging on import; ours goes on top)
+    # task_runner (the comms' home) configures logging on import too: imported before ours, not after.
+    from airflow.sdk.execution_time import task_runner  # noqa: F401
 
     for folder in (os.environ.get("AIRFLOW__CORE__DAGS_FOLDER"), os.environ.get("AIRFLOW__CORE__PLUGINS_FOLDER")):
         if folder and folder not in sys.path:
