@@ -135,6 +135,12 @@ class Settings:
     region_local_xcom: bool = True
     xcom_threshold_bytes: int = 65_536
     max_xcom_bytes: int = 1_048_576  # 0 = no limit
+    # Caps of the other bodies a task writes to the control plane (0 = no cap of its own). The
+    # gateway reads no request body longer than the largest cap (README "Data sovereignty").
+    max_variable_bytes: int = 1_048_576
+    max_asset_event_bytes: int = 1_048_576  # a task state update, with its asset events' extras
+    max_dagrun_conf_bytes: int = 1_048_576  # a triggered DAG run, with its conf
+    max_hitl_bytes: int = 1_048_576  # a human-in-the-loop response
     logs: str | None = None  # none | redacted | full; unset: "full" with push_logs, else "none"
     redacted_log_max_bytes: int = 262_144
     redact_patterns: tuple[str, ...] = ()
@@ -362,8 +368,10 @@ def _validate_sovereignty(s: Settings) -> None:
         raise ConfigError("region", s.region, "1-64 characters: letters, digits, '.', '_' or '-'")
     _positive_int("xcom_threshold_bytes", s.xcom_threshold_bytes, maximum=1 << 30)
     _positive_int("redacted_log_max_bytes", s.redacted_log_max_bytes, maximum=1 << 30)
-    if not isinstance(s.max_xcom_bytes, int) or isinstance(s.max_xcom_bytes, bool) or not 0 <= s.max_xcom_bytes <= 1 << 31:
-        raise ConfigError("max_xcom_bytes", s.max_xcom_bytes, "bytes from 0 (no limit) to 2147483648")
+    for name in ("max_xcom_bytes", "max_variable_bytes", "max_asset_event_bytes", "max_dagrun_conf_bytes", "max_hitl_bytes"):
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 31:
+            raise ConfigError(name, value, "bytes from 0 (no limit) to 2147483648")
     if s.rendered_fields not in ("local", "full"):
         raise ConfigError("rendered_fields", s.rendered_fields, "local (kept in the region) or full (sent, as Airflow does)")
     if s.logs not in (None, "none", "redacted", "full"):

@@ -92,6 +92,11 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "region_local_xcom": "keep large or data-typed XCom values in the region, send a reference (true/false; default true)",
         "xcom_threshold_bytes": "serialized size above which an XCom value stays in the region (default 65536)",
         "max_xcom_bytes": "largest XCom body sent to the control plane; bigger ones fail the task (0 = no limit)",
+        "max_variable_bytes": "largest Variable.set body sent to the control plane (0 = no limit; default 1048576)",
+        "max_asset_event_bytes": "largest task state update, with its asset events and their extras (0 = no limit; "
+                                 "default 1048576)",
+        "max_dagrun_conf_bytes": "largest DAG run trigger, with its conf (0 = no limit; default 1048576)",
+        "max_hitl_bytes": "largest human-in-the-loop response (0 = no limit; default 1048576)",
         "logs": "what leaves with task logs: none, redacted or full (default none; full with --push-logs)",
         "redacted_log_max_bytes": "cap of the redacted log copy per task try (default 262144)",
         "redact_patterns": "extra regexes masked in redacted logs, one per line",
