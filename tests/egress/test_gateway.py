@@ -141,11 +141,14 @@ def test_classify(path: str, method: str, kind: str) -> None:
 
 def test_policy_lets_state_and_small_xcom_through() -> None:
     policy = Policy(max_xcom_bytes=100, secrets="local-only", logs="none")
-    assert policy.check("state", "PATCH", "task-instances/x/state", 10**9) is None
+    assert policy.check("state", "PATCH", "task-instances/x/state", 10**6) is None
+    # A state update carries the task's asset events and their extras: capped too (test_gateway_caps.py).
+    assert policy.check("state", "PATCH", "task-instances/x/state", 10**9) is not None
     assert policy.check("heartbeat", "PUT", "task-instances/x/heartbeat", 10**6) is None
     assert policy.check("xcom", "POST", "xcoms/d/r/t/k", 100) is None
     assert policy.check("xcom", "GET", "xcoms/d/r/t/k", 0) is None
-    assert Policy(max_xcom_bytes=0).check("xcom", "POST", "xcoms/d/r/t/k", 10**9) is None  # 0 = no limit
+    # 0 = no cap of its own; the gateway's ceiling (512 MiB) still bounds what it reads.
+    assert Policy(max_xcom_bytes=0).check("xcom", "POST", "xcoms/d/r/t/k", 10**8) is None
     assert Policy(secrets="local-first").check("connection", "GET", "connections/c", 0) is None
 
 

@@ -77,6 +77,11 @@ class Settings:
     # A group that may read task logs (a log shipper's): the log folder is given to it, setgid, so
     # every log (0640) and folder (0750) under it carries it. None: the worker's own group.
     log_group: str | None = None
+    # Run task processes as this OS user (through sudo, as Airflow's run_as_user does), so a DAG
+    # author cannot read the worker's secret, config, state or process. Needs log_group: a group
+    # both users are in, through which the task user writes its logs and reaches the region store
+    # and the model service (README "Trust boundary").
+    task_user: str | None = None
     state_folder: Path = field(default_factory=lambda: _default_home() / "state")
     dags_folder: Path | None = None
     push_logs: bool = False
@@ -135,6 +140,12 @@ class Settings:
     region_local_xcom: bool = True
     xcom_threshold_bytes: int = 65_536
     max_xcom_bytes: int = 1_048_576  # 0 = no limit
+    # Caps of the other bodies a task writes to the control plane (0 = no cap of its own). The
+    # gateway reads no request body longer than the largest cap (README "Data sovereignty").
+    max_variable_bytes: int = 1_048_576
+    max_asset_event_bytes: int = 1_048_576  # a task state update, with its asset events' extras
+    max_dagrun_conf_bytes: int = 1_048_576  # a triggered DAG run, with its conf
+    max_hitl_bytes: int = 1_048_576  # a human-in-the-loop response
     logs: str | None = None  # none | redacted | full; unset: "full" with push_logs, else "none"
     redacted_log_max_bytes: int = 262_144
     redact_patterns: tuple[str, ...] = ()
@@ -182,6 +193,8 @@ class Settings:
         _positive_int("concurrency", self.concurrency, maximum=1024)
         if self.log_group is not None:
             group_id("log_group", self.log_group)
+        if self.task_user is not None:
+            _validate_task_user(self.task_user, self.log_group)
         _positive_int("push_log_chunk_size", self.push_log_chunk_size, maximum=10_000_000)
         for module in self.preload:
             if not _MODULE.fullmatch(module):
@@ -261,6 +274,31 @@ def group_id(name: str, value: str) -> int:
         return grp.getgrgid(int(value)).gr_gid if value.isdigit() else grp.getgrnam(value).gr_gid
     except (KeyError, OverflowError):
         raise ConfigError(name, value, "must be a group name or gid that exists on this host (getent group)") from None
+
+
+def task_user_ids(name: str) -> tuple[int, int]:
+    """(uid, primary gid) of the user ``name`` (a name or a uid), else ConfigError naming task_user."""
+    import pwd
+
+    try:
+        pw = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except (KeyError, OverflowError):
+        raise ConfigError("task_user", name, "must be a user name or uid that exists on this host (getent passwd)") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _validate_task_user(name: str, log_group: str | None) -> None:
+    import grp
+    import pwd
+
+    uid, gid = task_user_ids(name)
+    if log_group is None:
+        raise ConfigError("task_user", name, "needs log_group: a group both the worker's user and the task user are in "
+                                             "(the task user writes its logs and reaches the region store through it)")
+    shared = grp.getgrgid(group_id("log_group", log_group))
+    if gid != shared.gr_gid and pwd.getpwuid(uid).pw_name not in shared.gr_mem:
+        raise ConfigError("task_user", name, f"must be a member of log_group {shared.gr_name} "
+                                             f"(usermod -aG {shared.gr_name} {pwd.getpwuid(uid).pw_name})")
 
 
 def _validate_deploy(s: Settings) -> None:
@@ -362,8 +400,10 @@ def _validate_sovereignty(s: Settings) -> None:
         raise ConfigError("region", s.region, "1-64 characters: letters, digits, '.', '_' or '-'")
     _positive_int("xcom_threshold_bytes", s.xcom_threshold_bytes, maximum=1 << 30)
     _positive_int("redacted_log_max_bytes", s.redacted_log_max_bytes, maximum=1 << 30)
-    if not isinstance(s.max_xcom_bytes, int) or isinstance(s.max_xcom_bytes, bool) or not 0 <= s.max_xcom_bytes <= 1 << 31:
-        raise ConfigError("max_xcom_bytes", s.max_xcom_bytes, "bytes from 0 (no limit) to 2147483648")
+    for name in ("max_xcom_bytes", "max_variable_bytes", "max_asset_event_bytes", "max_dagrun_conf_bytes", "max_hitl_bytes"):
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 31:
+            raise ConfigError(name, value, "bytes from 0 (no limit) to 2147483648")
     if s.rendered_fields not in ("local", "full"):
         raise ConfigError("rendered_fields", s.rendered_fields, "local (kept in the region) or full (sent, as Airflow does)")
     if s.logs not in (None, "none", "redacted", "full"):

@@ -39,6 +39,7 @@ from airflow_outpost.runners.model_service.protocol import (
     recv_message,
     send_message,
     socket_path,
+    trusted_uids,
 )
 
 if TYPE_CHECKING:
@@ -68,10 +69,10 @@ def _connect(path: Path, timeout_s: float | None) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    if uid != os.getuid():
+    if uid not in trusted_uids():
         sock.close()
         raise ModelServiceError(f"the model service socket {path} is served by another user (uid {uid}, pid {pid}), "
-                                f"not this one (uid {os.getuid()}): refusing to send it data")
+                                f"not this one (uid {os.getuid()}) nor the worker's: refusing to send it data")
     return sock
 
 

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
     import numpy as np
 
 ENV_SOCKET = "OUTPOST_MODEL_SOCKET"
+# The uid of the worker that serves OUTPOST_MODEL_SOCKET, when tasks run as another user (the
+# worker's task_user): the client accepts a server of that uid as well as its own.
+ENV_SERVICE_UID = "OUTPOST_MODEL_SERVICE_UID"
+
+
+def trusted_uids() -> set[int]:
+    """This process's uid, and the worker's (``OUTPOST_MODEL_SERVICE_UID``) when one is given."""
+    uids = {os.getuid()}
+    if (worker := os.environ.get(ENV_SERVICE_UID, "")).isdigit():
+        uids.add(int(worker))
+    return uids
 ENV_IDLE = "OUTPOST_MODEL_IDLE_S"
 DEFAULT_IDLE_S = 600.0
 SOCKET_NAME = ".model-service.sock"

@@ -14,7 +14,9 @@ later tasks on the same worker get vectors from the already loaded model.
   free memory (``torch.cuda.mem_get_info``), releases idle models on that GPU if that is not
   enough, and otherwise refuses with ``GpuMemoryError`` naming what is needed and what is free.
   Loads on GPUs are serialised so two loads cannot both pass the check.
-* The socket is created 0600 and a peer with another uid is refused (``SO_PEERCRED``). The wire
+* The socket is created 0600 and a peer with another uid is refused (``SO_PEERCRED``); a worker
+  whose tasks run as another user (``task_user``) starts it with ``--allow-uid`` (that user) and
+  ``--socket-group`` (a group both share): the socket is then 0660 to that group. The wire
   format is JSON headers plus raw float bytes (``airflow_outpost.runners.model_service.protocol``), never pickle.
 
 Where task processes cannot leave a process behind (the worker's pre-forked task launcher kills
@@ -91,8 +93,11 @@ class ModelService:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, idle_s: float | None = None,
                  gpu_reserve_mb: int | None = None, threads: int | None = None, persistent: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, allow_uids: tuple[int, ...] = (),
+                 socket_group: int | None = None) -> None:
         self.path = socket_path(path)
+        self.allowed_uids = {os.getuid(), *allow_uids}
+        self.socket_group = socket_group
         self.idle_s = idle_seconds(idle_s)
         self.gpu_reserve_mb = int(os.environ.get(ENV_GPU_RESERVE, DEFAULT_GPU_RESERVE_MB)
                                   if gpu_reserve_mb is None else gpu_reserve_mb)
@@ -127,7 +132,11 @@ class ModelService:
             sock.bind(str(self.path))
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        if self.socket_group is not None:
+            os.chown(self.path, -1, self.socket_group)
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
         sock.listen(64)
         sock.settimeout(0.5)
         self._sock, self._inode = sock, self.path.stat().st_ino
@@ -305,9 +314,9 @@ class ModelService:
         try:
             with conn:
                 pid, uid, _ = PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
-                if uid != os.getuid():
-                    log.warning("refusing a client with uid %d (pid %d): the service serves uid %d only",
-                                uid, pid, os.getuid())
+                if uid not in self.allowed_uids:
+                    log.warning("refusing a client with uid %d (pid %d): the service serves uid %s only",
+                                uid, pid, ", ".join(map(str, sorted(self.allowed_uids))))
                     return
                 while not self._stop.is_set():
                     try:
@@ -417,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch/ONNX threads for CPU models")
     parser.add_argument("--persistent", action="store_true",
                         help="release idle models but keep serving (for a service started next to the worker)")
+    parser.add_argument("--allow-uid", type=int, action="append", default=[],
+                        help="serve this uid too (the worker's task_user; repeatable)")
+    parser.add_argument("--socket-group", type=int, default=None,
+                        help="give the socket to this gid, mode 0660 (a group the allowed users share)")
     parser.add_argument("--spawn", action="store_true", help="start a detached service and wait until it answers")
     parser.add_argument("--spawn-timeout-s", type=float, default=60.0)
     args = parser.parse_args(argv)
@@ -429,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.spawn:
         return _spawn(path, idle_s, args.spawn_timeout_s)
-    service = ModelService(path, idle_s=idle_s, threads=args.threads, persistent=args.persistent)
+    service = ModelService(path, idle_s=idle_s, threads=args.threads, persistent=args.persistent,
+                           allow_uids=tuple(args.allow_uid), socket_group=args.socket_group)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.shutdown())
     return service.run()

@@ -22,7 +22,7 @@ from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, 
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.errors import ConfigError, OutpostError
 from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable, warn_plain_http
-from airflow_outpost.worker.runtime.file_modes import WORKER_UMASK, secure_folders
+from airflow_outpost.worker.runtime.file_modes import WORKER_UMASK, mark_undumpable, secure_folders
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -92,6 +92,13 @@ def add_settings_flags(p: argparse.ArgumentParser) -> None:
         "region_local_xcom": "keep large or data-typed XCom values in the region, send a reference (true/false; default true)",
         "xcom_threshold_bytes": "serialized size above which an XCom value stays in the region (default 65536)",
         "max_xcom_bytes": "largest XCom body sent to the control plane; bigger ones fail the task (0 = no limit)",
+        "task_user": "run task processes as this OS user through sudo, so DAG code cannot read the worker's "
+                     "secret, config or process (needs --log-group, a group both users are in; README \"Trust boundary\")",
+        "max_variable_bytes": "largest Variable.set body sent to the control plane (0 = no limit; default 1048576)",
+        "max_asset_event_bytes": "largest task state update, with its asset events and their extras (0 = no limit; "
+                                 "default 1048576)",
+        "max_dagrun_conf_bytes": "largest DAG run trigger, with its conf (0 = no limit; default 1048576)",
+        "max_hitl_bytes": "largest human-in-the-loop response (0 = no limit; default 1048576)",
         "logs": "what leaves with task logs: none, redacted or full (default none; full with --push-logs)",
         "redacted_log_max_bytes": "cap of the redacted log copy per task try (default 262144)",
         "redact_patterns": "extra regexes masked in redacted logs, one per line",
@@ -143,6 +150,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # Everything the worker creates is its own (state 0700, SQLite files 0600); task processes
     # set their own umask (0027) so their logs are readable by the log folder's group only.
     os.umask(WORKER_UMASK)
+    # Task processes (and anything else of this user) cannot read the worker's environment or
+    # memory through /proc: its credentials live there.
+    mark_undumpable()
     require_credentials(settings)
     require_writable(settings)
     secure_folders(settings)

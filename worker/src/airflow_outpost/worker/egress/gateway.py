@@ -62,7 +62,6 @@ _TI_RUN = re.compile(r"^task-instances/([^/]+)/run$")
 _TI_HEARTBEAT = re.compile(r"^task-instances/([^/]+)/heartbeat$")
 _TI_STATE = re.compile(r"^task-instances/([^/]+)/state$")
 _TRIGGER_HEADER = TRIGGER_HEADER.lower()
-MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_TASK_LABELS = 10_000  # ti id -> "dag.task run=.. try=.." for ledger rows; far more than run at once
 
 
@@ -138,6 +137,37 @@ class Gateway:
                 await asyncio.wait_for(self._task, 10)
         self._server = self._task = None
 
+    async def _read_body(self, receive: Any, send: Any, headers: list[tuple[str, str]], kind: str, method: str,
+                         path: str, task: str | None) -> bytearray | None:
+        """The request's body, read no further than its kind's cap; ``None`` once refused (413,
+        ledgered) or disconnected. A ``Content-Length`` over the cap is refused before any of the
+        body is read; a body without one (chunked) is read up to the cap and refused there."""
+        policy = self._egress.policy
+        declared = next((v for k, v in headers if k.lower() == "content-length"), None)
+        refusal = None
+        if declared is not None and declared.strip().isdigit():
+            refusal = policy.over_cap(kind, method, path, int(declared), said="announces")
+        body = bytearray()
+        if refusal is None:
+            _, limit = policy.cap_for(kind, method)
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                body += message.get("body", b"")
+                if len(body) > limit:
+                    refusal = policy.over_cap(kind, method, path, len(body), said="runs past")
+                    break
+                if not message.get("more_body"):
+                    return body
+        assert refusal is not None
+        # What is left of the body is not read into memory: uvicorn discards it as it arrives, so
+        # the connection stays usable and the client, which sends its whole body before it reads,
+        # gets this answer instead of a reset.
+        self._egress.refused(refusal, task, PREFIX + path, method, None)
+        await reply(send, refusal.status, {"detail": refusal.message})
+        return None
+
     # -- ASGI --------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -160,19 +190,11 @@ class Gateway:
             await reply(send, refusal.status, {"detail": refusal.message})
             return
         rest = raw_path[len(PREFIX):]
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > MAX_REQUEST_BYTES:
-                await reply(send, 413, {"detail": f"outpost gateway: request body over {MAX_REQUEST_BYTES} bytes"})
-                return
-            if not message.get("more_body"):
-                break
         path = unquote(rest)
         kind = classify(path, method)
+        body = await self._read_body(receive, send, headers, kind, method, path, task)
+        if body is None:
+            return
         if method == "PATCH" and (st := _TI_STATE.match(path)) and self._egress.keep_deferral(st.group(1), bytes(body), auth):
             # Local triggers: the deferral (trigger class path and kwargs) stays on this worker.
             self._egress.ledger.record(Entry(ts=time.time(), task=task, endpoint=PREFIX + path, method=method, kind=kind,

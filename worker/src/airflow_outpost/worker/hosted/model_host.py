@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -50,8 +51,12 @@ def service_available() -> bool:
 class ModelHost:
     """Owns one model-service process. ``start()`` and ``aclose()`` are idempotent."""
 
-    def __init__(self, state_folder: Path, *, idle_s: float) -> None:
+    def __init__(self, state_folder: Path, *, idle_s: float, task_uid: int | None = None,
+                 shared_gid: int | None = None) -> None:
+        """``task_uid``/``shared_gid``: tasks run as another user (``task_user``); the service serves
+        that uid too, on a socket of the group both share, in a folder that group may enter."""
         self.socket = socket_path_for(state_folder)
+        self._task_uid, self._shared_gid = task_uid, shared_gid
         self.log_path = state_folder / "model-service.log"
         self.idle_s = idle_s
         self._proc: asyncio.subprocess.Process | None = None
@@ -65,10 +70,16 @@ class ModelHost:
         if self.running:
             return
         self.socket.unlink(missing_ok=True)  # a stale socket of a crashed run
+        shared: list[str] = []
+        if self._task_uid is not None and self._shared_gid is not None:
+            shared = ["--allow-uid", str(self._task_uid), "--socket-group", str(self._shared_gid)]
+            if self.socket.parent.name.startswith("outpost-models-"):  # our mkdtemp folder: pass-through
+                os.chown(self.socket.parent, -1, self._shared_gid)
+                self.socket.parent.chmod(0o710)
         with open(self.log_path, "ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-P", "-m", SERVICE_MODULE, "--persistent", "--socket", str(self.socket),
-                "--idle-s", str(self.idle_s), env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                "--idle-s", str(self.idle_s), *shared, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent)
         log.info("model service for tasks on %s (pid %d, idle release %.0fs)", self.socket, self._proc.pid, self.idle_s)
 

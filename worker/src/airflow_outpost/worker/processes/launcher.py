@@ -18,6 +18,11 @@ Exactly once at launch: a fork that is not confirmed within ``start_timeout_s`` 
 retried elsewhere). Each request carries its deadline; a task process forked after it (a zygote that
 was stopped or starved) exits before it runs anything, and one the zygote reports started after
 the worker gave up on it is SIGKILLed at once, and logged.
+
+With ``task_user`` the zygote (or each fresh interpreter) is started through ``sudo -u
+<task_user>``, as Airflow's ``run_as_user`` does, so tasks run as another OS user that cannot read
+the worker's files or process. The worker's own user then signals them through ``sudo`` too
+(``kill`` as the task user) when the kernel refuses it directly.
 """
 
 from __future__ import annotations
@@ -43,15 +48,37 @@ log = logging.getLogger(__name__)
 
 OUTPUT_TAIL_BYTES = 8192
 START_TIMEOUT_S = 120.0
+# Variables sudo drops even with -E (its env_delete list) that a task's interpreter needs: passed
+# on the command line instead (they are paths, not secrets).
+_SUDO_DROPPED = ("PYTHONPATH", "LD_LIBRARY_PATH")
+
+
+def as_task_user(user: str | None, argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """``argv`` run as ``user`` through ``sudo`` (non-interactive, environment kept, ``HOME`` the
+    user's), or ``argv`` itself when ``user`` is None."""
+    if user is None:
+        return argv
+    kept = [f"{k}={env[k]}" for k in _SUDO_DROPPED if env.get(k)]
+    return ["sudo", "-n", "-E", "-H", "-u", user, "--", *(["/usr/bin/env", *kept] if kept else []), *argv]
+
+
+def _kill_as(user: str | None, pid: int, sig: int) -> None:
+    """Signal ``pid`` as ``user`` through ``sudo`` (the worker may not signal another user's process)."""
+    if user is None:
+        return
+    import subprocess
+
+    subprocess.run(["sudo", "-n", "-u", user, "--", "kill", f"-{int(sig)}", str(pid)], capture_output=True, timeout=30)
 
 
 class TaskProcess:
     """A running task process (the Task SDK supervisor). ``output`` holds its stdout/stderr."""
 
-    def __init__(self, pid: int, output: Path, exit_future: asyncio.Future[int]) -> None:
+    def __init__(self, pid: int, output: Path, exit_future: asyncio.Future[int], task_user: str | None = None) -> None:
         self.pid = pid
         self.output = output
         self._exit = exit_future
+        self._task_user = task_user
 
     @property
     def returncode(self) -> int | None:
@@ -69,11 +96,15 @@ class TaskProcess:
         """Send ``sig`` to the supervisor (or its whole process group). Safe if it already exited."""
         if self._exit.done():
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        try:
             if group:
                 os.killpg(self.pid, sig)
             else:
                 os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # a task user's process: signal it as that user
+            _kill_as(self._task_user, -self.pid if group else self.pid, sig)
 
     def kill_task_tree(self) -> None:
         """SIGKILL everything below the supervisor (the task and what it forked).
@@ -90,8 +121,12 @@ class TaskProcess:
         except psutil.NoSuchProcess:
             return
         for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
+            try:
                 child.kill()
+            except psutil.NoSuchProcess:
+                pass
+            except psutil.AccessDenied:
+                _kill_as(self._task_user, child.pid, signal.SIGKILL)
 
     def reap_after_task(self) -> int:
         """Once the task runner (the supervisor's child) has exited, kill what it left behind.
@@ -311,9 +346,10 @@ class TaskLauncher:
 
     def __init__(self, *, output_dir: Path, prewarm: int = 1, crash_policy: str = "stop",
                  preload: tuple[str, ...] = (), memory_merge: bool = False,
-                 start_timeout_s: float = START_TIMEOUT_S) -> None:
+                 start_timeout_s: float = START_TIMEOUT_S, task_user: str | None = None) -> None:
         self._env: dict[str, str] | None = None
         self._start_timeout_s = start_timeout_s
+        self._task_user = task_user
         self._preload = preload
         self._memory_merge = memory_merge
         self._crash_policy = crash_policy
@@ -327,9 +363,10 @@ class TaskLauncher:
             raise RuntimeError("TaskLauncher.start(env) was not called")
         # -P: the worker's working directory is not put on sys.path, so a json.py there cannot
         # shadow the standard library or an installed package in the zygote and every task.
+        argv = as_task_user(self._task_user, [sys.executable, "-P", "-m", "airflow_outpost.worker.processes.task_main",
+                                              *args], self._env)
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-P", "-m", "airflow_outpost.worker.processes.task_main", *args,
-            stdin=asyncio.subprocess.PIPE, stdout=stdout, stderr=stderr, env=self._env, start_new_session=True,
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=stdout, stderr=stderr, env=self._env, start_new_session=True,
         )
 
     async def start(self, env: Mapping[str, str]) -> None:
@@ -342,6 +379,7 @@ class TaskLauncher:
         # config file may have overridden them.
         self._env["OUTPOST_PRELOAD"] = ",".join(self._preload)
         self._env["OUTPOST_MEMORY_MERGE"] = "1" if self._memory_merge else "0"
+        self._env["OUTPOST_VIA_SUDO"] = "1" if self._task_user else "0"
         if self._use_zygote:
             await self._ensure_zygote()
 
@@ -373,14 +411,14 @@ class TaskLauncher:
         if self._use_zygote:
             zygote = await self._ensure_zygote()
             pid, exited = await zygote.fork(request)
-            return TaskProcess(pid, output, exited)
+            return TaskProcess(pid, output, exited, self._task_user)
         with open(output, "wb") as out:
             proc = await self._spawn(stdout=out, stderr=asyncio.subprocess.STDOUT)
         assert proc.stdin is not None
         proc.stdin.write((json.dumps(request) + "\n").encode())
         await proc.stdin.drain()
         proc.stdin.close()
-        return TaskProcess(proc.pid, output, asyncio.ensure_future(proc.wait()))
+        return TaskProcess(proc.pid, output, asyncio.ensure_future(proc.wait()), self._task_user)
 
     async def aclose(self) -> None:
         """Stop the zygote (after the worker drained its tasks)."""

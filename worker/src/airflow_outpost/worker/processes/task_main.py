@@ -40,6 +40,11 @@ What happens when the worker dies depends on ``OUTPOST_CRASH_POLICY`` (the worke
   over). The zygote notices EOF on stdin, forks nothing more, and exits once its children have,
   staying their reaper and the subreaper of their orphans until then; its event stream to the dead
   worker is dropped.
+
+Run as the worker's ``task_user`` (through ``sudo``, which stays between the worker and this
+process and does not die with the worker), the parent-death signal is tied to ``sudo``, so with
+``stop`` a zygote also exits when its stdin reaches EOF (the worker is gone), and a single-mode task
+process watches the worker's pid.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ LATE_START_EXIT = 75
 # Read once by zygote_main/single_main; forked children inherit it.
 _adopt = False
 _merge = False  # OUTPOST_MEMORY_MERGE, read once at start (see _merge_memory)
+_via_sudo = False  # OUTPOST_VIA_SUDO: started as the worker's task_user, sudo between us and the worker
 
 
 def kill_descendants(sig: int = signal.SIGKILL) -> int:
@@ -339,15 +345,42 @@ def _sweep_orphans(running: dict[int, str]) -> None:
 
 
 def _read_policy() -> None:
-    global _adopt
+    global _adopt, _via_sudo
     _adopt = os.environ.pop("OUTPOST_CRASH_POLICY", "stop") == "adopt"
+    _via_sudo = os.environ.pop("OUTPOST_VIA_SUDO", "0") == "1"
+
+
+def _parent() -> tuple[int, int]:
+    """(the process whose death means the worker's, the worker's pid). Under ``sudo`` (the
+    worker's ``task_user``) the former is ``sudo``, this process's parent."""
+    worker = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
+    return (os.getppid() if _via_sudo else worker), worker
+
+
+def _watch_worker(worker: int) -> None:
+    """Under ``sudo``: a thread that acts as the parent-death signal would once ``worker`` is gone."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                _on_parent_death(signal.SIGUSR1, None)
+                os._exit(1)
+            except PermissionError:  # alive, another user's
+                pass
+
+    threading.Thread(target=watch, name="worker watch", daemon=True).start()
 
 
 def zygote_main() -> int:
     os.umask(TASK_UMASK)  # logs 0640, folders 0750: the log folder's group may read them
     _read_policy()
     _read_memory_merge()
-    parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
+    parent, _ = _parent()
     if not _adopt:
         _die_with_parent(parent, _zygote_on_parent_death)
     try:  # orphans of task trees are re-parented to us (and reaped) instead of init
@@ -389,6 +422,9 @@ def zygote_main() -> int:
                 continue
             chunk = os.read(sys.stdin.fileno(), 65536)
             if not chunk:
+                if not _adopt and _via_sudo:
+                    # sudo outlives the worker: EOF is the only sign it died (see the module docstring).
+                    _zygote_on_parent_death(signal.SIGUSR1, None)
                 stdin_open = False
                 sel.unregister(sys.stdin.fileno())
                 continue
@@ -422,9 +458,11 @@ def single_main() -> int:
     os.umask(TASK_UMASK)  # logs 0640, folders 0750: the log folder's group may read them
     _read_policy()
     _read_memory_merge()
-    parent = int(os.environ.pop("OUTPOST_PARENT_PID", os.getppid()))
+    parent, worker = _parent()
     if not _adopt:
         _die_with_parent(parent)
+        if parent != worker:
+            _watch_worker(worker)
     _preload()
     _merge_memory()
     line = sys.stdin.readline()

@@ -30,6 +30,8 @@ from airflow_outpost.worker.config import (
     PREEMPTION_KILL_GRACE_S,
     PREEMPTION_WAIT_S,
     Settings,
+    group_id,
+    task_user_ids,
     without_credentials,
 )
 from airflow_outpost.worker.edge.client import EdgeClient
@@ -80,6 +82,13 @@ QUICK_POLL_FACTOR = 0.4
 QUICK_POLL_FLOOR_S = 0.02  # a tiny poll_min_interval_s must not turn the window into a flood of fetches
 
 
+def _task_user_ids(s: Settings) -> dict[str, int]:
+    """The model service's extra client and socket group when tasks run as ``task_user``."""
+    if s.task_user is None or s.log_group is None:
+        return {}
+    return {"task_uid": task_user_ids(s.task_user)[0], "shared_gid": group_id("log_group", s.log_group)}
+
+
 def quick_poll_s(poll_min_interval_s: float) -> float:
     """The poll interval in the window after a final state: 0.4 x ``poll_min_interval_s``, never
     below 20 ms."""
@@ -124,7 +133,7 @@ class Worker:
                                    task_env=self._task_env)
         # A model service the worker owns, unless the runners are absent or one is configured.
         self.models: ModelHost | None = (
-            ModelHost(settings.state_folder, idle_s=settings.model_idle_s)
+            ModelHost(settings.state_folder, idle_s=settings.model_idle_s, **_task_user_ids(settings))
             if settings.model_service and service_available() and not os.environ.get("OUTPOST_MODEL_SOCKET") else None)
         # The Ray tasks use: a head the worker owns (ray = local), an existing cluster, or None
         # (each task starts its own).
@@ -143,7 +152,7 @@ class Worker:
                          metrics=self.telemetry.render) if settings.metrics_port else None)
         self.launcher = TaskLauncher(output_dir=self.state_folder.output_dir, prewarm=settings.prewarm,
                                      preload=settings.preload, memory_merge=settings.memory_merge,
-                                     crash_policy=settings.crash_policy)
+                                     crash_policy=settings.crash_policy, task_user=settings.task_user)
         # triggers = local: deferred tasks wait here, in a trigger runner child (README "In-region triggers").
         self.triggers: LocalTriggers | None = (
             LocalTriggers(max_waiting=settings.max_local_triggers, gateway_url=lambda: self.egress.url,
@@ -250,6 +259,8 @@ class Worker:
             env["AIRFLOW__CORE__DAGS_FOLDER"] = str(s.dags_folder.resolve())
         if self.models is not None:
             env["OUTPOST_MODEL_SOCKET"] = str(self.models.socket)
+            if s.task_user is not None:  # tasks of another uid: the service they reach is the worker's
+                env["OUTPOST_MODEL_SERVICE_UID"] = str(os.getuid())
         elif not s.model_service:
             # A service a task started would be stopped with the task's leftovers: load in-task.
             env["OUTPOST_MODEL_SERVICE"] = "0"

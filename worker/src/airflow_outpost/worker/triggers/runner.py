@@ -313,6 +313,7 @@ async def _main() -> None:
 
 def main() -> None:
     import airflow.sdk  # noqa: F401  (Airflow configures its logging on import; ours goes on top)
+
     # task_runner (the comms' home) configures logging on import too: imported before ours, not after.
     from airflow.sdk.execution_time import task_runner  # noqa: F401
 
