@@ -82,10 +82,13 @@ def test_another_user_can_read_nothing_of_the_worker_after_a_dag_run(control_pla
     # The folders themselves refuse a listing; nothing below is even reachable.
     assert seen[str(state)] == "PermissionError" and seen[str(logs)] == "PermissionError", seen
     assert set(seen) == {str(state), str(logs)}, seen
-    # And the modes say why: state 0700, its files 0600; logs 0750 / 0640 (group: the worker's).
+    # And the modes say why: state 0700 and the worker's own files 0600 (what task processes write
+    # there, 0640, is shut in by the folder); logs 0750 / 0640 (group: the worker's).
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
     for p in _all_paths(state):
-        if not p.is_socket():
-            assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, (p, oct(p.stat().st_mode))
+        assert stat.S_IMODE(p.stat().st_mode) & 0o007 == 0, (p, oct(p.stat().st_mode))
+    for p in state.glob("*.sqlite"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p, oct(p.stat().st_mode))
     for p in _all_paths(logs):
         assert stat.S_IMODE(p.stat().st_mode) & 0o027 == 0, (p, oct(p.stat().st_mode))
     w.stop()
