@@ -25,10 +25,11 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 def _exactly_once(cp: ControlPlane, start_worker, tmp_path: Path, workers: int, count: int) -> None:
     marker = tmp_path / "once"
     marker.mkdir()
-    # The test control plane uses SQLite, where the server can hand one job to several workers:
-    # confirm_start_s makes a worker check it owns a try before running it (see README).
-    started = [start_worker(queues="q_once", concurrency=2, extra_args=["--confirm-start-s", "0.3"])
-               for _ in range(workers)]
+    # On SQLite the server can hand one job to several workers (its SKIP LOCKED claim is a no-op):
+    # confirm_start_s makes a worker check it owns a try before running it (see README). On
+    # PostgreSQL (OUTPOST_TEST_DB=postgres) the claim locks, and the workers run as configured.
+    confirm = ["--confirm-start-s", "0.3"] if cp.db != "postgres" else []
+    started = [start_worker(queues="q_once", concurrency=2, extra_args=confirm) for _ in range(workers)]
     run_id = cp.trigger("outpost_exactly_once", conf={"count": count, "marker_dir": str(marker)})
     assert cp.wait_for_run("outpost_exactly_once", run_id, timeout_s=60 + 6 * count) == "success"
     states = cp.task_states("outpost_exactly_once", run_id)
@@ -40,7 +41,7 @@ def _exactly_once(cp: ControlPlane, start_worker, tmp_path: Path, workers: int, 
     served_by = {line.split()[1] for lines in executions.values() for line in lines}
     assert len(served_by) >= 2, f"expected the work to be shared, got {served_by}"
     assert all(w.proc is not None and w.proc.poll() is None for w in started)
-    print(f"\nRELIABILITY exactly-once workers={workers} tasks={count} succeeded={count} lost=0 duplicates=0 "
+    print(f"\nRELIABILITY exactly-once db={cp.db} workers={workers} tasks={count} succeeded={count} lost=0 duplicates=0 "
           f"served_by={len(served_by)}")
 
 
