@@ -6,7 +6,7 @@ Production control planes run Airflow on PostgreSQL, where the Edge API's job cl
 temporary folder (trust authentication, loopback only), ``postgres`` as a child process on a free
 loopback port, one database; :meth:`PostgresServer.stop` stops it and removes the folder. As root
 (PostgreSQL refuses to run as root) both run as the ``postgres`` OS user. Airflow reaches it
-through ``psycopg2`` (the ``dev`` extra's ``psycopg2-binary``).
+through ``psycopg2`` and, for its async engine, ``asyncpg`` (both in the ``dev`` extra).
 
 Nothing here is used by a production worker.
 """
