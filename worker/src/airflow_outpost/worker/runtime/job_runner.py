@@ -108,7 +108,8 @@ class JobRunner:
         self.triggers = triggers
         self.running: dict[JobKey, RunningJob] = {}
         # Tries of the previous worker process the gateway serves before recovery (see
-        # admit_leftovers): task instance id -> job key, until recover_leftovers has run.
+        # admit_leftovers): token subject (task instance or callback id) -> job key, until
+        # recover_leftovers has run.
         self._leftovers: dict[str, JobKey] = {}
         self._leftover_states: dict[str, str] = {}  # the states they reported meanwhile (also journaled)
         self._stopping = False  # the drain timeout passed: no wait resumes any more
@@ -534,7 +535,7 @@ class JobRunner:
             return 0
         for entry in self.state_folder.journal_leftovers():
             subject = entry.get("ti_id")
-            if not subject or entry.get("elsewhere") or entry.get("waiting") or entry.get("kind") == "ExecuteCallback":
+            if not subject or entry.get("elsewhere") or entry.get("waiting"):
                 continue
             self._leftovers[str(subject)] = entry["key"]
             self.egress.admit(str(subject), str(entry["key"]))
