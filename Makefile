@@ -12,7 +12,7 @@ PYTEST_ARGS    ?=
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo lint typecheck test test-all test-slow bench-dispatch clean
+.PHONY: setup demo lint typecheck test test-all test-slow test-postgres bench-dispatch clean
 
 # The two distributions (worker/, runners/) install editable: both are plain src layouts, so setuptools
 # writes a path entry (.pth) for each src/ folder (no import hook), which editors, pyright and mypy
@@ -44,6 +44,11 @@ test: lint typecheck
 
 test-slow: setup
 	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
+# The fault suite (the full-size exactly-once run included) with the control plane on PostgreSQL,
+# as production runs it (needs Debian's postgresql: apt-get install -y postgresql).
+test-postgres: setup
+	OUTPOST_TEST_DB=postgres $(PY) -m pytest -m "faults and not gpu" --timeout 1800 $(PYTEST_ARGS)
 
 test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

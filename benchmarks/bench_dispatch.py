@@ -19,8 +19,12 @@ runs is bounded by ``--fanout500-timeout``; a scheduler that dies (SQLite "datab
 concurrent tasks on a small machine) is recorded in the result, restarted, and the next contender runs.
 ``--fanout500-only`` skips the chain and fan-out-50 part.
 
+``--db postgres`` (or ``OUTPOST_TEST_DB=postgres``) runs the control plane's metadata DB on a
+throw-away PostgreSQL server, as production control planes do (needs Debian's ``postgresql``
+and the dev extra's drivers); SQLite is the default.
+
 Prints a table with ratios against the stock default and writes JSON to benchmarks/results/.
-Usage: python benchmarks/bench_dispatch.py [--quick] [--fanout500 [--fanout500-only]] [--out PATH]
+Usage: python benchmarks/bench_dispatch.py [--quick] [--fanout500 [--fanout500-only]] [--db postgres] [--out PATH]
 """
 
 from __future__ import annotations
@@ -399,6 +403,8 @@ def main() -> int:
     ap.add_argument("--fanout500-concurrency", type=int, default=16, help="worker concurrency = floor parallelism")
     ap.add_argument("--fanout500-stock", action="store_true", help="run the stock worker (poll 1 s) on it too")
     ap.add_argument("--fanout500-timeout", type=float, default=480, help="bound of each fan-out-500 run, seconds")
+    ap.add_argument("--db", choices=("sqlite", "postgres"), default=None,
+                    help="the control plane's metadata DB (default: OUTPOST_TEST_DB, else sqlite)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON result (default results/dispatch.json; results/dispatch-fanout500.json with --fanout500-only)")
     args = ap.parse_args()
@@ -411,7 +417,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="outpost-bench-dispatch-"))
     results: list[dict] = []
     big: list[dict] = []
-    with ControlPlane(dags_folder=DAGS, home=work / "airflow") as cp:
+    with ControlPlane(dags_folder=DAGS, home=work / "airflow", db=args.db) as cp:
         for dag_id in ("bench_chain8", "bench_fanout50") + (("bench_fanout500",) if args.fanout500 else ()):
             cp.wait_for_dag(dag_id)
         stock_1s = Stock("stock poll 1s", cp, work, 1)
@@ -438,7 +444,7 @@ def main() -> int:
         print_base(results)
     if big:
         print_fanout500(big, n500)
-    out: dict = {"machine": machine(), "date": datetime.now().isoformat(timespec="seconds")}
+    out: dict = {"machine": machine(), "date": datetime.now().isoformat(timespec="seconds"), "db": cp.db}
     if results:
         out.update({"chain_runs": args.chain_runs, "idle_window_s": args.idle_s, "results": results})
     if big:

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from airflow_outpost.worker.testing.controlplane import ControlPlane
+from airflow_outpost.worker.testing.tcp_proxy import TcpProxy
 from airflow_outpost.worker.testing.worker_process import run_outpost
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
@@ -24,10 +25,11 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 def _exactly_once(cp: ControlPlane, start_worker, tmp_path: Path, workers: int, count: int) -> None:
     marker = tmp_path / "once"
     marker.mkdir()
-    # The test control plane uses SQLite, where the server can hand one job to several workers:
-    # confirm_start_s makes a worker check it owns a try before running it (see README).
-    started = [start_worker(queues="q_once", concurrency=2, extra_args=["--confirm-start-s", "0.3"])
-               for _ in range(workers)]
+    # On SQLite the server can hand one job to several workers (its SKIP LOCKED claim is a no-op):
+    # confirm_start_s makes a worker check it owns a try before running it (see README). On
+    # PostgreSQL (OUTPOST_TEST_DB=postgres) the claim locks, and the workers run as configured.
+    confirm = ["--confirm-start-s", "0.3"] if cp.db != "postgres" else []
+    started = [start_worker(queues="q_once", concurrency=2, extra_args=confirm) for _ in range(workers)]
     run_id = cp.trigger("outpost_exactly_once", conf={"count": count, "marker_dir": str(marker)})
     assert cp.wait_for_run("outpost_exactly_once", run_id, timeout_s=60 + 6 * count) == "success"
     states = cp.task_states("outpost_exactly_once", run_id)
@@ -39,7 +41,7 @@ def _exactly_once(cp: ControlPlane, start_worker, tmp_path: Path, workers: int, 
     served_by = {line.split()[1] for lines in executions.values() for line in lines}
     assert len(served_by) >= 2, f"expected the work to be shared, got {served_by}"
     assert all(w.proc is not None and w.proc.poll() is None for w in started)
-    print(f"\nRELIABILITY exactly-once workers={workers} tasks={count} succeeded={count} lost=0 duplicates=0 "
+    print(f"\nRELIABILITY exactly-once db={cp.db} workers={workers} tasks={count} succeeded={count} lost=0 duplicates=0 "
           f"served_by={len(served_by)}")
 
 
@@ -210,6 +212,49 @@ def test_adopted_tasks_that_fail_or_vanish_are_reported_failed(control_plane: Co
     assert re.search(rf"reporting job outpost_adopt\.outlive run={re.escape(run_vanish)} try=1 from a previous worker "
                      r"run as failed: its task process is gone and recorded no outcome", log)
     assert re.search(rf"adopted outpost_adopt\.outlive run={re.escape(run_fail)} try=1", log)
+
+
+def test_a_failure_reported_before_adoption_is_reported_failed_never_success(
+        control_plane: ControlPlane, start_worker, tmp_path: Path) -> None:
+    # The restarted worker's gateway serves at once, but it registers (and adopts) only once the
+    # Edge API answers: the proxy in front of it stays dark meanwhile. The adopted task fails in
+    # that window; its state must reach the control plane and be the state the worker reports,
+    # never a success inferred from the supervisor's exit code.
+    cp = control_plane
+    edge = TcpProxy("127.0.0.1", cp.port).start()
+    w2 = None
+    try:
+        w = start_worker(queues="q_adopt", extra_args=ADOPT)
+        marker = tmp_path / "window"
+        marker.mkdir()
+        run_id = cp.trigger("outpost_adopt", conf={"marker_dir": str(marker), "fail": True})
+        _wait_until(lambda: (marker / "started").exists(), "the task did not start", w)
+        task_pid = int((marker / "started").read_text())
+        _crash(w, [task_pid])
+        edge.pause()
+        before = len(w.log())  # the restarted worker writes to the same output file
+        w2 = start_worker(wait=False, queues="q_adopt", name=w.name, state_folder=w.state_folder,
+                          extra_args=[*ADOPT, "--api-url", edge.url, "--execution-api-url", f"{cp.base_url}/execution/",
+                                      "--startup-timeout-s", "180", "--request-timeout-s", "3"])
+        _wait_until(lambda: "egress gateway for task processes on" in w2.log()[before:], "the gateway did not start", w2)
+        (marker / "release").touch()
+        _wait_until(lambda: not _alive(task_pid), "the task did not end in the window", w2)
+        assert "registered as" not in w2.log()[before:]  # it ended before the worker could adopt it
+        edge.resume()
+        assert cp.wait_for_run("outpost_adopt", run_id, timeout_s=120) == "failed", w2.log()[-4000:]
+        [ti] = cp.task_instances("outpost_adopt", run_id)
+        assert ti["state"] == "failed" and ti["try_number"] == 1
+        log = w2.wait_for_log(rf"outpost_adopt\.outlive run={re.escape(run_id)} try=1 from a previous worker run as \w+",
+                              timeout_s=60)
+        assert re.search(rf"reporting job outpost_adopt\.outlive run={re.escape(run_id)} try=1 from a previous worker "
+                         r"run as failed: its task process reported failed", log), log[-4000:]
+        assert " as success" not in log[before:]
+        assert w2.stop() == 0
+    finally:
+        if w2 is not None and w2.proc is not None and w2.proc.poll() is None:
+            w2.send(signal.SIGKILL)  # a failed test: it could not sign off through a stopped proxy
+        edge.stop()
+    print("\nRELIABILITY worker-crash crash_policy=adopt task failed before adoption: reported failed (its own state)")
 
 
 def test_an_adopted_task_is_drained_and_escalated_like_any_other(control_plane: ControlPlane, start_worker,

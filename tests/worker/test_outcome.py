@@ -35,4 +35,6 @@ def test_recovery_reports_the_state_a_crashed_workers_task_reported() -> None:
                            gateway_url=None)
     assert (gone.action, gone.state) == ("report", "success")
     unknown = recovery.decide({}, final_state=None, exit_code=None, alive=False, policy="stop", gateway_url=None)
-    assert (unknown.action, unknown.state) == ("report", "failed")
+    assert (unknown.action, unknown.state) == ("ask", "failed")  # the control plane is asked; failed if it cannot say
+    exited = recovery.decide({}, final_state=None, exit_code=0, alive=False, policy="stop", gateway_url=None)
+    assert (exited.action, exited.state) == ("ask", "failed")  # never success from an exit code

@@ -147,11 +147,18 @@ def test_gateway_port_is_remembered_and_garbage_is_ignored(tmp_path: Path) -> No
     [
         ({}, {"final_state": "success", "alive": True}, "report", "success", "queued before the crash"),
         ({"elsewhere": True}, {"exit_code": 0, "alive": True}, "leave", None, "another worker"),
-        ({}, {"exit_code": 0}, "report", "success", "recorded exit code 0"),
-        ({}, {"exit_code": 0, "alive": True}, "report", "success", "recorded exit code 0"),
-        ({}, {"exit_code": 1}, "report", "failed", "exit code 1"),
-        ({}, {"exit_code": -9, "policy": "stop"}, "report", "failed", "exit code -9"),
-        ({}, {}, "report", "failed", "gone and recorded no outcome"),
+        # No state of its own seen: the control plane is asked, failed if it cannot say; never success.
+        ({}, {"exit_code": 0}, "ask", "failed", "recorded exit code 0 but the worker saw no final state"),
+        ({}, {"exit_code": 0, "alive": True}, "ask", "failed", "recorded exit code 0"),
+        ({}, {"exit_code": 1}, "ask", "failed", "exit code 1"),
+        ({}, {"exit_code": -9, "policy": "stop"}, "ask", "failed", "exit code -9"),
+        ({}, {}, "ask", "failed", "gone and recorded no outcome"),
+        ({"task_state": "up_for_retry"}, {"exit_code": 0}, "report", "up_for_retry", "reported up_for_retry"),
+        ({"task_state": "running"}, {"exit_code": 0}, "ask", "failed", "no final state"),
+        # A callback reports no state of its own: its exit code is its outcome.
+        ({"kind": "ExecuteCallback"}, {"exit_code": 0}, "report", "success", "callback process recorded exit code 0"),
+        ({"kind": "ExecuteCallback"}, {"exit_code": 2}, "report", "failed", "exit code 2"),
+        ({"kind": "ExecuteCallback"}, {}, "report", "failed", "callback process is gone"),
         ({}, {"policy": "stop", "alive": True}, "stop", "failed", "crash_policy is stop"),
         ({}, {"alive": True}, "adopt", None, "still running"),
         ({"server": "http://127.0.0.1:40002/execution/"}, {"alive": True}, "stop", "failed", "could not be bound again"),
@@ -335,3 +342,97 @@ def test_gateway_falls_back_to_a_free_port_when_its_previous_one_is_taken(tmp_pa
     finally:
         squatter.close()
     assert f"could not bind the egress gateway's previous port {taken}" in caplog.text
+
+
+# -- states reported before recovery, and asking the control plane --------------------------------
+class _EdgeJobs:
+    def __init__(self) -> None:
+        self.reported: list[tuple[JobKey, str]] = []
+
+    async def set_state(self, key: JobKey, state: str) -> None:
+        self.reported.append((key, state))
+
+
+class _EdgeClient:
+    def __init__(self) -> None:
+        self.jobs = _EdgeJobs()
+
+
+def _leftover_task_state(tmp_path: Path, *, sent_state: str | None, server_state: str) -> tuple[list, list[str]]:
+    """A try the previous worker process journaled, whose task process ended (exit code 0, as the
+    Task SDK's supervisor exits after its task failed) while the restarted worker had not yet
+    recovered it: it sends a heartbeat and, if ``sent_state``, its final state through the gateway.
+    Returns what the worker reported to the Edge API and which requests the fake control plane saw."""
+    from airflow_outpost.worker.runtime.job_runner import JobRunner
+    from airflow_outpost.worker.runtime.link import ControlPlaneLink
+    from airflow_outpost.worker.testing.task_tokens import task_token
+
+    ti_id = str(ENTRY["ti_id"])
+    settings = load_settings({"api_url": "http://cp.invalid:8080", "state_folder": str(tmp_path / "state"),
+                              "crash_policy": "adopt", "push_logs": "false"}, env={"OUTPOST_JWT_SECRET": "s" * 64})
+    folder = StateFolder(settings.state_folder)
+    folder.journal_start(KEY, 4242, {k: v for k, v in ENTRY.items() if k not in ("key", "pid")})
+    record_exit(folder.exit_file(KEY), 0)
+    seen: list[str] = []
+
+    def control_plane(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if request.url.path.endswith("/task-instances/states"):
+            assert request.headers["authorization"] == f"Bearer {task_token(ti_id)}"
+            return httpx.Response(200, json={"task_states": {KEY.run_id: {KEY.task_id: server_state}}})
+        return httpx.Response(204)
+
+    async def scenario() -> list:
+        noted: list[tuple[str, str]] = []
+        egress = Egress(settings, upstream_transport=httpx.MockTransport(control_plane),
+                        on_task_state=lambda ti, state: noted.append((ti, state)) or runner.note_task_state(ti, state))
+        client = _EdgeClient()
+        runner = JobRunner(settings, client=client, egress=egress, launcher=None, state_folder=folder,  # type: ignore[arg-type]
+                           link=ControlPlaneLink(queues=None, concurrency=1), gpus=GpuAllocator([], ()), counter=None,  # type: ignore[arg-type]
+                           events=None, costs=None, budgets=None, ray=None, sysinfo=dict,  # type: ignore[arg-type]
+                           on_slot_freed=lambda: None)
+        assert runner.admit_leftovers() == 1
+        url = await egress.start()
+        try:
+            headers = {"Authorization": f"Bearer {task_token(ti_id)}"}
+            async with httpx.AsyncClient(base_url=url, headers=headers) as task:
+                assert (await task.put(f"task-instances/{ti_id}/heartbeat", json={"pid": 1})).status_code == 204
+                if sent_state:
+                    assert (await task.patch(f"task-instances/{ti_id}/state", json={"state": sent_state})).status_code == 204
+            await runner.recover_leftovers()
+            assert await runner.reports.flush(10)
+            assert ti_id not in egress.running  # recovered, not adopted: its token no longer passes
+        finally:
+            await runner.aclose()
+            await egress.aclose()
+        return client.jobs.reported
+
+    return asyncio.run(scenario()), seen
+
+
+def test_a_state_a_leftover_try_reports_before_recovery_is_the_one_reported(tmp_path: Path) -> None:
+    reported, seen = _leftover_task_state(tmp_path, sent_state="failed", server_state="failed")
+    assert reported == [(KEY, "failed")]  # not success from its exit code 0
+    assert f"PATCH /execution/task-instances/{ENTRY['ti_id']}/state" in seen  # it reached the control plane
+    assert "GET /execution/task-instances/states" not in seen  # known: nothing to ask
+
+
+@pytest.mark.parametrize(("server_state", "reported_state"), [
+    ("up_for_retry", "up_for_retry"), ("success", "success"), ("running", "failed"), ("skipped", "success")])
+def test_a_leftover_try_whose_own_state_was_not_seen_gets_the_control_planes(
+        tmp_path: Path, server_state: str, reported_state: str) -> None:
+    reported, seen = _leftover_task_state(tmp_path, sent_state=None, server_state=server_state)
+    assert reported == [(KEY, reported_state)]  # "running": the try's end never reached it, so failed
+    assert "GET /execution/task-instances/states" in seen
+
+
+def test_asking_needs_a_token_the_try_sent(tmp_path: Path) -> None:
+    async def scenario() -> str | None:
+        egress = Egress(load_settings({"api_url": "http://cp.invalid:8080", "state_folder": str(tmp_path)}, env={}),
+                        upstream_transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+        try:
+            return await egress.ask_try_state(str(ENTRY["ti_id"]), "d", "r", "t", -1)
+        finally:
+            await egress.aclose()
+
+    assert asyncio.run(scenario()) is None

@@ -189,6 +189,8 @@ class Gateway:
             self._egress.refused(refusal, task, endpoint, method, None)
             await reply(send, refusal.status, {"detail": refusal.message})
             return
+        if subject is not None and auth is not None:  # always, once admitted: a running try's own token
+            self._egress.note_token(subject, auth)
         rest = raw_path[len(PREFIX):]
         path = unquote(rest)
         kind = classify(path, method)
@@ -266,6 +268,9 @@ class Egress:
         # worker keeps it (the gateway then answers it and forwards nothing).
         self.on_deferral = on_deferral
         self._starts: dict[str, dict[str, Any]] = {}  # ti id -> its try's first start request
+        # Token subject -> the newest Authorization its task process sent (memory only, never
+        # written): what the worker asks the control plane with when a try's own state is unknown.
+        self._tokens: dict[str, str] = {}
         self._resumes: dict[str, Resume] = {}
         # After start(): whether the port a previous run recorded was bound again (None: none recorded).
         self.port_kept: bool | None = None
@@ -388,6 +393,44 @@ class Egress:
         self._running.discard(subject)
         self._resumes.pop(subject, None)
         self._starts.pop(subject, None)
+        self._tokens.pop(subject, None)
+
+    def note_token(self, subject: str, authorization: str) -> None:
+        """Keep the newest token a running try's task process sent (see :meth:`ask_try_state`)."""
+        if subject in self._running:
+            self._tokens[subject] = authorization
+
+    async def ask_try_state(self, ti_id: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> str | None:
+        """The state the control plane holds for task instance ``ti_id`` (``GET
+        /execution/task-instances/states``, with the newest token its task process sent through
+        the gateway), or ``None`` when it cannot be asked: no token was seen (the process ended
+        while no worker ran), or the request failed. Never raises.
+
+        The answer is the task instance's state now: once Airflow retried the task it is the
+        newer try's (``scheduled``, ``queued``, ``running``, ...), which a caller asking about an
+        older try reads as "not a final state of this try".
+        """
+        auth = self._tokens.get(ti_id)
+        if auth is None:
+            return None
+        base = self.settings.execution_api if self.settings.execution_api.endswith("/") else self.settings.execution_api + "/"
+        params: dict[str, Any] = {"dag_id": dag_id, "run_ids": [run_id], "task_ids": [task_id], "map_index": map_index}
+        status: int | None = None
+        try:
+            resp = await self._client.get(base + "task-instances/states", params=params,
+                                          headers={"Authorization": auth})
+            status = resp.status_code
+            resp.raise_for_status()
+            states = resp.json()["task_states"][run_id]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("could not ask the control plane for the state of task instance %s: %s", ti_id, exc)
+            return None
+        finally:  # the worker's own Execution API request: ledgered like its Edge API ones
+            self.ledger.record(Entry(ts=time.time(), task=self.task_label(ti_id), endpoint=PREFIX + "task-instances/states",
+                                     method="GET", kind=classify("task-instances/states", "GET"), bytes=0,
+                                     status=status, outcome="sent" if status else "error"))
+        state = states.get(task_id if map_index < 0 else f"{task_id}_{map_index}") if isinstance(states, dict) else None
+        return state if isinstance(state, str) else None
 
     async def aclose(self) -> None:
         await self.gateway.aclose()

@@ -35,7 +35,7 @@ from airflow_outpost.worker.hosted.costs import live_tasks
 from airflow_outpost.worker.processes.launcher import TaskLauncher, TaskProcess
 from airflow_outpost.worker.runtime import recovery
 from airflow_outpost.worker.runtime.outbox import Outbox
-from airflow_outpost.worker.runtime.outcome import outcome
+from airflow_outpost.worker.runtime.outcome import TASK_FINAL_STATES, outcome
 from airflow_outpost.worker.runtime.reports import ReportSender
 from airflow_outpost.worker.runtime.state import read_exit
 from airflow_outpost.worker.runtime.task_logs import LogShipper
@@ -107,6 +107,11 @@ class JobRunner:
         self.on_slot_freed = on_slot_freed
         self.triggers = triggers
         self.running: dict[JobKey, RunningJob] = {}
+        # Tries of the previous worker process the gateway serves before recovery (see
+        # admit_leftovers): token subject (task instance or callback id) -> job key, until
+        # recover_leftovers has run.
+        self._leftovers: dict[str, JobKey] = {}
+        self._leftover_states: dict[str, str] = {}  # the states they reported meanwhile (also journaled)
         self._stopping = False  # the drain timeout passed: no wait resumes any more
         self._resumes = ResumeQueue()  # tries whose trigger ended, in the order they wait for a slot
         self.outbox = Outbox(settings.state_folder / "outbox.sqlite")
@@ -242,6 +247,8 @@ class JobRunner:
                         state = "elsewhere"  # counted as such: neither this worker's success nor its failure
                         self._claimed_elsewhere(run)
                         return
+                    if run.adopted and run.task_state not in TASK_FINAL_STATES and job.ti_id is not None:
+                        await self._ask_outcome(run, rc)
                     result = outcome(run.task_state, rc)
                     if result.state != "deferred" or run.deferral is None or self.triggers is None:
                         state = result.state
@@ -482,6 +489,8 @@ class JobRunner:
         folder, policy = self.state_folder, self.settings.crash_policy
         for entry in folder.journal_leftovers():
             key: JobKey = entry["key"]
+            if (noted := self._leftover_states.get(str(entry.get("ti_id")))) is not None:
+                entry["task_state"] = noted  # reported while an earlier entry was recovered
             decision = recovery.decide(
                 entry, final_state=entry.get("final_state") or self.outbox.final_state(key),
                 exit_code=read_exit(folder.exit_file(key)),
@@ -501,12 +510,76 @@ class JobRunner:
                 folder.journal_done(key)
                 continue
             assert decision.state is not None
-            log.warning("reporting job %s from a previous worker run as %s: %s", key, decision.state, decision.reason)
-            await self._report_final(key, decision.state)
+            state, reason = decision.state, decision.reason
+            if decision.action == "ask":
+                state, reason = await self._ask_leftover(entry, decision)
+            log.warning("reporting job %s from a previous worker run as %s: %s", key, state, reason)
+            await self._report_final(key, state)
+        # Tries not adopted ended above: their tokens no longer pass the gateway.
+        adopted = {r.job.subject for r in self.running.values()}
+        for subject in self._leftovers.keys() - adopted:
+            self.egress.forget_try(subject)
+        self._leftovers.clear()
+        self._leftover_states.clear()
         folder.prune_exits()
         if (depth := self.outbox.depth):
             log.info("replaying %d undelivered report(s) from the outbox", depth)
         self.reports.start()
+
+    def admit_leftovers(self) -> int:
+        """Let the tries the previous worker process left running use the gateway from its start,
+        before registration and :meth:`recover_leftovers` (``crash_policy = adopt`` only).
+
+        Their task processes talk to the gateway's port all along: a state one reports in that
+        window reaches the control plane and is journaled (:meth:`note_task_state`), so recovery
+        reports it instead of guessing from the exit code. Call before the gateway serves; returns
+        how many tries were admitted.
+        """
+        if self.settings.crash_policy != "adopt":
+            return 0
+        for entry in self.state_folder.journal_leftovers():
+            subject = entry.get("ti_id")
+            if not subject or entry.get("elsewhere") or entry.get("waiting"):
+                continue
+            self._leftovers[str(subject)] = entry["key"]
+            self.egress.admit(str(subject), str(entry["key"]))
+        if self._leftovers:
+            log.info("the gateway serves %d task(s) left by the previous worker run until they are recovered",
+                     len(self._leftovers))
+        return len(self._leftovers)
+
+    async def _ask_leftover(self, entry: dict[str, Any], decision: recovery.Decision) -> tuple[str, str]:
+        """The state to report for a leftover whose own final state the worker never saw, and why:
+        what the control plane holds for the try, else ``decision.state`` (failed)."""
+        assert decision.state is not None
+        job = recovery.job_from_entry(entry) if entry.get("ti_id") else None
+        asked = await self._ask_control_plane(job) if job is not None else None
+        if asked in TASK_FINAL_STATES:
+            return outcome(asked, None).edge_state, f"{decision.reason}; the control plane holds {asked} for it"
+        said = f"holds {asked} for it" if asked else "could not be asked"
+        return decision.state, f"{decision.reason}; the control plane {said}, so never success"
+
+    async def _ask_outcome(self, run: RunningJob, rc: int) -> None:
+        """An adopted job's task process ended and the worker saw no final state of its try (the
+        process may have reported it while no worker ran): take the control plane's, else failed."""
+        asked = await self._ask_control_plane(run.job)
+        if asked in TASK_FINAL_STATES:
+            log.warning("job %s: its adopted task process ended (supervisor %s) without a final state seen here; the "
+                        "control plane holds %s for it", run.job.key, run.proc.describe_exit(rc) if run.proc else rc, asked)
+            run.task_state = asked
+        else:
+            log.warning("job %s: its adopted task process ended (supervisor %s) without a final state seen here and the "
+                        "control plane %s; reporting it failed, never success from an exit code", run.job.key,
+                        run.proc.describe_exit(rc) if run.proc else rc,
+                        f"holds {asked} for it" if asked else "could not be asked")
+            run.task_state = "failed"
+
+    async def _ask_control_plane(self, job: Job) -> str | None:
+        """The state the control plane holds for ``job``'s task instance, or None if it cannot say."""
+        if job.ti_id is None:
+            return None
+        k = job.key
+        return await self.egress.ask_try_state(job.ti_id, k.dag_id, k.run_id, k.task_id, k.map_index)
 
     def _adopt(self, entry: dict[str, Any]) -> None:
         """Take over a job whose task process a previous worker process started and that still runs."""
@@ -556,17 +629,24 @@ class JobRunner:
                 except OSError as exc:
                     log.error("could not journal the state %s of %s: %s", state, run.job.key, exc)
                 return
+        if (key := self._leftovers.get(ti_id)) is not None:  # reported before recovery: recovery reads it
+            self._leftover_states[ti_id] = state
+            try:
+                self.state_folder.journal_update(key, task_state=state)
+            except OSError as exc:
+                log.error("could not journal the state %s of %s: %s", state, key, exc)
 
     def journal_elsewhere(self, ti_id: str) -> None:
         """Keep in the journal that the server refused this try's start here, so a restart after a
         crash leaves the try to the worker that runs it (see :meth:`_claimed_elsewhere`)."""
-        for run in self.running.values():
-            if run.job.ti_id == ti_id:
-                try:
-                    self.state_folder.journal_update(run.job.key, elsewhere=True)
-                except OSError as exc:
-                    log.error("could not journal that %s runs elsewhere: %s", run.job.key, exc)
-                return
+        keys = [run.job.key for run in self.running.values() if run.job.ti_id == ti_id][:1]
+        if not keys and (key := self._leftovers.get(ti_id)) is not None:
+            keys = [key]  # refused before recovery
+        for key in keys:
+            try:
+                self.state_folder.journal_update(key, elsewhere=True)
+            except OSError as exc:
+                log.error("could not journal that %s runs elsewhere: %s", key, exc)
 
     async def _expired(self, run: RunningJob, expired_s: float) -> None:
         """The workload's token expired while the job was queued: fail it with the reason, don't run it."""

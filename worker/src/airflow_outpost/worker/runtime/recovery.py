@@ -7,12 +7,22 @@ worker starts with a state folder that still holds entries, :func:`decide` picks
 1. its final state is already in the outbox: report that (the crash interrupted delivery);
 2. the server refused its start because another worker runs that try: leave it to that worker
    (stop our process if it still runs; report nothing, which could fail the other's task);
-3. its task process recorded an exit code (:func:`airflow_outpost.worker.runtime.state.record_exit`): report ``success``
-   for 0 and ``failed`` otherwise, and stop what the task left running;
-4. its task process is still alive and is ours (same pid, same start time, our command line):
+3. its task process ended (it recorded an exit code, :func:`airflow_outpost.worker.runtime.state.record_exit`, or
+   it is gone) after it reported its try's final state, which the worker journaled: report that
+   state, and stop what the task left running;
+4. its task process ended and the worker saw no final state of its try: *ask* the control plane
+   (:meth:`airflow_outpost.worker.egress.gateway.Egress.ask_try_state`) and report the final state
+   it holds, else ``failed``. Never ``success`` from an exit code: the Task SDK's supervisor exits
+   0 after its task reported ``failed`` or ``up_for_retry``. A callback reports no state of its
+   own: its exit code is its outcome;
+5. its task process is still alive and is ours (same pid, same start time, our command line):
    with ``crash_policy = adopt`` and the process able to reach this run's gateway, *adopt* it
-   (:class:`AdoptedProcess`); otherwise stop it and report ``failed``;
-5. otherwise (the process is gone without recording an outcome): ``failed``, never ``success``.
+   (:class:`AdoptedProcess`); otherwise stop it and report ``failed``.
+
+With ``crash_policy = adopt`` the gateway serves the journaled tries from the moment it starts,
+before registration and this recovery (:meth:`airflow_outpost.worker.runtime.job_runner.JobRunner.admit_leftovers`):
+a state a task process reports in between reaches the control plane and is journaled, so the
+recovery (or the adopted job) reports it.
 
 A task waiting on a local trigger (``triggers = local``) has no process: with ``crash_policy =
 adopt`` its trigger starts again in this run and the task still resumes; with ``stop`` it is
@@ -51,9 +61,10 @@ _ADOPT_FIELDS = ("output", "server", "queue", "slots", "log_path", "dag_rel_path
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with one leftover journal entry; ``state`` is the report for report/stop."""
+    """What to do with one leftover journal entry; ``state`` is the report for report/stop, and
+    for ask the report when the control plane cannot say."""
 
-    action: Literal["report", "adopt", "stop", "leave"]
+    action: Literal["report", "adopt", "stop", "leave", "ask"]
     state: str | None
     reason: str
 
@@ -115,14 +126,20 @@ def decide(entry: dict[str, Any], *, final_state: str | None, exit_code: int | N
         why = "crash_policy is stop" if policy != "adopt" else "this run does not have triggers = local"
         return Decision("report", "failed", f"it waited on a local trigger and {why}")
     reported = outcome(entry.get("task_state"), exit_code)
+    callback = entry.get("kind") == "ExecuteCallback"  # reports no state of its own: the exit code is its outcome
     if exit_code is not None:
-        why = (f"its task process reported {reported.state}" if reported.source == "task"
-               else f"its task process recorded exit code {exit_code}")
-        return Decision("report", reported.edge_state, why)
+        if reported.source == "task" or callback:
+            why = (f"its task process reported {reported.state}" if reported.source == "task"
+                   else f"its callback process recorded exit code {exit_code}")
+            return Decision("report", reported.edge_state, why)
+        return Decision("ask", "failed", f"its task process recorded exit code {exit_code} but the worker saw no "
+                                         "final state of its try")
     if not alive:
         if reported.source == "task":
             return Decision("report", reported.edge_state, f"its task process is gone; it had reported {reported.state}")
-        return Decision("report", "failed", "its task process is gone and recorded no outcome")
+        if callback:
+            return Decision("report", "failed", "its callback process is gone and recorded no outcome")
+        return Decision("ask", "failed", "its task process is gone and recorded no outcome")
     if policy != "adopt":
         return Decision("stop", "failed", "crash_policy is stop")
     missing = [f for f in _ADOPT_FIELDS if entry.get(f) is None]

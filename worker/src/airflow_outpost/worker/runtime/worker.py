@@ -193,6 +193,8 @@ class Worker:
             # Before the launcher: task processes get the gateway's URL. On the previous run's port
             # if possible, which task processes that outlived it (crash_policy adopt) still use.
             stack.push_async_callback(self.egress.aclose)
+            # crash_policy adopt: the previous run's tries may use the gateway from its first request.
+            self.jobs.admit_leftovers()
             await self.egress.start(self.state_folder.gateway_port())
             if self.egress.port is not None:
                 self.state_folder.save_gateway_port(self.egress.port)

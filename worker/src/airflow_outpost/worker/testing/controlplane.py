@@ -2,7 +2,9 @@
 
 It runs the stock components (``airflow api-server``, ``scheduler`` and ``dag-processor``) with
 the Edge executor on a SQLite metadata DB in a temporary ``AIRFLOW_HOME``, listening on
-127.0.0.1 only. Nothing here is used by a production worker; it needs the ``dev`` extra
+127.0.0.1 only. ``db="postgres"`` (or ``OUTPOST_TEST_DB=postgres``) puts the metadata DB on a
+throw-away PostgreSQL server instead (:mod:`airflow_outpost.worker.testing.postgres`), the
+database production control planes use. Nothing here is used by a production worker; it needs the ``dev`` extra
 (``apache-airflow`` and ``apache-airflow-providers-edge3``).
 
 The REST helpers (:meth:`ControlPlane.trigger`, :meth:`ControlPlane.wait_for_run`, ...) use the
@@ -30,6 +32,7 @@ import httpx
 
 from airflow_outpost.worker.errors import OutpostError
 from airflow_outpost.worker.procutil import die_with_parent
+from airflow_outpost.worker.testing.postgres import PostgresServer, metadata_db
 
 TERMINAL_RUN_STATES = frozenset({"success", "failed"})
 
@@ -77,6 +80,9 @@ class ControlPlane:
     jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     # The interpreter of the venv whose Airflow to run (another Airflow line); None: this one's.
     python: str | None = None
+    # The metadata DB: "sqlite" or "postgres"; None: OUTPOST_TEST_DB's, else sqlite.
+    db: str | None = None
+    _postgres: PostgresServer | None = field(default=None, init=False)
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     _own_home: bool = field(default=False, init=False)
     _client: httpx.Client | None = field(default=None, init=False)
@@ -105,7 +111,8 @@ class ControlPlane:
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home}/airflow.db",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self._postgres.url if self._postgres is not None
+                else f"sqlite:///{self.home}/airflow.db",
                 "AIRFLOW__API__HOST": "127.0.0.1",
                 "AIRFLOW__API__PORT": str(self.port),
                 "AIRFLOW__API__BASE_URL": self.base_url,
@@ -137,6 +144,10 @@ class ControlPlane:
         """Migrate the DB and start api-server, scheduler and dag-processor; wait until ready."""
         if self._procs:
             return self
+        self.db = self.db or metadata_db()
+        if self.db == "postgres" and self._postgres is None:
+            self._postgres = PostgresServer()
+            self._postgres.start()
         if self.home is None:
             self.home = Path(tempfile.mkdtemp(prefix="outpost-airflow-"))
             self._own_home = True
@@ -150,6 +161,7 @@ class ControlPlane:
             [airflow, "db", "migrate"], env=self.env, capture_output=True, text=True, timeout=timeout_s
         )
         if migrate.returncode != 0:
+            self.stop()
             raise ControlPlaneError(f"'airflow db migrate' failed:\n{migrate.stderr[-3000:]}")
         commands = {
             "api-server": [airflow, "api-server", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -237,6 +249,9 @@ class ControlPlane:
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._postgres is not None:  # after every component that connects to it
+            self._postgres.stop()
+            self._postgres = None
         if self._own_home and self.home is not None and not os.environ.get("OUTPOST_KEEP_CONTROLPLANE"):
             shutil.rmtree(self.home, ignore_errors=True)
 
