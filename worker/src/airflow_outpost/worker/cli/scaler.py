@@ -36,8 +36,8 @@ def add_scaler_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_scaler(args: argparse.Namespace) -> int:
-    from airflow_outpost.worker.scaler import QueueDepthReader, Scaler, ScalerServer, TokenSource, load_scaler_settings
     from airflow_outpost.worker.errors import StartupError
+    from airflow_outpost.worker.scaler import QueueDepthReader, Scaler, ScalerServer, TokenSource, load_scaler_settings
     from airflow_outpost.worker.scaler.settings import setting_names
 
     s = load_scaler_settings({name: getattr(args, name) for name in setting_names()})
