@@ -117,6 +117,9 @@ class Settings:
     gpu_queues: tuple[str, ...] = ("gpu*",)
     gpus: tuple[str, ...] | None = None  # None = detect (NVML, torch); () = none
     exit_when_idle_s: float = 0.0  # 0 = never
+    # The exit code after exit_when_idle_s: 3 tells a wrapper "idle, power off"; a Kubernetes Job
+    # counts only 0 as success, so the Helm chart's ephemeral (KEDA ScaledJob) workers set 0.
+    idle_exit_code: int = 3
     preemption_notice_file: Path | None = None
     preemption_drain_timeout_s: float = 15.0
     warm_models: tuple[str, ...] = ()
@@ -320,6 +323,8 @@ def _validate_deploy(s: Settings) -> None:
         value = getattr(s, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ConfigError(name, value, "a duration >= 0 such as 900, 15m or 1h")
+    if not isinstance(s.idle_exit_code, int) or isinstance(s.idle_exit_code, bool) or not 0 <= s.idle_exit_code <= 125:
+        raise ConfigError("idle_exit_code", s.idle_exit_code, "an integer from 0 to 125 (0: a Kubernetes Job's success)")
     for model in s.warm_models:
         if not model or len(model) > 500:
             raise ConfigError("warm_models", model, "comma-separated model names or paths")

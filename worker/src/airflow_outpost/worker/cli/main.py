@@ -1,4 +1,5 @@
-"""``outpost`` command line: ``worker``, ``status``, ``stop``, ``maintenance``, ``demo``, ``egress``, ``bench``.
+"""``outpost`` command line: ``worker``, ``status``, ``stop``, ``maintenance``, ``demo``, ``egress``, ``bench``,
+``scaler``.
 
 Signals are installed here and nowhere else: the first SIGTERM/SIGINT drains, the second skips
 the drain wait. Known failures print one line to stderr and exit non-zero, never a traceback:
@@ -64,6 +65,7 @@ def add_settings_flags(p: argparse.ArgumentParser) -> None:
         "gpu_queues": "queue names/globs whose tasks take GPUs, one per pool slot (default gpu*)",
         "gpus": "GPU devices to hand out, e.g. 0,1,2,3 or none (default: detect)",
         "exit_when_idle_s": "drain, sign off and exit 3 after this long without work, e.g. 15m (default: never)",
+        "idle_exit_code": "exit code after --exit-when-idle (default 3; 0 for Kubernetes Jobs, which count only 0 as success)",
         "preemption_notice_file": "when this file appears (spot preemption notice), drain with the short timeout",
         "preemption_drain_timeout_s": "drain timeout after a preemption notice (default 30)",
         "warm_models": "comma-separated embedding models to load once at start",
@@ -270,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     from airflow_outpost.worker.cli.bench import add_bench_parser
 
     add_bench_parser(sub, common)
+    from airflow_outpost.worker.cli.scaler import add_scaler_parser
+
+    add_scaler_parser(sub, common)
     return parser
 
 

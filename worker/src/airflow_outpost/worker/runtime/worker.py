@@ -177,8 +177,8 @@ class Worker:
         self._wake.set()
 
     async def run(self) -> int:
-        """Run until shut down; return the process exit code: 0 after a clean drain, ``EXIT_IDLE``
-        (3) after ``exit_when_idle_s``, ``EXIT_PREEMPTED`` (4) after a preemption notice.
+        """Run until shut down; return the process exit code: 0 after a clean drain,
+        ``idle_exit_code`` (``EXIT_IDLE``, 3, by default) after ``exit_when_idle_s``, ``EXIT_PREEMPTED`` (4) after a preemption notice.
 
         Start order is declared once, below; each part's close is pushed as it starts, so what
         started last stops first, whichever step fails. Undelivered reports stay in the outbox
@@ -232,7 +232,7 @@ class Worker:
             else:
                 await self.jobs.drain(self.lifecycle.drain_timeout_s(), self.settings.kill_grace_s, self._force)
             await self._go_offline(PREEMPTION_WAIT_S if preempted else OFFLINE_FLUSH_S)
-        return EXIT_PREEMPTED if preempted else EXIT_IDLE if self.lifecycle.exited_idle else 0
+        return EXIT_PREEMPTED if preempted else self.settings.idle_exit_code if self.lifecycle.exited_idle else 0
 
     # -- environment for tasks ---------------------------------------------------------------
     def _task_env(self) -> dict[str, str]:
