@@ -149,7 +149,7 @@ class QueueDepthReader:
             token = await self.tokens.token(self._client)
             self.requests += 1
             try:
-                resp = await self._client.get(path, params=params, headers={"Authorization": f"Bearer {token}"})
+                resp = await self._client.get(path, params=[(k, v) for k, v in params], headers={"Authorization": f"Bearer {token}"})
             except httpx.TransportError as exc:
                 raise ConnectError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
             if resp.status_code == 401 and attempt == 1 and self.tokens.token_file is None:
