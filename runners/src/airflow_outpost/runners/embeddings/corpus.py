@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from airflow_outpost.runners.batch.ray_session import RayConfig
 from airflow_outpost.runners.embeddings.chunking import ChunkingConfig
 from airflow_outpost.runners.embeddings.documents import list_corpus
 from airflow_outpost.runners.embeddings.engines import ENGINES, EmbedConfig, LocalEngine, RayEngine
@@ -64,8 +65,6 @@ from airflow_outpost.runners.store.writer_lock import LockSettings
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from airflow_outpost.runners.batch.ray_session import RayConfig
 
 __all__ = ["EmbedConfig", "chunk_key", "embed_corpus", "iter_catalog", "read_catalog", "read_vectors"]
 

@@ -125,8 +125,8 @@ class RayEngine:
                 int((resources.get("CPU", 1) - config.read_cpus) // max(config.cpus_per_actor, 1e-9))
             n = max(1, n)
         self.config, self.gpus = config, gpus
-        actor_cls = ray.remote(ShardEncoder)
-        self.actors = [
+        actor_cls: Any = ray.remote(ShardEncoder)
+        self.actors: list[Any] = [
             actor_cls.options(num_cpus=config.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD",
                               max_restarts=3, max_task_retries=3).remote(factory, dtype)
             for _ in range(n)

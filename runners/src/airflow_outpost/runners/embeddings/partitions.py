@@ -229,16 +229,16 @@ def chunk_partition(plan: PartitionPlan, tokenizer: Any) -> Iterator[ShardJob | 
                     continue
                 for ch in chunk_text(tokenizer, doc.text, plan.chunking):
                     cid = f"{doc.id}#{ch.index}"
-                    row = {"chunk_id": cid, "key": chunk_key(cid), "doc_id": doc.id, "doc_hash": doc_hash,
-                           "chunk_index": ch.index, "start": ch.start, "end": ch.end,
-                           "content_hash": hash_text(ch.text), "text": ch.text}
+                    h, key = hash_text(ch.text), chunk_key(cid)
+                    row: dict[str, Any] = {"chunk_id": cid, "key": key, "doc_id": doc.id, "doc_hash": doc_hash,
+                                           "chunk_index": ch.index, "start": ch.start, "end": ch.end,
+                                           "content_hash": h, "text": ch.text}
                     current.add(cid)
                     prev = old.get(cid)
-                    h = row["content_hash"]
                     if prev is not None and plan.reuse_vectors and prev["content_hash"] == h:
                         row.update(shard=prev["shard"], row=prev["row"])
                     else:
-                        (result.added if prev is None else result.updated).append((cid, row["key"]))
+                        (result.added if prev is None else result.updated).append((cid, key))
                         if h in by_hash or h in assigned:
                             row["shard"], row["row"] = by_hash.get(h) or assigned[h]
                             result.reused += h in by_hash
