@@ -68,7 +68,8 @@ def test_one_error_hierarchy_exported_with_retryable_unchanged() -> None:
         assert getattr(runners, name) is cls and issubclass(cls, errors.RunnerError), name
     retryable = {name for name in errors.__all__ if getattr(errors, name).retryable}
     # A busy or taken-over store name frees itself: the writer lock's two errors retry.
-    assert retryable == {"ModelServiceError", "GpuMemoryError", "RayConnectError", "StoreBusyError", "LeaseLostError"}
+    assert retryable == {"ModelServiceError", "GpuMemoryError", "RayConnectError", "StoreBusyError", "LeaseLostError",
+                         "ComputeLostError"}
     assert issubclass(errors.StoreBusyError, errors.StoreError) and issubclass(errors.LeaseLostError, errors.StoreError)
     assert issubclass(errors.QualityGateError, errors.BackendUnavailableError)
     assert issubclass(errors.ModelServiceError, errors.ModelError) and issubclass(errors.GpuMemoryError, errors.ModelError)
