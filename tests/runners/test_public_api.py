@@ -58,7 +58,7 @@ def test_every_result_type_is_exported_and_typed() -> None:
     assert typing.get_type_hints(runners.run_plain_loop)["return"] is results.BatchSummary
     # Keys that only some calls return are optional; the rest are always there.
     assert {"catalog_uri", "changes_uri", "shards_written"} == set(results.EmbedSummary.__optional_keys__)
-    assert {"actors", "gpus_per_actor", "ray_address", "warm_actors"} == set(results.BatchSummary.__optional_keys__)
+    assert {"actors", "gpus_per_actor", "ray_address", "warm_actors", "resumed_partitions"} == set(results.BatchSummary.__optional_keys__)
     assert results.IndexSummary.__optional_keys__ == frozenset()
 
 

@@ -146,6 +146,7 @@ class BatchSummary(TypedDict):
     gpus_per_actor: NotRequired[float]  # engine "ray"
     ray_address: NotRequired[str | None]  # engine "ray"; None for a Ray started for the call
     warm_actors: NotRequired[WarmActorsSummary]  # engine "ray" with keep_warm_s > 0
+    resumed_partitions: NotRequired[int]  # engine "ray" without warm actors: skipped, committed by an earlier try
 
 
 class RaySessionInfo(TypedDict):
