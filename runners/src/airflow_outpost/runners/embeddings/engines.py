@@ -132,8 +132,10 @@ class RayEngine:
             for _ in range(n)
         ]
         stack.callback(self._kill_actors)
+        # Yields wait for the driver past 4 unconsumed ones: a partition never runs far ahead of the model.
         self.task = ray.remote(_partition_task).options(num_cpus=config.read_cpus, max_retries=3,
-                                                       scheduling_strategy="SPREAD")
+                                                       scheduling_strategy="SPREAD",
+                                                       _generator_backpressure_num_objects=4)
         self.scan_task = ray.remote(scan_partition).options(num_cpus=config.read_cpus, scheduling_strategy="SPREAD")
         log.info("embed_corpus on Ray: %d model actor(s), %g GPU each", n, gpus)
 
@@ -172,7 +174,7 @@ class RayEngine:
 
         def launch(i: int) -> None:
             if i < len(plans) and i not in gens:
-                gens[i] = self.task.options(_generator_backpressure_num_objects=4).remote(plans[i], tok)
+                gens[i] = self.task.remote(plans[i], tok)
 
         for i, plan in enumerate(plans):
             for j in range(i, i + ahead + 1):
