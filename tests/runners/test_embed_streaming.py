@@ -123,3 +123,26 @@ def test_a_run_killed_half_way_is_resumed_not_redone(tmp_path: Path) -> None:
     ids, _, vectors = read_vectors(Store(root), "c")
     texts = {r["chunk_id"]: r["text"] for r in read_catalog(Store(root), "c")}
     np.testing.assert_allclose(vectors, np.stack([vector(texts[i]) for i in ids]), atol=1e-6)
+
+
+def _peak_rss_kb(root: Path, corpus: Path, engine: str) -> int:
+    proc = _embed_proc(root, corpus, "--engine", engine, "--shard-rows", "4096", "--ray-cpus", "2")
+    out, err = proc.communicate(timeout=3000)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    return int(summary["peak_rss_kb"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(6000)
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path: Path, engine: str) -> None:
+    # Partitions of 100k one-chunk documents: 2 of them (200k chunks) vs 20 (2M). The driver's
+    # peak RSS (ru_maxrss of the embed_corpus process) must stay within 1.2x; with engine="ray" the
+    # partition work and the model run in Ray workers, whose memory is bounded the same way.
+    per = int(os.environ.get("OUTPOST_RSS_DOCS_PER_PARTITION", "100000"))
+    small = write_partitions(tmp_path / "small", partitions=2, docs=per, words=20)
+    large = write_partitions(tmp_path / "large", partitions=20, docs=per, words=20, seed=1)
+    rss_small = _peak_rss_kb(tmp_path / "s1", small, engine)
+    rss_large = _peak_rss_kb(tmp_path / "s2", large, engine)
+    assert rss_large <= 1.2 * rss_small, (rss_small, rss_large)
