@@ -41,8 +41,10 @@ class HashEmbedder:
     tokenizer = staticmethod(_whitespace_tokenizer)
     record = {"name": "hash-standin", "path": "/dev/null", "revision": None, "weights_sha256": "sha256:" + "0" * 64}
 
-    def __init__(self, block: Path | None = None) -> None:
+    def __init__(self, block: Path | None = None, delay_s: float = 0.0) -> None:
         self.block = block
+        self.delay_s = delay_s  # per embed() call, so a test can kill a run between shards
+        self.texts_encoded = 0
 
     def describe(self) -> dict[str, Any]:
         return {"model": dict(self.record), "backend": "hash", "device": "cpu", "precision": "fp32",
@@ -53,6 +55,9 @@ class HashEmbedder:
             # Inside embed_corpus the writer lock is held: say so, then wait to be killed.
             self.block.write_text("holding")
             time.sleep(3600)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self.texts_encoded += len(texts)
         return np.stack([vector(t) for t in texts]) if texts else np.zeros((0, DIM), dtype=np.float32)
 
 
@@ -122,6 +127,41 @@ def hold(args: argparse.Namespace) -> None:
     embed_corpus(corpus, store=args.root, name=args.name, embedder=HashEmbedder(block=Path(args.ready)))
 
 
+def write_partitions(directory: Path, partitions: int, docs: int, words: int = 40, seed: int = 0) -> Path:
+    """A directory corpus of JSONL partitions with ``docs`` unique documents each (whitespace words)."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for p in range(partitions):
+        lines = []
+        for d in range(docs):
+            text = " ".join(f"w{x}" for x in rng.integers(0, 5000, size=words))
+            lines.append(json.dumps({"id": f"p{p}-d{d}", "text": text}))
+        (directory / f"part-{p:04d}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+def embed(args: argparse.Namespace) -> None:
+    """One embed_corpus run as its own process (to be SIGKILLed, or measured); prints the summary."""
+    import resource
+
+    from airflow_outpost.runners.batch.ray_session import RayConfig
+    from airflow_outpost.runners.embeddings.corpus import EmbedConfig, embed_corpus
+
+    kw: dict[str, Any] = {}
+    if args.engine == "ray":
+        kw["ray_config"] = RayConfig(num_cpus=args.ray_cpus)
+        kw["config"] = EmbedConfig(shard_rows=args.shard_rows, actors=args.ray_cpus, cpus_per_actor=0.5,
+                                   read_cpus=0.25)
+    else:
+        kw["config"] = EmbedConfig(shard_rows=args.shard_rows)
+    started = time.perf_counter()
+    out = embed_corpus(args.corpus, store=args.root, name=args.name, embedder=HashEmbedder(delay_s=args.delay_s),
+                       engine=args.engine, **kw)
+    out["seconds"] = time.perf_counter() - started  # type: ignore[typeddict-unknown-key]
+    out["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # type: ignore[typeddict-unknown-key]
+    print(json.dumps(out))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="store_writers")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -132,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     h = sub.add_parser("hold")
     for flag in ("--root", "--name", "--work", "--ready"):
         h.add_argument(flag, required=True)
+    e = sub.add_parser("embed")
+    for flag in ("--root", "--name", "--corpus"):
+        e.add_argument(flag, required=True)
+    e.add_argument("--engine", default="local")
+    e.add_argument("--shard-rows", type=int, default=4096)
+    e.add_argument("--delay-s", type=float, default=0.0)
+    e.add_argument("--ray-cpus", type=int, default=2)
     args = parser.parse_args(argv)
-    {"race": race, "hold": hold}[args.cmd](args)
+    {"race": race, "hold": hold, "embed": embed}[args.cmd](args)
 
 
 if __name__ == "__main__":

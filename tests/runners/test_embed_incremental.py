@@ -144,7 +144,7 @@ def test_runner_is_a_ray_style_callable(torch_embedder):
 
 
 def test_unchanged_documents_are_not_chunked_again(tmp_path, store, torch_embedder, monkeypatch):
-    from airflow_outpost.runners.embeddings import corpus as embeddings
+    from airflow_outpost.runners.embeddings import partitions as embeddings  # where documents are cut
 
     docs = make_docs(10)
     docs[2]["text"] = " ".join(["long"] * 600)  # several chunks, so kept rows must keep their order

@@ -57,8 +57,8 @@ def test_every_result_type_is_exported_and_typed() -> None:
     assert typing.get_type_hints(runners.run_batch_inference)["return"] is results.BatchSummary
     assert typing.get_type_hints(runners.run_plain_loop)["return"] is results.BatchSummary
     # Keys that only some calls return are optional; the rest are always there.
-    assert {"catalog_uri", "changes_uri", "shard_uri", "shard_sha256"} == set(results.EmbedSummary.__optional_keys__)
-    assert {"actors", "gpus_per_actor", "ray_address", "warm_actors"} == set(results.BatchSummary.__optional_keys__)
+    assert {"catalog_uri", "changes_uri", "shards_written"} == set(results.EmbedSummary.__optional_keys__)
+    assert {"actors", "gpus_per_actor", "ray_address", "warm_actors", "resumed_partitions"} == set(results.BatchSummary.__optional_keys__)
     assert results.IndexSummary.__optional_keys__ == frozenset()
 
 
@@ -68,7 +68,8 @@ def test_one_error_hierarchy_exported_with_retryable_unchanged() -> None:
         assert getattr(runners, name) is cls and issubclass(cls, errors.RunnerError), name
     retryable = {name for name in errors.__all__ if getattr(errors, name).retryable}
     # A busy or taken-over store name frees itself: the writer lock's two errors retry.
-    assert retryable == {"ModelServiceError", "GpuMemoryError", "RayConnectError", "StoreBusyError", "LeaseLostError"}
+    assert retryable == {"ModelServiceError", "GpuMemoryError", "RayConnectError", "StoreBusyError", "LeaseLostError",
+                         "ComputeLostError"}
     assert issubclass(errors.StoreBusyError, errors.StoreError) and issubclass(errors.LeaseLostError, errors.StoreError)
     assert issubclass(errors.QualityGateError, errors.BackendUnavailableError)
     assert issubclass(errors.ModelServiceError, errors.ModelError) and issubclass(errors.GpuMemoryError, errors.ModelError)

@@ -25,6 +25,7 @@ from airflow_outpost.runners.embeddings.documents import read_documents
 from airflow_outpost.runners.embeddings.embedder import Embedder, packaged_model_path
 from airflow_outpost.runners.errors import (
     BackendUnavailableError,
+    ComputeLostError,
     DimensionMismatchError,
     DuplicateIdError,
     EmptyCorpusError,
@@ -118,6 +119,7 @@ __all__ = [
     "WarmActorsSummary",
     # errors
     "BackendUnavailableError",
+    "ComputeLostError",
     "DimensionMismatchError",
     "DuplicateIdError",
     "EmptyCorpusError",

@@ -26,6 +26,7 @@ is this module's class).
     |   +-- QualityGateError            the int8 build of a model misses the quality floor
     +-- IndexStateError                 the index directory cannot do what was asked (no version, gate failed)
     +-- RayConnectError                 (retryable) the Ray cluster could not be reached
+    +-- ComputeLostError                (retryable) a Ray node or worker died mid-run; committed work is kept
     +-- RayAuthError                    the Ray cluster needs a token that is missing, unreadable or wrong
     +-- SettingError                    a setting or argument has a value that is not allowed (names both)
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendUnavailableError",
+    "ComputeLostError",
     "DimensionMismatchError",
     "DuplicateIdError",
     "EmptyCorpusError",
@@ -162,6 +164,12 @@ class IndexStateError(RunnerError):
 
 class RayConnectError(RunnerError):
     """The Ray cluster could not be reached; may succeed on retry (cluster restarting, network)."""
+
+    retryable = True
+
+
+class ComputeLostError(RunnerError):
+    """A Ray node, worker or actor died mid-run and Ray gave up; what was committed is kept."""
 
     retryable = True
 

@@ -104,6 +104,9 @@ class EmbedSummary(TypedDict):
     documents: int
     chunks: int
     embedded: int  # distinct chunk texts that went through the model in this call
+    resumed: int  # chunk texts whose vectors an interrupted earlier run had committed (not embedded again)
+    partitions: int  # input files of the corpus
+    engine: str  # "local" or "ray"
     reused: int  # new or changed chunks whose vectors were already in the store
     added: int
     updated: int
@@ -118,8 +121,7 @@ class EmbedSummary(TypedDict):
     catalog_sha256: str
     catalog_uri: NotRequired[str]  # when ``changed``
     changes_uri: NotRequired[str]  # when ``changed``
-    shard_uri: NotRequired[str]  # when this call wrote new vectors
-    shard_sha256: NotRequired[str]  # when this call wrote new vectors
+    shards_written: NotRequired[int]  # when ``changed``: shards of this version (new or resumed)
 
 
 class WarmActorsSummary(TypedDict):
@@ -144,6 +146,7 @@ class BatchSummary(TypedDict):
     gpus_per_actor: NotRequired[float]  # engine "ray"
     ray_address: NotRequired[str | None]  # engine "ray"; None for a Ray started for the call
     warm_actors: NotRequired[WarmActorsSummary]  # engine "ray" with keep_warm_s > 0
+    resumed_partitions: NotRequired[int]  # engine "ray" without warm actors: skipped, committed by an earlier try
 
 
 class RaySessionInfo(TypedDict):

@@ -16,6 +16,7 @@ expensive setup, ``__call__(batch: dict[str, np.ndarray]) -> dict`` returns one 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import time
@@ -23,14 +24,20 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
 from airflow_outpost.runners.batch.warm_actors import WarmPool
 from airflow_outpost.runners.errors import InputError
 from airflow_outpost.runners.results import BatchSummary, WarmActorsSummary
-from airflow_outpost.runners.store.atomic import TMP_PREFIX, atomic_directory, atomic_write_json
-from airflow_outpost.runners.store.region_store import code_version, input_record, model_record
+from airflow_outpost.runners.store.atomic import (
+    TMP_PREFIX,
+    atomic_directory,
+    atomic_write_json,
+    atomic_writer,
+    fsync_dir,
+)
+from airflow_outpost.runners.store.region_store import code_version, hash_file, hash_text, input_record, model_record
 
 if TYPE_CHECKING:
     import numpy as np
@@ -182,6 +189,41 @@ class _ModelActor:
         table = _check_rows(self.model(batch), len(paths), str(paths[0]) if len(paths) else "?")
         return table.append_column(_PATH_COLUMN, pa.array(paths.tolist(), type=pa.string()))
 
+    def write_partition(self, source: str, dest: str, batch_size: int, record: dict[str, Any]) -> dict[str, Any]:
+        """Infer one whole partition and commit its output here, where it was computed.
+
+        The Parquet file is committed first (temp + fsync + rename), then its record
+        (``<part>.json``: input hash, run key, rows, node) that tells a rerun it may skip it.
+        Memory: one partition's input and its output, never the dataset.
+        """
+        import pyarrow.parquet as pq
+
+        from airflow_outpost.runners.embeddings.partitions import node_identity
+
+        table = _read_partition(Path(source))
+        out_path = Path(dest)
+        rows = 0
+        with atomic_writer(out_path) as fh:
+            writer = None
+            for start in range(0, max(table.num_rows, 1), batch_size):
+                chunk = table.slice(start, batch_size)
+                if chunk.num_rows == 0:
+                    break
+                out = _check_rows(self.model(_to_numpy(chunk)), chunk.num_rows, source)
+                if writer is None:
+                    writer = pq.ParquetWriter(fh, out.schema)
+                writer.write_table(out)
+                rows += out.num_rows
+            if writer is None:
+                import pyarrow as pa
+
+                pq.write_table(pa.table({}), fh)
+            else:
+                writer.close()
+        done = {**record, "rows": rows, "sha256": hash_file(out_path), **node_identity()}
+        atomic_write_json(out_path.with_suffix(".json"), done)
+        return done
+
 
 class _PartitionWriter:
     """Writes rows to ``part-NNNNN.parquet`` inside the output temp dir as they stream in, in order."""
@@ -302,9 +344,15 @@ def run_batch_inference(
     a ``device`` argument and none was given. Output rows equal ``run_plain_loop``'s, row for
     row. Returns a ``BatchSummary`` (``rows``, ``seconds``, ``rows_per_s``, ``actors``,
     ``ray_address``, and ``warm_actors`` when ``keep_warm_s > 0``; ``engine="ray"``).
-    ``output_dir`` must not exist; a failure or cancel leaves no output under its final name
-    (only a ``.tmp-`` directory next to it), so a retry starts clean. A batch whose warm actor
-    died is resent once to a new actor; other failures fail the call.
+    ``output_dir`` must not exist; a failure or cancel leaves no output under its final name.
+    Without warm actors, each partition is inferred and committed (temp + rename) by the actor
+    that computed it, on its node, into ``.partial-<output name>-<run key>`` next to
+    ``output_dir`` (the run key hashes the inputs, the model and the code version); a rerun of the
+    same run skips the partitions committed there (``resumed_partitions``), and the manifest,
+    which records each partition's node, is written last before one rename publishes the
+    directory. Actors on a node that dies are restarted elsewhere by Ray and their partitions
+    redone. With warm actors the driver writes (as before) and a failure leaves only a ``.tmp-``
+    directory; a batch whose warm actor died is resent once to a new actor.
     """
     import ray
 
@@ -338,9 +386,14 @@ def run_batch_inference(
                      total, len(partitions), config.actors, gpus,
                      f", kept warm {keep_warm_s:g}s" if keep_warm_s else "")
             warm: WarmActorsSummary | None = None
-            with atomic_directory(output_dir) as tmp:
-                writer = _PartitionWriter(tmp, partitions, total, config.log_every_s)
-                if keep_warm_s:
+            resumed = 0
+            if not keep_warm_s:
+                outputs, resumed = _run_where_computed(partitions, output_dir, model_cls, model_kwargs, config, gpus,
+                                                       started)
+                seconds = time.perf_counter() - started
+            else:
+                with atomic_directory(output_dir) as tmp:
+                    writer = _PartitionWriter(tmp, partitions, total, config.log_every_s)
                     pool = WarmPool(_ModelActor, model_cls, model_kwargs, n=config.actors, cpus=config.cpus_per_actor,
                                     gpus=gpus, keep_warm_s=keep_warm_s, read_cpus=config.read_cpus)
                     try:
@@ -348,32 +401,91 @@ def run_batch_inference(
                     finally:
                         pool.close()
                     warm = {"reused": pool.reused, "started": config.actors - pool.reused, "keep_warm_s": keep_warm_s}
-                else:
-                    ds = ds.map_batches(
-                        _ModelActor, fn_constructor_kwargs={"model_cls": model_cls, "model_kwargs": model_kwargs},
-                        batch_size=config.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=config.actors),
-                        num_cpus=config.cpus_per_actor, num_gpus=gpus,
-                    )
-                    schema = None
-                    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                        block = cast("pa.Table", batch)  # batch_format="pyarrow": Arrow tables
-                        _write_block(writer, block)
-                        schema = block.drop_columns([_PATH_COLUMN]).schema
-                outputs = writer.finish(schema)
-                seconds = time.perf_counter() - started
-                atomic_write_json(tmp / "manifest.json", {
-                    **_lineage(partitions, model_cls, model_kwargs), "engine": "ray", "outputs": outputs,
-                    "rows": writer.done, "seconds": seconds, "actors": config.actors, "gpus_per_actor": gpus,
-                    **({"warm_actors": warm} if warm is not None else {}),
-                })
+                    outputs = writer.finish(schema)
+                    seconds = time.perf_counter() - started
+                    atomic_write_json(tmp / "manifest.json", {
+                        **_lineage(partitions, model_cls, model_kwargs), "engine": "ray", "outputs": outputs,
+                        "rows": writer.done, "seconds": seconds, "actors": config.actors, "gpus_per_actor": gpus,
+                        "warm_actors": warm,
+                    })
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
     summary = _summary(output_dir, outputs, "ray", seconds)
     summary["actors"], summary["gpus_per_actor"], summary["ray_address"] = config.actors, gpus, session["address"]
     if warm is not None:
         summary["warm_actors"] = warm
+    else:
+        summary["resumed_partitions"] = resumed
     return summary
+
+
+def _run_where_computed(
+    partitions: list[Path], output_dir: Path, model_cls: type, model_kwargs: Mapping[str, Any],
+    config: BatchConfig, gpus: float, started: float,
+) -> tuple[list[dict[str, Any]], int]:
+    """Each partition is inferred and committed by a model actor, on its node, into a staging
+    directory named by the run (input hashes, model, code version); the driver only routes paths
+    and collects records. A rerun of the same run skips the partitions already committed there.
+    The manifest is written last, then the staging directory is renamed to ``output_dir``."""
+    import ray
+
+    lineage = _lineage(partitions, model_cls, model_kwargs)
+    key_desc = {"inputs": [i["sha256"] for i in lineage["inputs"]], "model": lineage["model"],
+                "code": lineage["code_version"]}
+    run_key = hash_text(json.dumps(key_desc, sort_keys=True, default=str)).split(":")[-1][:16]
+    staging = output_dir.parent / f".partial-{output_dir.name}-{run_key}"
+    staging.mkdir(parents=True, exist_ok=True)
+    outputs: list[dict[str, Any] | None] = [None] * len(partitions)
+    todo = []
+    for i, part in enumerate(partitions):
+        name = f"part-{i:05d}.parquet"
+        record = {"file": name, "source": str(part), "input_sha256": lineage["inputs"][i]["sha256"], "run_key": run_key}
+        done = staging / f"part-{i:05d}.json"
+        if done.is_file() and (staging / name).is_file():
+            prior = json.loads(done.read_text(encoding="utf-8"))
+            if prior.get("run_key") == run_key and prior.get("input_sha256") == record["input_sha256"]:
+                outputs[i] = {**prior, "resumed": True}
+                continue
+        todo.append((i, part, record))
+    resumed = len(partitions) - len(todo)
+    if resumed:
+        log.info("batch inference: %d of %d partitions already committed by an earlier try; skipping them",
+                 resumed, len(partitions))
+    if todo:
+        actor_cls: Any = ray.remote(_ModelActor)
+        actors = [actor_cls.options(num_cpus=config.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD",
+                                    max_restarts=3, max_task_retries=3).remote(model_cls, model_kwargs)
+                  for _ in range(min(config.actors, len(todo)))]
+        pending: dict[Any, int] = {}
+        try:
+            def collect(refs: list[Any]) -> None:
+                for ref in refs:
+                    outputs[pending.pop(ref)] = {**ray.get(ref), "resumed": False}
+
+            for k, (i, part, record) in enumerate(todo):
+                while len(pending) >= 2 * len(actors):
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    collect(ready)
+                ref = actors[k % len(actors)].write_partition.remote(
+                    str(part.resolve()), str(staging / record["file"]), config.batch_size, record)
+                pending[ref] = i
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                collect(ready)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    final = [o for o in outputs if o is not None]
+    seconds = time.perf_counter() - started
+    atomic_write_json(staging / "manifest.json", {
+        **lineage, "engine": "ray", "outputs": final, "rows": sum(o["rows"] for o in final), "seconds": seconds,
+        "actors": config.actors, "gpus_per_actor": gpus, "run_key": run_key, "resumed_partitions": resumed,
+        "nodes": sorted({o["node_id"] for o in final}),
+    })
+    # The manifest is in place: one rename publishes the whole output.
+    os.rename(staging, output_dir)
+    fsync_dir(output_dir.parent)
+    return final, resumed
 
 
 def _run_on_warm_actors(ds: Any, pool: WarmPool, writer: _PartitionWriter, batch_size: int) -> pa.Schema | None:

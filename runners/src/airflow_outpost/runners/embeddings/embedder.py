@@ -106,6 +106,11 @@ class Embedder:
     ) -> None:
         import torch
 
+        # What a Ray actor needs to load the same model again (``__reduce__``); "auto" device stays
+        # "auto" so an actor with a GPU uses it.
+        self._options = {"device": device, "backend": backend, "normalize": normalize, "batch_tokens": batch_tokens,
+                         "max_batch_size": max_batch_size, "threads": threads, "multi_gpu": multi_gpu,
+                         "cache_dir": cache_dir, "model_name": model_name, "model_revision": model_revision}
         self.model_path = resolve_model_path(model)
         if model_name is None and (model is None or self.model_path == _packaged_or_none()):
             model_name = PACKAGED_MODEL_NAME
@@ -152,6 +157,10 @@ class Embedder:
         elif backend != "torch":
             cache = Path(cache_dir) if cache_dir else _default_cache_dir(self.record)
             self._load_fast(backend, cache, threads, auto)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickles as "load this model with these options": a Ray actor rebuilds it, weights not shipped."""
+        return (_rebuild, (str(self.model_path), self._options))
 
     def _load_fast(self, backend: str, cache: Path, threads: int | None, auto: bool) -> None:
         from airflow_outpost.runners.embeddings.ct2_backend import QualityGateError, build_ct2
@@ -279,6 +288,10 @@ class Embedder:
                     vecs = st(tensors)["sentence_embedding"].float().cpu().numpy()
             results.append((idx, vecs))
         return results
+
+
+def _rebuild(model: str, options: dict[str, Any]) -> Embedder:
+    return Embedder(model, **options)
 
 
 def warm(model: str | os.PathLike[str] | None = None) -> dict[str, Any]:
