@@ -12,7 +12,7 @@ PYTEST_ARGS    ?=
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo lint typecheck test test-all test-slow test-postgres bench-dispatch clean
+.PHONY: setup demo lint typecheck docs test test-all test-slow test-postgres bench-dispatch clean
 
 # The two distributions (worker/, runners/) install editable: both are plain src layouts, so setuptools
 # writes a path entry (.pth) for each src/ folder (no import hook), which editors, pyright and mypy
@@ -39,7 +39,13 @@ typecheck: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/basedpyright --pythonpath $(PY) --level error worker/src runners/src
 
-test: lint typecheck
+# The docs site (docs/mkdocs.yml, pages in docs/pages/) into build/docs; --strict fails on a broken
+# link or a page missing from the nav. The configuration reference page is generated first.
+docs: setup
+	$(PY) -m airflow_outpost.worker.cli.reference > docs/pages/reference/configuration.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
+
+test: lint typecheck docs
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: setup

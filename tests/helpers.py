@@ -10,6 +10,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "tests" / "dags"
+DOCS = REPO / "docs" / "pages"
+
+
+def doc_files() -> list[Path]:
+    """README.md (the front page) and every page of the docs site: where snippets a user types live."""
+    return [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 
 # The three distributions, by folder: the worker, the runners, and the package users install.

@@ -26,7 +26,7 @@ from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.preflight import airflow_jwt_secret
 from airflow_outpost.worker.runtime.state import StateFolder
 from airflow_outpost.worker.testing.worker_process import run_outpost
-from tests.helpers import DAGS, REPO, build_wheels, fresh_venv
+from tests.helpers import DAGS, DOCS, REPO, build_wheels, doc_files, fresh_venv
 
 IMAGES = REPO / "images"
 ENTRYPOINT = IMAGES / "entrypoint.sh"
@@ -49,13 +49,13 @@ def test_entrypoint_runs_the_worker_unless_given_a_subcommand(argv: list[str], s
     assert out.returncode == 0 and out.stdout.startswith(shows), out.stdout + out.stderr
 
 
-# -- README's docker commands agree with the images and the settings ---------------------------
+# -- the docs' docker commands agree with the images and the settings ----------------------------
 def _readme_shell_blocks() -> list[str]:
-    """The README's fenced blocks that are shell (```bash, ```sh or a bare ```)."""
+    """The fenced blocks of README and the docs pages that are shell (```bash, ```sh or a bare ```)."""
     blocks: list[str] = []
     lang: str | None = None
     lines: list[str] = []
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in "\n".join(p.read_text() for p in doc_files()).splitlines():
         if line.startswith("```"):
             if lang is None:
                 lang, lines = line[3:].strip(), []
@@ -164,8 +164,8 @@ def test_preemption_watcher_writes_the_notice_when_the_cloud_reclaims(tmp_path: 
 
 
 # -- options -----------------------------------------------------------------------------------
-def test_every_worker_flag_has_help_and_a_readme_row() -> None:
-    readme = (REPO / "README.md").read_text()
+def test_every_worker_flag_has_help_and_a_reference_row() -> None:
+    readme = (DOCS / "reference" / "configuration.md").read_text()
     worker = build_parser()._subparsers._group_actions[0].choices["worker"]  # type: ignore[union-attr]
     for action in worker._actions:
         if action.dest in _FIELDS:

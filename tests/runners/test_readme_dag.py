@@ -1,4 +1,4 @@
-"""The README's DAG-author example is the shipped outpost_search DAG, and it runs on the worker."""
+"""The docs' DAG-author example (Runners page) is the shipped outpost_search DAG, and it runs on the worker."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import DOCS, REPO
 
 EXAMPLE = REPO / "worker" / "src" / "airflow_outpost" / "worker" / "example_dags" / "outpost_search.py"
 
 
 def _readme_python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return re.findall(r"```python\n(.*?)```", (DOCS / "runners.md").read_text(), re.S)
 
 
 def test_readme_shows_the_shipped_example_verbatim() -> None:
