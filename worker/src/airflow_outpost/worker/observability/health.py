@@ -5,24 +5,22 @@
   503 with the reason otherwise (starting, control plane unreachable, draining).
 * ``GET /metrics``: Prometheus text format (see :mod:`airflow_outpost.worker.observability.prometheus`).
 
-A minimal HTTP/1.0 server on ``asyncio.start_server`` in the worker's own loop: one request per
-connection, GET/HEAD only, so it needs no web framework and never competes with the worker for a
-thread. ``start()`` failing to bind is logged, not fatal: the worker's job is running tasks.
+A minimal HTTP/1.0 server in the worker's own loop
+(:class:`~airflow_outpost.worker.observability.http_endpoint.GetEndpoint`), so it needs no web framework
+and never competes with the worker for a thread. ``start()`` failing to bind is logged, not fatal: the
+worker's job is running tasks.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from airflow_outpost.worker.observability.http_endpoint import GetEndpoint
+
 log = logging.getLogger(__name__)
-MAX_REQUEST_BYTES = 8192
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
-            503: "Service Unavailable"}
 
 
 class HealthServer:
@@ -38,19 +36,16 @@ class HealthServer:
         self.metrics = metrics
         self.host = host
         self.port = port
-        self._server: asyncio.base_events.Server | None = None
+        self._endpoint = GetEndpoint(host, port, self._route)
 
     @property
     def url(self) -> str | None:
         """``http://host:port`` actually bound, or ``None`` when not serving."""
-        if self._server is None or not self._server.sockets:
-            return None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return self._endpoint.url
 
     async def start(self) -> None:
         try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+            await self._endpoint.start()
         except OSError as exc:
             log.error("health/metrics server not started: cannot listen on %s:%d (%s); "
                       "set metrics_port to a free port, or 0 to turn it off", self.host, self.port, exc)
@@ -58,44 +53,9 @@ class HealthServer:
         log.info("health and metrics on %s (/healthz /readyz /metrics)", self.url)
 
     async def aclose(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 5)
+        await self._endpoint.aclose()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            status, ctype, body, head_only = await self._respond(reader)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            writer.close()
-            return
-        head = (f"HTTP/1.0 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        try:
-            writer.write(head + (b"" if head_only else body))
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
-        request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        method = request.split(b" ", 1)[0]
-        status, ctype, body = self._route(request)
-        return status, ctype, body, method == b"HEAD"
-
-    def _route(self, request: bytes) -> tuple[int, str, bytes]:
-        if len(request) > MAX_REQUEST_BYTES:
-            return 400, "text/plain", b"request too large\n"
-        parts = request.split(b"\r\n", 1)[0].decode("latin-1").split()
-        if len(parts) != 3:
-            return 400, "text/plain", b"bad request line\n"
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"GET or HEAD only\n"
-        path = target.split("?", 1)[0]
+    async def _route(self, path: str, query: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":

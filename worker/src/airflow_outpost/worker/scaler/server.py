@@ -1,4 +1,4 @@
-"""The scaler's HTTP endpoints (HTTP/1.0, one request per connection, GET/HEAD only).
+"""The scaler's HTTP endpoints (on :class:`~airflow_outpost.worker.observability.http_endpoint.GetEndpoint`).
 
 * ``GET /scale?concurrency=N``: the JSON KEDA's ``metrics-api`` scaler reads, e.g.
   ``{"concurrency": 4, "age_s": 1.2, "queues": {"gpu": {"queued": 30, "running": 0, "queued_slots": 30,
@@ -11,21 +11,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from airflow_outpost.worker.observability.http_endpoint import GetEndpoint
 from airflow_outpost.worker.scaler.service import Scaler, Unavailable
 from airflow_outpost.worker.scaler.settings import MAX_CONCURRENCY
 
 log = logging.getLogger(__name__)
-MAX_REQUEST_BYTES = 8192
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
-            503: "Service Unavailable"}
 JSON = "application/json"
 
 
@@ -36,60 +32,27 @@ class ScalerServer:
     def __init__(self, scaler: Scaler, host: str, port: int, *, default_concurrency: int) -> None:
         self.scaler, self.host, self.port = scaler, host, port
         self.default_concurrency = default_concurrency
-        self._server: asyncio.base_events.Server | None = None
+        self._endpoint = GetEndpoint(host, port, self._route)
 
     @property
     def url(self) -> str | None:
-        if self._server is None or not self._server.sockets:
-            return None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return self._endpoint.url
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        await self._endpoint.start()
         log.info("scaler on %s (/scale /healthz /metrics)", self.url)
 
     async def aclose(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 5)
+        await self._endpoint.aclose()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            status, ctype, body = await self._route(request)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            writer.close()
-            return
-        head = (f"HTTP/1.0 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        try:
-            writer.write(head + (b"" if request.startswith(b"HEAD ") else body))
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def _route(self, request: bytes) -> tuple[int, str, bytes]:
-        if len(request) > MAX_REQUEST_BYTES:
-            return 400, "text/plain", b"request too large\n"
-        parts = request.split(b"\r\n", 1)[0].decode("latin-1").split()
-        if len(parts) != 3:
-            return 400, "text/plain", b"bad request line\n"
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"GET or HEAD only\n"
-        url = urlsplit(target)
-        if url.path == "/healthz":
+    async def _route(self, path: str, query: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
             ok, why = await self.scaler.health()
             return (200 if ok else 503), "text/plain", (why + "\n").encode()
-        if url.path == "/metrics":
+        if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, self.scaler.metrics()
-        if url.path == "/scale":
-            return await self._scale(parse_qs(url.query))
+        if path == "/scale":
+            return await self._scale(parse_qs(query))
         return 404, "text/plain", b"not found: try /scale, /healthz or /metrics\n"
 
     async def _scale(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
