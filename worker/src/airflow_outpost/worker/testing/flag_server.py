@@ -6,11 +6,11 @@ every GET is counted with the ``?i=`` index a task puts in its URL. Listens on 1
 
 from __future__ import annotations
 
-import http.server
-import json
 import threading
 import time
 from urllib.parse import parse_qs, urlparse
+
+from airflow_outpost.worker.testing.loopback_http import QuietHandler, serve
 
 
 class FlagServer:
@@ -22,26 +22,16 @@ class FlagServer:
         self.hits: list[tuple[float, int]] = []  # (time.time(), task index)
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 index = int(parse_qs(urlparse(self.path).query).get("i", ["-1"])[0])
                 with outer.lock:
                     outer.hits.append((time.time(), index))
                 up = outer.up.is_set()
-                body = json.dumps({"flag": "up", "i": index}).encode() if up else b"{}"
-                self.send_response(200 if up else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply_json(200 if up else 404, {"flag": "up", "i": index} if up else {})
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/flag"
+        self.server, port = serve(Handler)
+        self.url = f"http://127.0.0.1:{port}/flag"
 
     def reset(self) -> None:
         self.up.clear()

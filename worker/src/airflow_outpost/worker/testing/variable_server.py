@@ -8,9 +8,9 @@ hand out a new token (``Refreshed-API-Token``), as the real server does. Listens
 
 from __future__ import annotations
 
-import http.server
-import json
 import threading
+
+from airflow_outpost.worker.testing.loopback_http import QuietHandler, serve
 
 
 class VariableServer:
@@ -22,28 +22,17 @@ class VariableServer:
         self._refresh: str | None = None
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 key = self.path.rstrip("/").rsplit("/", 1)[-1]
                 with outer.lock:
                     outer.tokens.append(self.headers.get("Authorization", "").removeprefix("Bearer "))
                     refresh, outer._refresh = outer._refresh, None
-                    body = json.dumps({"key": key, "value": f"v{len(outer.tokens)}"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                if refresh:
-                    self.send_header("Refreshed-API-Token", refresh)
-                self.end_headers()
-                self.wfile.write(body)
+                    doc = {"key": key, "value": f"v{len(outer.tokens)}"}
+                self.reply_json(200, doc, {"Refreshed-API-Token": refresh} if refresh else None)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/execution/"
+        self.server, port = serve(Handler)
+        self.url = f"http://127.0.0.1:{port}/execution/"
 
     def refresh_next(self, token: str) -> None:
         with self.lock:
