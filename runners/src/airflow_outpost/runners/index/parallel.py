@@ -129,7 +129,7 @@ def run_groups_on_ray(
     trained: np.ndarray, make_jobs: Any, queries: np.ndarray, truth_k: int, metric: str, batch_rows: int,
     ray_config: RayConfig | None,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Run ``add_group`` as Ray tasks spread over the cluster's nodes; return results and the address.
+    """Run ``add_group`` as Ray tasks over the cluster's nodes (round-robin); return results and the address.
 
     ``make_jobs(cpus)`` cuts the groups once the cluster's size is known. A task whose worker or
     node dies is retried by Ray (``max_retries=3``) on a live node; if it still cannot finish the
@@ -142,9 +142,16 @@ def run_groups_on_ray(
 
     with ray_session(ray_config) as session:
         jobs: list[GroupJob] = make_jobs(cluster_cpus(session["resources"]))
-        task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(add_group)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = ray.remote(num_cpus=1, max_retries=3)(add_group)
         trained_ref, queries_ref = ray.put(trained), ray.put(queries)
-        refs = [task.remote(trained_ref, job, queries_ref, truth_k, metric, batch_rows) for job in jobs]
+        # Round-robin over the nodes with CPUs ("SPREAD" is only a hint and often packs one node);
+        # soft, so a retry after a lost node goes to any live node.
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
+                             if nodes else "SPREAD").remote(trained_ref, job, queries_ref, truth_k, metric, batch_rows)
+                for i, job in enumerate(jobs)]
         log.info("index build: %d shard groups as Ray tasks on %s", len(jobs), session["address"] or "a local Ray")
         try:
             results = ray.get(refs)
@@ -172,8 +179,10 @@ def merge_parts(index: faiss.Index, kind: str, parts: list[str], ivfdata: Path |
     index_ivf = faiss.extract_index_ivf(index)
     if ivfdata is None:
         for path in parts:
-            part = faiss.read_index(path, faiss.IO_FLAG_MMAP)
+            # Read whole, not memory-mapped: merge_from empties the source's lists as it moves them.
+            part = faiss.read_index(path)
             index_ivf.merge_from(faiss.extract_index_ivf(part), 0)
+            del part
         index.ntotal = index_ivf.ntotal
         return index
     # demo_ondisk_ivf.py / faiss.contrib.ondisk.merge_ondisk: parts memory-mapped, lists written to disk.
