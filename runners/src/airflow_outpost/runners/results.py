@@ -44,7 +44,7 @@ class IndexSummary(TypedDict):
     version: str  # the version written by this call, "v000003"
     path: str  # its directory
     index_dir: str
-    kind: str  # "flat", "ivf" or "hnsw"
+    kind: str  # "flat", "ivf", "ivfpq", "opq", "ivfsq8" or "hnsw"
     count: int  # vectors in the new version
     dim: int
     recall: float | None  # recall@k on the held-out queries; None without evaluation queries
@@ -56,6 +56,12 @@ class IndexSummary(TypedDict):
     previous: str | None  # the version ``current`` pointed at before the call
     mode: str  # "rebuild" (build_index, or update_index's fallback) or "incremental"
     seconds: float
+    engine: str  # "local" or "ray" (where the vectors were added)
+    rerank: bool  # searches rerank the index's candidates against the float shards
+    recall_without_rerank: float | None  # recall@k of the index alone (equal to ``recall`` without rerank)
+    on_disk: bool  # inverted lists in index.ivfdata, memory-mapped when searched
+    index_bytes: int  # index files on disk (index.faiss + index.ivfdata)
+    search_memory_bytes: int  # what a searcher holds in RAM for the index (on-disk lists and shards: page cache)
 
 
 class PromoteResult(TypedDict):

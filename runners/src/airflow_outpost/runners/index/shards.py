@@ -178,6 +178,44 @@ def superseded_ids(shards: list[Shard]) -> list[np.ndarray]:
     return out[::-1]
 
 
+def shard_excludes(shards: list[Shard], exclude: np.ndarray | None = None, *, latest_only: bool = True) -> list[np.ndarray]:
+    """Per shard, the sorted ids whose rows are not indexed: ``exclude`` plus, with ``latest_only``,
+    the ids a later shard holds again. Computed over all shards at once, so that groups of
+    shards built apart (``engine="ray"``) drop the same rows as one pass would."""
+    base = exclude if exclude is not None else np.empty(0, dtype=np.int64)
+    if not latest_only:
+        return [base] * len(shards)
+    return [np.union1d(base, sup) if sup.size else base for sup in superseded_ids(shards)]
+
+
+def located_batches(
+    shards: list[Shard], batch_rows: int, excludes: list[np.ndarray], *, shard_numbers: list[int] | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, list[str] | None]]:
+    """Yield ``(shard number, row numbers, ids, float32 vectors, strings or None)`` of at most ``batch_rows``.
+
+    Like ``iter_batches`` with the rows' places in their shards, for the rerank map.
+    ``excludes[i]`` (sorted int64) are dropped from shard ``i``; ``shard_numbers`` renumbers.
+    """
+    numbers = shard_numbers if shard_numbers is not None else list(range(len(shards)))
+    for number, shard, exclude in zip(numbers, shards, excludes, strict=True):
+        vectors = np.load(shard.vectors, mmap_mode="r", allow_pickle=False)
+        ids, strings = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
+        for start in range(0, shard.rows, batch_rows):
+            stop = min(start + batch_rows, shard.rows)
+            rows = np.arange(start, stop, dtype=np.int64)
+            batch_ids = ids[start:stop]
+            batch_vec = np.ascontiguousarray(vectors[start:stop], dtype=np.float32)
+            batch_str = strings[start:stop] if strings is not None else None
+            if exclude.size:
+                keep = ~np.isin(batch_ids, exclude, assume_unique=False)
+                if not keep.all():
+                    rows, batch_ids, batch_vec = rows[keep], batch_ids[keep], batch_vec[keep]
+                    batch_str = [s for s, k in zip(batch_str, keep, strict=True) if k] if batch_str is not None else None
+            if len(batch_ids):
+                yield number, rows, batch_ids, batch_vec, batch_str
+        del vectors  # drop the mapping (and its resident pages) before the next shard
+
+
 def iter_batches(
     shards: Iterable[Shard], batch_rows: int, *, exclude: np.ndarray | None = None, latest_only: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str] | None]]:
@@ -188,24 +226,28 @@ def iter_batches(
     ``latest_only`` so are rows that a later shard replaces.
     """
     shards = list(shards)
-    replaced = superseded_ids(shards) if latest_only else [np.empty(0, dtype=np.int64)] * len(shards)
-    base_exclude = exclude if exclude is not None else np.empty(0, dtype=np.int64)
-    for shard, superseded in zip(shards, replaced, strict=True):
-        exclude = np.union1d(base_exclude, superseded) if superseded.size else base_exclude
-        vectors = np.load(shard.vectors, mmap_mode="r", allow_pickle=False)
-        ids, strings = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
-        for start in range(0, shard.rows, batch_rows):
-            stop = min(start + batch_rows, shard.rows)
-            batch_ids = ids[start:stop]
-            batch_vec = np.ascontiguousarray(vectors[start:stop], dtype=np.float32)
-            batch_str = strings[start:stop] if strings is not None else None
-            if exclude is not None and exclude.size:
-                keep = ~np.isin(batch_ids, exclude, assume_unique=False)
-                if not keep.all():
-                    batch_ids, batch_vec = batch_ids[keep], batch_vec[keep]
-                    batch_str = [s for s, k in zip(batch_str, keep, strict=True) if k] if batch_str is not None else None
-            if len(batch_ids):
-                yield batch_ids, batch_vec, batch_str
+    excludes = shard_excludes(shards, exclude, latest_only=latest_only)
+    for _, _, ids, vectors, strings in located_batches(shards, batch_rows, excludes):
+        yield ids, vectors, strings
+
+
+def live_locations(shards: list[Shard], excludes: list[np.ndarray], *, first_number: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, shard numbers, rows)`` of every indexed row, sorted by id; reads ids files only."""
+    all_ids, all_shard, all_rows = [], [], []
+    for number, (shard, exclude) in enumerate(zip(shards, excludes, strict=True), start=first_number):
+        ids, _ = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
+        rows = np.arange(len(ids), dtype=np.int64)
+        if exclude.size:
+            keep = ~np.isin(ids, exclude)
+            ids, rows = ids[keep], rows[keep]
+        all_ids.append(ids)
+        all_rows.append(rows)
+        all_shard.append(np.full(len(ids), number, dtype=np.int32))
+    ids = np.concatenate(all_ids) if all_ids else np.empty(0, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    shard_no = np.concatenate(all_shard)[order] if all_shard else np.empty(0, dtype=np.int32)
+    rows = np.concatenate(all_rows)[order] if all_rows else np.empty(0, dtype=np.int64)
+    return ids[order], shard_no, rows
 
 
 def sample_rows(shards: list[Shard], n: int, seed: int, *, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -213,9 +255,10 @@ def sample_rows(shards: list[Shard], n: int, seed: int, *, exclude: np.ndarray |
     total = sum(s.rows for s in shards)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(total, size=min(n, total), replace=False))
-    out_ids: list[np.ndarray] = []
-    out_vec: list[np.ndarray] = []
-    offset = 0
+    # Filled in place, shard by shard, from memory-mapped rows: one copy of the sample, never a shard.
+    out_ids = np.empty(len(picks), dtype=np.int64)
+    out_vec = np.empty((len(picks), shards[0].dim if shards else 0), dtype=np.float32)
+    offset = filled = 0
     for shard in shards:
         local = picks[(picks >= offset) & (picks < offset + shard.rows)] - offset
         offset += shard.rows
@@ -223,11 +266,13 @@ def sample_rows(shards: list[Shard], n: int, seed: int, *, exclude: np.ndarray |
             continue
         vectors = np.load(shard.vectors, mmap_mode="r", allow_pickle=False)
         ids, _ = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
-        out_ids.append(ids[local])
-        out_vec.append(np.asarray(vectors[local], dtype=np.float32))
-    all_ids = np.concatenate(out_ids)
-    all_vec = np.ascontiguousarray(np.concatenate(out_vec))
+        out_ids[filled:filled + local.size] = ids[local]
+        out_vec[filled:filled + local.size] = vectors[local]
+        filled += local.size
+        del vectors
+    all_ids, all_vec = out_ids, out_vec
     if exclude is not None and exclude.size:
         keep = ~np.isin(all_ids, exclude)
-        all_ids, all_vec = all_ids[keep], all_vec[keep]
+        if not keep.all():
+            all_ids, all_vec = all_ids[keep], np.ascontiguousarray(all_vec[keep])
     return all_ids, all_vec

@@ -5,7 +5,8 @@
     <index_dir>/
       manifest.json            store-style manifest: current version, promotion history, lineage
       current -> versions/v000003
-      versions/v000001/        index.faiss, manifest.json, eval_*.npy, deleted.npy, id_*.npy
+      versions/v000001/        index.faiss, manifest.json, eval_*.npy, deleted.npy, id_*.npy,
+                               index.ivfdata (on-disk lists), rerank_*.npy (the rerank's id -> shard row map)
       versions/v000002/
       versions/.tmp-v000004.<host>~<pid>.*  a build in progress or interrupted; ignored, swept
                                by the next writer once its owner is gone
@@ -40,6 +41,7 @@ VERSIONS = "versions"
 CURRENT = "current"
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 
@@ -85,14 +87,23 @@ def sweep_temporaries(index_dir: Path) -> int:
         index_dir, writer_lock_held=True, recursive=False)
 
 
-def load_index(index_dir: Path, version: str, manifest: dict[str, Any] | None = None) -> Any:
-    """Read ``index.faiss`` of ``version`` after checking it against the ``index_sha256`` its manifest records."""
+def load_index(index_dir: Path, version: str, manifest: dict[str, Any] | None = None, *, read_only: bool = False) -> Any:
+    """Read ``index.faiss`` of ``version`` after checking it against the ``index_sha256`` its manifest records.
+
+    A version built ``on_disk`` keeps its inverted lists in ``index.ivfdata`` next to the index
+    (checked against ``ivfdata_sha256``); they are memory-mapped, not read, and with
+    ``read_only`` mapped read-only (searchers).
+    """
     import faiss
 
     vm = manifest if manifest is not None else read_version_manifest(index_dir, version)
     path = version_dir(index_dir, version) / INDEX_FILE
     verify_file(path, vm.get("index_sha256"), "FAISS index")
-    return faiss.read_index(str(path))
+    if not vm.get("on_disk"):
+        return faiss.read_index(str(path))
+    verify_file(path.with_name(IVFDATA_FILE), vm.get("ivfdata_sha256"), "FAISS on-disk inverted lists")
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if read_only else 0)
+    return faiss.read_index(str(path), flags)
 
 
 def current_version(index_dir: str | os.PathLike[str]) -> str | None:
