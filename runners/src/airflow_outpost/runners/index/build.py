@@ -32,6 +32,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# Real (not TYPE_CHECKING): DAG authors' type tools resolve build_index's hints at run time.
+from airflow_outpost.runners.batch.ray_session import RayConfig
 from airflow_outpost.runners.errors import DimensionMismatchError, InputError, SettingError
 from airflow_outpost.runners.index.config import IVF_KINDS, IndexConfig, choose_kind
 from airflow_outpost.runners.index.factory import faiss_metric as _faiss_metric
@@ -63,7 +65,6 @@ if TYPE_CHECKING:
     import faiss
     import numpy as np
 
-    from airflow_outpost.runners.batch.ray_session import RayConfig
     from airflow_outpost.runners.index.recall import ExactTopK
     from airflow_outpost.runners.index.shards import Shard
 
