@@ -137,12 +137,11 @@ def test_gateway_address_is_remembered_and_garbage_is_ignored(tmp_path: Path) ->
     record = GatewayRecord(40001, "/0123456789abcdef0123456789abcdef/execution/")
     save_record(tmp_path, record)
     assert read_record(tmp_path) == (record, None)
-    prefix = json.dumps(record.prefix)
-    for bad in ('{"port": 0, "prefix": %s}' % prefix, '{"port": "1", "prefix": %s}' % prefix,
-                '{"port": 70000, "prefix": %s}' % prefix, '{"port": true, "prefix": %s}' % prefix, "nope",
-                '{"port": 40001}',  # written before the prefix existed: its URL is not this version's
-                '{"port": 40001, "prefix": "/execution/"}', '{"port": 40001, "prefix": "/XYZ/execution/"}'):
-        (tmp_path / "gateway.json").write_text(bad)
+    bads: list[object] = [{"port": p, "prefix": record.prefix} for p in (0, "1", 70000, True)]
+    bads += ["nope", {"port": 40001},  # written before the prefix existed: its URL is not this version's
+             {"port": 40001, "prefix": "/execution/"}, {"port": 40001, "prefix": "/XYZ/execution/"}]
+    for bad in bads:
+        (tmp_path / "gateway.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
         (tmp_path / "gateway.json").chmod(0o600)
         assert read_record(tmp_path) == (None, None), bad
 
