@@ -75,15 +75,20 @@ async def _with_egress(tmp_path: Path, fn, **flags):
     "/edge_worker/v1/health",
 ])
 def test_paths_with_dot_segments_or_outside_the_execution_api_are_refused_and_ledgered(tmp_path: Path, path: str) -> None:
+    """Sent under the gateway's secret prefix (``/execution/`` here stands for it): 400; a path
+    outside it is not found (404). Ledgered under ``/execution/``, never the secret."""
+    under = path.startswith("/execution/")
+
     async def fn(url: str, egress: Egress, seen: list[httpx.Request]) -> None:
-        status, body = await _raw_request(url, f"GET {path} HTTP/1.1", {"Authorization": f"Bearer {_token(OURS)}"})
-        assert status == 400, body
+        raw = urlsplit(url).path + path.removeprefix("/execution/") if under else path
+        status, body = await _raw_request(url, f"GET {raw} HTTP/1.1", {"Authorization": f"Bearer {_token(OURS)}"})
+        assert status == (400 if under else 404), body
         assert "outpost gateway" in json.loads(body)["detail"]
         assert seen == []  # nothing reached the control plane
 
     asyncio.run(_with_egress(tmp_path, fn))
     [(endpoint, outcome, status)] = _refused_rows(tmp_path)
-    assert outcome == "refused" and status == 400 and endpoint == path
+    assert outcome == "refused" and status == (400 if under else 404) and endpoint == path
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer not-a-jwt", f"Bearer {_token(THEIRS)}"])

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import sqlite3
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -43,6 +44,11 @@ def _port(url: str) -> int:
     return int(url.split(":")[2].split("/")[0])
 
 
+def _prefix(url: str) -> str:
+    """The gateway's secret path prefix, ``/<32 hex>/execution/``."""
+    return urlsplit(url).path
+
+
 def _head(port: int, request_line: str, *extra: str) -> bytes:
     lines = [request_line, f"Host: 127.0.0.1:{port}", f"Authorization: Bearer {_token(OURS)}", *extra]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -53,7 +59,7 @@ def test_a_2gb_content_length_is_refused_before_any_body_is_read(tmp_path: Path)
         port = _port(url)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         # A 2 GB Variable.set whose body never comes: the answer must not wait for it.
-        writer.write(_head(port, "PUT /execution/variables/huge HTTP/1.1", "Content-Type: application/json",
+        writer.write(_head(port, f"PUT {_prefix(url)}variables/huge HTTP/1.1", "Content-Type: application/json",
                            "Content-Length: 2000000000"))
         await writer.drain()
         status, body = await asyncio.wait_for(_read_answer(reader), 15)
@@ -80,7 +86,7 @@ def test_a_chunked_body_is_read_only_up_to_the_cap_and_rss_stays_flat(tmp_path: 
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         gc.collect()
         before = proc.memory_info().rss
-        writer.write(_head(port, "PUT /execution/variables/streamed HTTP/1.1", "Transfer-Encoding: chunked"))
+        writer.write(_head(port, f"PUT {_prefix(url)}variables/streamed HTTP/1.1", "Transfer-Encoding: chunked"))
         for _ in range(2):
             writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
             await writer.drain()
@@ -93,7 +99,7 @@ def test_a_chunked_body_is_read_only_up_to_the_cap_and_rss_stays_flat(tmp_path: 
             await writer.drain()
         writer.write(b"0\r\n\r\n")
         # The same connection answers the next request: the gateway went through all 128 MiB.
-        writer.write(_head(port, "GET /execution/variables/small HTTP/1.1"))
+        writer.write(_head(port, f"GET {_prefix(url)}variables/small HTTP/1.1"))
         await writer.drain()
         status, body = await asyncio.wait_for(_read_answer(reader), 60)
         grown = proc.memory_info().rss - before
@@ -118,12 +124,12 @@ def test_a_chunked_body_is_read_only_up_to_the_cap_and_rss_stays_flat(tmp_path: 
 def test_each_write_kind_has_its_own_cap(tmp_path: Path, method: str, path: str, flag: str, rule: str, what: str) -> None:
     async def fn(url: str, egress: Egress, seen: list[httpx.Request]) -> None:
         auth = {"Authorization": f"Bearer {_token(OURS)}", "Content-Type": "application/json"}
-        status, body = await _raw_request(url, f"{method} /execution/{path} HTTP/1.1", auth, b"x" * 1001)
+        status, body = await _raw_request(url, f"{method} {_prefix(url)}{path} HTTP/1.1", auth, b"x" * 1001)
         assert status == 413, body
         detail = body.decode()
         assert rule in detail and what in detail and "1,001 bytes" in detail and "1,000 bytes" in detail, detail
         assert seen == []
-        status, body = await _raw_request(url, f"{method} /execution/{path} HTTP/1.1", auth, b"x" * 1000)
+        status, body = await _raw_request(url, f"{method} {_prefix(url)}{path} HTTP/1.1", auth, b"x" * 1000)
         assert status == 200 and len(seen) == 1, body  # at the cap: forwarded
 
     asyncio.run(_with_egress(tmp_path, fn, **{flag: 1000}))

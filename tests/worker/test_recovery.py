@@ -19,6 +19,7 @@ import pytest
 from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.edge.jobs import JobKey
 from airflow_outpost.worker.egress.gateway import Egress
+from airflow_outpost.worker.egress.gateway_file import GatewayRecord, read_record, save_record
 from airflow_outpost.worker.hosted.gpu import GpuAllocator
 from airflow_outpost.worker.processes import task_main as task_process
 from airflow_outpost.worker.runtime.recovery import (
@@ -32,7 +33,7 @@ from airflow_outpost.worker.runtime.recovery import (
 from airflow_outpost.worker.runtime.state import StateFolder, read_exit, record_exit
 
 KEY = JobKey("d", "t", "r", 1, -1, None)
-GATEWAY = "http://127.0.0.1:40001/execution/"
+GATEWAY = "http://127.0.0.1:40001/0123456789abcdef0123456789abcdef/execution/"
 ENTRY = {"key": KEY, "pid": 4242, "create_time": 1.0, "output": "/s/task-output/task-x.out", "server": GATEWAY,
          "queue": "default", "slots": 2, "log_path": "d/r/t/1.log", "dag_rel_path": "d.py",
          "ti_id": "0190f0f0-0000-7000-8000-000000000001", "devices": ["1"]}
@@ -131,14 +132,18 @@ def test_journal_keeps_adoption_details_and_drops_the_exit_record_with_the_entry
         folder.release()
 
 
-def test_gateway_port_is_remembered_and_garbage_is_ignored(tmp_path: Path) -> None:
-    folder = StateFolder(tmp_path)
-    assert folder.gateway_port() is None
-    folder.save_gateway_port(40001)
-    assert StateFolder(tmp_path).gateway_port() == 40001
-    for bad in ('{"port": 0}', '{"port": "1"}', '{"port": 70000}', "nope"):
-        (tmp_path / "gateway.json").write_text(bad)
-        assert folder.gateway_port() is None, bad
+def test_gateway_address_is_remembered_and_garbage_is_ignored(tmp_path: Path) -> None:
+    assert read_record(tmp_path) == (None, None)
+    record = GatewayRecord(40001, "/0123456789abcdef0123456789abcdef/execution/")
+    save_record(tmp_path, record)
+    assert read_record(tmp_path) == (record, None)
+    bads: list[object] = [{"port": p, "prefix": record.prefix} for p in (0, "1", 70000, True)]
+    bads += ["nope", {"port": 40001},  # written before the prefix existed: its URL is not this version's
+             {"port": 40001, "prefix": "/execution/"}, {"port": 40001, "prefix": "/XYZ/execution/"}]
+    for bad in bads:
+        (tmp_path / "gateway.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        (tmp_path / "gateway.json").chmod(0o600)
+        assert read_record(tmp_path) == (None, None), bad
 
 
 # -- the decision --------------------------------------------------------------------------------
@@ -161,7 +166,12 @@ def test_gateway_port_is_remembered_and_garbage_is_ignored(tmp_path: Path) -> No
         ({"kind": "ExecuteCallback"}, {}, "report", "failed", "callback process is gone"),
         ({}, {"policy": "stop", "alive": True}, "stop", "failed", "crash_policy is stop"),
         ({}, {"alive": True}, "adopt", None, "still running"),
-        ({"server": "http://127.0.0.1:40002/execution/"}, {"alive": True}, "stop", "failed", "could not be bound again"),
+        # The URL of a version before the gateway's prefix, or of a gateway this run could not serve again.
+        ({"server": "http://127.0.0.1:40001/execution/"}, {"alive": True}, "stop", "failed", "was not kept"),
+        ({"server": "http://127.0.0.1:40002/0123456789abcdef0123456789abcdef/execution/"},
+         {"alive": True, "gateway_moved": "the previous port 40002 could not be bound again"}, "stop", "failed",
+         "at http://127.0.0.1:40002/<prefix>/execution/, but this run's gateway is at "
+         "http://127.0.0.1:40001/<prefix>/execution/ (the previous port 40002 could not be bound again)"),
         ({"server": None}, {"alive": True}, "stop", "failed", "lacks server"),
         ({"ti_id": None, "output": None}, {"alive": True}, "stop", "failed", "lacks output, ti_id"),
     ],
@@ -307,15 +317,15 @@ def _egress(tmp_path: Path) -> Egress:
 def test_gateway_binds_its_previous_port_again(tmp_path: Path) -> None:
     async def main() -> None:
         first = _egress(tmp_path)
-        await first.start()
+        url = await first.start()
         port = first.port
         assert port and first.port_kept is None  # nothing recorded: any free port
         async with httpx.AsyncClient() as client:  # leave a connection behind, as a crash would
             await client.put(f"{first.url}task-instances/x/heartbeat")
         await first.aclose()
-        second = _egress(tmp_path)
+        second = _egress(tmp_path)  # the same state folder
         try:
-            assert await second.start(previous_port=port) == f"http://127.0.0.1:{port}/execution/"
+            assert await second.start() == url == f"http://127.0.0.1:{port}{first.gateway.prefix}"
             assert second.port_kept is True
         finally:
             await second.aclose()
@@ -330,10 +340,12 @@ def test_gateway_falls_back_to_a_free_port_when_its_previous_one_is_taken(tmp_pa
     taken = squatter.getsockname()[1]
 
     async def main() -> None:
+        save_record(tmp_path / "state", GatewayRecord(taken, "/0123456789abcdef0123456789abcdef/execution/"))
         egress = _egress(tmp_path)
         try:
-            url = await egress.start(previous_port=taken)
+            url = await egress.start()
             assert egress.port_kept is False and egress.port != taken and url.endswith("/execution/")
+            assert "0123456789abcdef" not in url  # a new prefix with the new port
         finally:
             await egress.aclose()
 

@@ -1,14 +1,17 @@
 """The egress gateway: the one local chokepoint between task processes and the control plane.
 
-Task processes get ``http://127.0.0.1:<port>/execution/`` as their Execution API URL. The
+Task processes get ``http://127.0.0.1:<port>/<secret>/execution/`` as their Execution API URL
+(a random prefix per state folder, kept with the port in ``gateway.json``:
+:mod:`airflow_outpost.worker.egress.gateway_file`; a request without it is refused 404). The
 gateway, an ASGI app served by uvicorn inside the worker's event loop, forwards each request to
 the real Execution API over one pooled ``httpx.AsyncClient`` (with the worker's TLS settings),
 after the egress policy (:mod:`airflow_outpost.worker.egress.policy`) allowed it, and records it in the ledger
 (:mod:`airflow_outpost.worker.egress.ledger`). Methods, headers (the task's ``Authorization`` token), bodies and status
 codes pass unchanged, so a 404/409 from the server reaches the Task SDK as it expects. Only the
 Execution API, and only for the tries this worker runs, is forwarded
-(:mod:`airflow_outpost.worker.egress.admission`: no dot segments, a task token of a running
-try; refused 400/401/403 and ledgered). A refused
+(:mod:`airflow_outpost.worker.egress.admission`: the secret prefix, no dot segments, a task
+token of a running try; refused 404/400/401/403 and ledgered, under ``/execution/``, never the
+secret). A refused
 request is answered with the refusal's status and ``{"detail": "<rule, kind, size>"}``, which the
 Task SDK raises in the task (``ServerResponseError``), failing it with that message.
 
@@ -29,6 +32,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import socket
 import time
@@ -42,14 +46,15 @@ import uvicorn
 from airflow_outpost.worker.config import WORKER_CREDENTIAL_ENV
 from airflow_outpost.worker.edge.auth import control_plane_ssl
 from airflow_outpost.worker.egress import admission
-from airflow_outpost.worker.egress.admission import PREFIX, token_subject
+from airflow_outpost.worker.egress.admission import PREFIX, masked, new_prefix, public_path, token_subject
+from airflow_outpost.worker.egress.gateway_file import GatewayRecord, listener_uid, read_record, save_record
 from airflow_outpost.worker.egress.ledger import Entry, Ledger
 from airflow_outpost.worker.egress.outage import Outage
 from airflow_outpost.worker.egress.policy import Policy, Refusal, classify
 from airflow_outpost.worker.egress.upstream import HOP_BY_HOP, Resume, Upstream, reply, running_elsewhere
 from airflow_outpost.worker.triggers.comms import TRIGGER_HEADER
 
-__all__ = ["PREFIX", "Egress", "Gateway", "Resume"]
+__all__ = ["PREFIX", "Egress", "Gateway", "GatewayRecord", "Resume"]
 
 if TYPE_CHECKING:
     from airflow_outpost.worker.config import Settings
@@ -84,7 +89,8 @@ class _Server(uvicorn.Server):
 
 
 class Gateway:
-    """Loopback HTTP server forwarding ``/execution/*`` to the control plane. ``aclose()`` is safe twice."""
+    """Loopback HTTP server forwarding ``<prefix>*`` to the control plane's ``/execution/*``.
+    ``aclose()`` is safe twice."""
 
     def __init__(self, egress: Egress, upstream: str, *, client: httpx.AsyncClient) -> None:
         self._egress = egress
@@ -95,16 +101,19 @@ class Gateway:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.url: str | None = None
+        self.prefix = new_prefix()  # replaced by start(); a request must begin with it
 
     def retry_held(self) -> None:
         """Let requests held through an outage retry now instead of after their backoff."""
         self._outage.nudge()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Bind ``port`` (0: a free one) on loopback, serve, and return the Execution API URL for
-        task processes. Raises ``OSError`` if ``port`` is taken. Idempotent once started."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, prefix: str | None = None) -> str:
+        """Bind ``port`` (0: a free one) on loopback, serve under ``prefix`` (``None``: a new
+        secret one), and return the Execution API URL for task processes. Raises ``OSError`` if
+        ``port`` is taken. Idempotent once started."""
         if self.url is not None:
             return self.url
+        self.prefix = prefix or new_prefix()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         # SO_REUSEADDR: a restarted worker rebinds its previous port although connections of the
         # dead process linger in TIME_WAIT (it still fails while anything listens there).
@@ -126,8 +135,8 @@ class Gateway:
                 self._task.result()  # raises the start-up error
                 raise RuntimeError("egress gateway stopped during start-up")
             await asyncio.sleep(0.01)
-        self.url = f"http://{host}:{sock.getsockname()[1]}{PREFIX}"
-        log.info("egress gateway for task processes on %s -> %s", self.url, self._upstream)
+        self.url = f"http://{host}:{sock.getsockname()[1]}{self.prefix}"
+        log.info("egress gateway for task processes on %s -> %s", masked(self.url), self._upstream)
         return self.url
 
     async def aclose(self) -> None:
@@ -182,16 +191,18 @@ class Gateway:
             headers = [(k, v) for k, v in headers if k.lower() != _TRIGGER_HEADER]
             task = f"{task or '?'} via trigger"
         # Before the body is read: a caller that may not use the gateway cannot make it buffer one.
-        if (refusal := admission.check(raw_path, method, auth, self._egress.running)) is not None:
-            endpoint = raw_path if refusal.status == 400 else PREFIX + unquote(raw_path[len(PREFIX):])
-            if refusal.status != 400:
-                refusal = dataclasses.replace(refusal, kind=classify(unquote(raw_path[len(PREFIX):]), method))
+        prefix = self.prefix
+        if (refusal := admission.check(raw_path, method, auth, self._egress.running, prefix=prefix)) is not None:
+            # Ledgered under /execution/: the ledger never holds the secret part.
+            endpoint = public_path(raw_path, prefix) if refusal.status in (400, 404) else PREFIX + unquote(raw_path[len(prefix):])
+            if refusal.status not in (400, 404):
+                refusal = dataclasses.replace(refusal, kind=classify(unquote(raw_path[len(prefix):]), method))
             self._egress.refused(refusal, task, endpoint, method, None)
             await reply(send, refusal.status, {"detail": refusal.message})
             return
         if subject is not None and auth is not None:  # always, once admitted: a running try's own token
             self._egress.note_token(subject, auth)
-        rest = raw_path[len(PREFIX):]
+        rest = raw_path[len(prefix):]
         path = unquote(rest)
         kind = classify(path, method)
         body = await self._read_body(receive, send, headers, kind, method, path, task)
@@ -272,8 +283,10 @@ class Egress:
         # written): what the worker asks the control plane with when a try's own state is unknown.
         self._tokens: dict[str, str] = {}
         self._resumes: dict[str, Resume] = {}
-        # After start(): whether the port a previous run recorded was bound again (None: none recorded).
+        # After start(): whether the address a previous run recorded was served again (None: none
+        # recorded), and if not, why (said in recovery's reasons for stopping adopted processes).
         self.port_kept: bool | None = None
+        self.gateway_moved: str | None = None
         self._client = httpx.AsyncClient(
             verify=control_plane_ssl(settings), transport=upstream_transport,
             timeout=httpx.Timeout(settings.request_timeout_s, connect=min(10.0, settings.request_timeout_s)),
@@ -294,28 +307,56 @@ class Egress:
 
         return LogRedactor(self.settings.redact_patterns, self.settings.redacted_log_max_bytes)
 
-    async def start(self, previous_port: int | None = None) -> str:
+    async def start(self) -> str:
         """Start the ledger and the gateway; return the gateway's URL. Idempotent.
 
-        ``previous_port``: the port an earlier run of this worker used. Task processes that
-        outlived that run (``crash_policy = adopt``) were given it, so it is bound again if it can
-        be; if not, a free port is used, :attr:`port_kept` is False, and those processes cannot
-        reach the control plane through this run.
+        The gateway serves on the port and under the prefix that an earlier run on this state
+        folder recorded (:mod:`airflow_outpost.worker.egress.gateway_file`), if the record may be
+        trusted and the port bound again: task processes that outlived that run (``crash_policy =
+        adopt``) were given that URL. Otherwise it serves on a free port under a fresh prefix,
+        :attr:`port_kept` is False and :attr:`gateway_moved` says why: those processes cannot
+        reach the control plane through this run, and recovery stops them and reports them
+        failed. Another user listening on the recorded port (it would receive their tokens) is an
+        error naming the port and the uid. The address served is recorded for the next run.
         """
         self.ledger.start()
         if self.gateway.url is not None:
             return self.gateway.url
-        if previous_port:
+        folder = self.settings.state_folder
+        previous, distrust = read_record(folder)
+        if distrust is not None:
+            self.port_kept = False
+            self.gateway_moved = f"the recorded gateway address was not trusted: {distrust}"
+            log.error("not trusting the egress gateway's recorded address: %s; serving on a new port under a new "
+                      "prefix: task processes left running by the previous run are stopped and reported failed",
+                      distrust)
+        url: str | None = None
+        if previous is not None:
             try:
-                url = await self.gateway.start(port=previous_port)
+                url = await self.gateway.start(port=previous.port, prefix=previous.prefix)
                 self.port_kept = True
-                return url
             except OSError as exc:
                 self.port_kept = False
-                log.warning("could not bind the egress gateway's previous port %d again (%s); using another one: task "
-                            "processes left running by the previous run cannot reach the control plane through it",
-                            previous_port, exc)
-        return await self.gateway.start()
+                self.gateway_moved = self._port_lost(previous.port, exc)
+        if url is None:  # a new prefix too: the old one may have reached whoever holds the old port
+            url = await self.gateway.start()
+        assert self.port is not None
+        save_record(folder, GatewayRecord(self.port, self.gateway.prefix))
+        return url
+
+    @staticmethod
+    def _port_lost(port: int, exc: OSError) -> str:
+        """Say (log) why the recorded ``port`` could not be bound again; return it for recovery."""
+        holder = listener_uid(port)
+        if holder is not None and holder != os.getuid():
+            log.error("the egress gateway's previous port %d is held by uid %d, another user: task processes left "
+                      "running by the previous run would send their task tokens to it. They are stopped and reported "
+                      "failed; this run serves on a new port under a new prefix", port, holder)
+            return f"its port {port} is held by uid {holder}, another user"
+        log.warning("could not bind the egress gateway's previous port %d again (%s); using another one: task "
+                    "processes left running by the previous run cannot reach the control plane through it",
+                    port, exc)
+        return f"the previous port {port} could not be bound again"
 
     @property
     def port(self) -> int | None:

@@ -495,7 +495,8 @@ class JobRunner:
                 entry, final_state=entry.get("final_state") or self.outbox.final_state(key),
                 exit_code=read_exit(folder.exit_file(key)),
                 alive=recovery.is_our_process(entry.get("pid"), entry.get("create_time")),
-                policy=policy, gateway_url=self.egress.url, local_triggers=self.triggers is not None)
+                policy=policy, gateway_url=self.egress.url, local_triggers=self.triggers is not None,
+                gateway_moved=self.egress.gateway_moved)
             if decision.action == "adopt":
                 if entry.get("waiting"):
                     recovery.stop_leftover(entry, decision)  # the deferring process, should it still be ending

@@ -16,8 +16,11 @@ worker starts with a state folder that still holds entries, :func:`decide` picks
    0 after its task reported ``failed`` or ``up_for_retry``. A callback reports no state of its
    own: its exit code is its outcome;
 5. its task process is still alive and is ours (same pid, same start time, our command line):
-   with ``crash_policy = adopt`` and the process able to reach this run's gateway, *adopt* it
-   (:class:`AdoptedProcess`); otherwise stop it and report ``failed``.
+   with ``crash_policy = adopt`` and the process able to reach this run's gateway (the same port
+   and secret prefix: :mod:`airflow_outpost.worker.egress.gateway_file`), *adopt* it
+   (:class:`AdoptedProcess`); otherwise stop it and report ``failed``. A gateway address recorded
+   in a file that cannot be trusted, or a recorded port another user now listens on (it would
+   receive the process's token), counts as not reachable: stopping the process ends the leak.
 
 With ``crash_policy = adopt`` the gateway serves the journaled tries from the moment it starts,
 before registration and this recovery (:meth:`airflow_outpost.worker.runtime.job_runner.JobRunner.admit_leftovers`):
@@ -45,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import psutil
 
 from airflow_outpost.worker.edge.jobs import Job
+from airflow_outpost.worker.egress.admission import masked
 from airflow_outpost.worker.processes.launcher import TaskProcess
 from airflow_outpost.worker.runtime.outcome import outcome
 from airflow_outpost.worker.runtime.state import read_exit
@@ -108,12 +112,14 @@ def waiting_job_from_entry(entry: dict[str, Any]) -> tuple[Job, Deferral]:
 
 
 def decide(entry: dict[str, Any], *, final_state: str | None, exit_code: int | None, alive: bool,
-           policy: str, gateway_url: str | None, local_triggers: bool = False) -> Decision:
+           policy: str, gateway_url: str | None, local_triggers: bool = False,
+           gateway_moved: str | None = None) -> Decision:
     """Choose what to do with a leftover journal entry (see the module docstring). Pure.
 
     ``alive``: the entry's process runs and is ours (:func:`is_our_process`); ``gateway_url``:
     the URL this run's gateway serves task processes on; ``local_triggers``: this run has
-    ``triggers = local``.
+    ``triggers = local``; ``gateway_moved``: why this run's gateway is not at the previous
+    run's address, if it is not (:attr:`airflow_outpost.worker.egress.gateway.Egress.gateway_moved`).
     """
     if final_state:
         return Decision("report", final_state, "its final state was queued before the crash")
@@ -146,9 +152,11 @@ def decide(entry: dict[str, Any], *, final_state: str | None, exit_code: int | N
     if missing:
         return Decision("stop", "failed", f"its journal entry lacks {', '.join(missing)} (written before adoption existed)")
     if entry["server"] != gateway_url:
-        return Decision("stop", "failed", f"it talks to the gateway at {entry['server']}, but this run's gateway is at "
-                                          f"{gateway_url} (the previous port could not be bound again), so it could "
-                                          "not reach the control plane")
+        # Both URLs hold a secret prefix, which reasons (logged, reported) never show.
+        why = gateway_moved or "the previous gateway's address was not kept"
+        return Decision("stop", "failed", f"it talks to the gateway at {masked(str(entry['server']))}, but this run's "
+                                          f"gateway is at {masked(str(gateway_url))} ({why}), so it could not reach "
+                                          "the control plane")
     return Decision("adopt", None, "its task process is still running")
 
 

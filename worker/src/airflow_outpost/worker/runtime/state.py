@@ -11,8 +11,9 @@
   returned (:func:`record_exit`), so the outcome of a task that ended while no worker was
   running is known; removed with the journal entry. No exit file means no known outcome, which
   is reported failed, never success.
-* ``gateway.json``: the egress gateway's loopback port, so a restart can bind the same one and
-  adopted task processes (which were given that URL) keep reaching the control plane.
+* ``gateway.json``: the egress gateway's loopback port and secret path prefix, so a restart can
+  serve the same URL and adopted task processes (which were given it) keep reaching the control
+  plane; read, checked and written by :mod:`airflow_outpost.worker.egress.gateway_file`.
 * ``status.json``: a snapshot for ``outpost status``, replaced atomically.
 """
 
@@ -177,18 +178,6 @@ class StateFolder:
                 continue
             out.append(data)
         return out
-
-    # -- gateway port ------------------------------------------------------------------------
-    def gateway_port(self) -> int | None:
-        """The egress gateway's port recorded by a previous run, if any."""
-        try:
-            port = json.loads((self.root / "gateway.json").read_text())["port"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return port if isinstance(port, int) and 0 < port < 65536 else None
-
-    def save_gateway_port(self, port: int) -> None:
-        write_json_atomic(self.root / "gateway.json", {"port": port})
 
     # -- status ------------------------------------------------------------------------------
     def write_status(self, status: dict[str, Any]) -> None:

@@ -190,14 +190,12 @@ class Worker:
             # Read before the first write: it tells whether the previous run crashed.
             self._previous_status = self.state_folder.read_status()
             stack.callback(self._write_final_status)
-            # Before the launcher: task processes get the gateway's URL. On the previous run's port
-            # if possible, which task processes that outlived it (crash_policy adopt) still use.
+            # Before the launcher: task processes get the gateway's URL. On the previous run's port and
+            # prefix if possible, which task processes that outlived it (crash_policy adopt) still use.
             stack.push_async_callback(self.egress.aclose)
             # crash_policy adopt: the previous run's tries may use the gateway from its first request.
             self.jobs.admit_leftovers()
-            await self.egress.start(self.state_folder.gateway_port())
-            if self.egress.port is not None:
-                self.state_folder.save_gateway_port(self.egress.port)
+            await self.egress.start()  # on the address recorded in the state folder, if it can be trusted
             if self.triggers is not None:  # its heartbeats go through the gateway: closed before it
                 stack.push_async_callback(self.triggers.aclose)
             stack.push_async_callback(self.client.aclose)
