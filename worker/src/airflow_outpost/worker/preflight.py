@@ -50,7 +50,7 @@ def airflow_jwt_secret(env: Mapping[str, str]) -> str | None:
 def require_credentials(s: Settings) -> None:
     """Raise ConfigError (exit 2 at start, before anything is started) if the worker has no way to
     authenticate, or its secret file cannot be read."""
-    if not (s.jwt_secret or s.jwt_secret_file or s.token_file or s.oidc_token_url):
+    if not ((s.jwt_secret and s.jwt_secret.get_secret_value()) or s.jwt_secret_file or s.token_file or s.oidc_token_url):
         raise ConfigError("jwt_secret", None, "required: set OUTPOST_JWT_SECRET or OUTPOST_JWT_SECRET_FILE (the "
                           "control plane's [api_auth] jwt_secret), AIRFLOW__API_AUTH__JWT_SECRET or [api_auth] "
                           "jwt_secret in airflow.cfg, or an OIDC token (--token-file / --oidc-token-url)")

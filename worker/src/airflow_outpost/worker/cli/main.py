@@ -124,7 +124,7 @@ def add_settings_flags(p: argparse.ArgumentParser) -> None:
             continue  # secrets on the command line end up in `ps`; use env or a file
         flag = "--" + name.replace("_", "-")
         env = f" [env OUTPOST_{name.upper()}]"
-        if str(_FIELDS[name].type).startswith("bool"):
+        if _FIELDS[name].annotation is bool:
             # `--push-logs` alone means true; `--push-logs false` still turns it off.
             p.add_argument(flag, *aliases.get(name, []), dest=name, default=None, nargs="?", const="true",
                            metavar="BOOL", help=helps[name] + env)

@@ -8,7 +8,6 @@ run, so the page cannot drift from ``outpost worker --help``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import socket
 import sys
@@ -43,14 +42,14 @@ def _worker_actions() -> list[argparse.Action]:
 
 def _default(name: str) -> str:
     field = _FIELDS[name]
-    if field.default is not dataclasses.MISSING:
-        value: Any = field.default
-    elif field.default_factory is not dataclasses.MISSING:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
         if field.default_factory is socket.gethostname:
             return "hostname"
-        value = field.default_factory()
+        value: Any = field.get_default(call_default_factory=True)
     else:
-        return "required"
+        value = field.default
     if value is None:
         return "unset"
     if isinstance(value, bool):
@@ -78,7 +77,7 @@ def render() -> str:
                     f"| {_cell(meaning)} |\n")
     secret = "| (none: never a flag, flags show in `ps`) | `OUTPOST_JWT_SECRET` | `jwt_secret` | unset | " \
              "the control plane's `[api_auth] jwt_secret` (or `--jwt-secret-file`) |\n"
-    assert "jwt_secret" in {f.name for f in dataclasses.fields(Settings)}
+    assert "jwt_secret" in Settings.model_fields
     return HEADER + "".join(rows) + secret
 
 
