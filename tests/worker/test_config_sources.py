@@ -144,3 +144,15 @@ def test_settings_are_frozen() -> None:
     s = load_settings(API, env={})
     with pytest.raises(ValidationError, match="frozen"):
         s.concurrency = 9
+
+
+def test_a_secret_given_as_a_flag_is_refused_without_being_echoed() -> None:
+    import subprocess
+    import sys
+
+    for argv in (["--jwt-secret", "s3cr3t-value"], ["--jwt-secret=s3cr3t-value"], ["--jwt-sec", "s3cr3t-value"]):
+        out = subprocess.run([sys.executable, "-m", "airflow_outpost", "worker", *argv], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert "s3cr3t-value" not in out.stderr + out.stdout, out.stderr
+        assert "OUTPOST_JWT_SECRET" in out.stderr or "unrecognized" in out.stderr, out.stderr

@@ -29,8 +29,17 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 
 
+class _RefuseSecretFlag(argparse.Action):
+    """``--jwt-secret VALUE``: refused without echoing VALUE (argparse would print it as unrecognized)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        parser.error("--jwt-secret is not a flag (a flag shows in `ps`): set OUTPOST_JWT_SECRET or use --jwt-secret-file")
+
+
 def add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML settings file (env OUTPOST_CONFIG)")
+    p.add_argument("--jwt-secret", dest="refused_jwt_secret", action=_RefuseSecretFlag, help=argparse.SUPPRESS)
     helps = {
         "api_url": "Airflow API server root, e.g. http://airflow:8080 (env OUTPOST_API_URL)",
         "name": "worker name, unique per control plane (default: hostname)",
@@ -253,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default=argparse.SUPPRESS, help=log_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("worker", parents=[common], help="join a control plane and run its tasks")
+    # No abbreviations: `--jwt-secret X` would be taken as `--jwt-secret-file X`, and its error would print X.
+    w = sub.add_parser("worker", parents=[common], allow_abbrev=False, help="join a control plane and run its tasks")
     add_settings_flags(w)
     w.set_defaults(func=_cmd_worker)
     st = sub.add_parser("status", parents=[common], help="show the running worker's state, jobs and request rate")
@@ -279,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would echo them whole; a mistyped secret flag's value must not reach a log.
+        flags = " ".join(dict.fromkeys(a.split("=", 1)[0] for a in unknown if a.startswith("-"))) or "(a value)"
+        parser.error(f"unrecognized arguments: {flags} (values not shown; see outpost {args.command} --help)")
     _setup_logging(args.log_level)
     try:
         return args.func(args)

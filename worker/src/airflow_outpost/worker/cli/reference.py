@@ -37,7 +37,7 @@ def _worker_actions() -> list[argparse.Action]:
 
     parser = argparse.ArgumentParser(add_help=False)
     add_settings_flags(parser)
-    return [a for a in parser._actions if a.dest in _FIELDS]
+    return [a for a in parser._actions if a.dest in _FIELDS and a.help != argparse.SUPPRESS]
 
 
 def _default(name: str) -> str:
