@@ -39,11 +39,14 @@ def _outbox(w: WorkerProc) -> dict:
 @pytest.fixture
 def rotating_control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A control plane of its own: the test changes its secret, which the session's must keep. Edge
-    jobs that succeeded are kept for an hour, so the test can read the state the worker reported."""
+    jobs that succeeded are kept for an hour, so the test can read the state the worker reported, and
+    edge3's orphan check (a running job not updated for ``task_instance_heartbeat_timeout``, which it
+    sets to the task instance's state) waits an hour too: only the worker's report can end a job."""
     dags = tmp_path_factory.mktemp("rotation-dags")
     shutil.copy(DAGS / "outpost_rotation.py", dags)
     cp = ControlPlane(dags_folder=dags, home=tmp_path_factory.mktemp("rotation-home"),
-                      extra_env={"AIRFLOW__EDGE__JOB_SUCCESS_PURGE": "3600"})
+                      extra_env={"AIRFLOW__EDGE__JOB_SUCCESS_PURGE": "3600",
+                                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "3600"})
     cp.start()
     try:
         yield cp
@@ -98,6 +101,7 @@ def test_secret_rotated_while_twenty_tasks_finish_every_final_state_arrives_once
         assert sorted((j["map_index"], j["try_number"]) for j in jobs) == [(i, 1) for i in range(TASKS)]
         assert [len((marker / str(i)).read_text().split()) for i in range(TASKS)] == [1] * TASKS
         failures = _outbox(w)["failures"]
+        assert failures.get("credentials", 0) >= 1 and failures.get("auth", 0) >= 1, failures  # both faults sent
         _wait(lambda: _outbox(w).get("pending") == 0, "the outbox empty", w, 60)
     finally:
         assert w.stop() == 0
