@@ -54,6 +54,7 @@ def rotating_control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         cp.stop()
 
 
+@pytest.mark.timeout(600)  # a control plane of its own, restarted once, and 20 task starts on a loaded host
 def test_secret_rotated_while_twenty_tasks_finish_every_final_state_arrives_once(
         rotating_control_plane: ControlPlane, tmp_path: Path) -> None:
     """What a rotation of the shared ``[api_auth] jwt_secret`` does, in the order an operator does it.
@@ -114,6 +115,7 @@ def test_secret_rotated_while_twenty_tasks_finish_every_final_state_arrives_once
           "lost=0 duplicates=0")
 
 
+@pytest.mark.timeout(600)
 def test_a_12mb_log_arrives_whole_and_in_order_through_a_link_refusing_30_percent_of_pushes(
         control_plane: ControlPlane, tmp_path: Path) -> None:
     cp = control_plane
