@@ -225,6 +225,20 @@ class ControlPlane:
         self.extra_env.update(env)
         self._spawn("scheduler", [_airflow_bin(self.python), "scheduler"], self.home / "cp-logs")
 
+    def rotate_jwt_secret(self, secret: str) -> None:
+        """Restart, with ``[api_auth] jwt_secret`` set to ``secret``, every component that uses it: the
+        API server (validates Edge API and Execution API tokens, signs refreshed task tokens) and the
+        scheduler (signs the workload token each queued job carries). The dag-processor signs nothing.
+        Tokens signed with the old secret are refused from then on, including those of tasks already
+        queued or running: a shared secret has no grace period for its predecessor."""
+        self.kill_api_server()
+        self.jwt_secret = secret
+        self.restart_scheduler()
+        if self._client is not None:  # its API token was signed with the old secret
+            self._client.close()
+            self._client = None
+        self.start_api_server()
+
     @staticmethod
     def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         if proc.poll() is not None:
@@ -376,6 +390,13 @@ class ControlPlane:
             return ""
         resp.raise_for_status()
         return resp.text
+
+    def edge_jobs(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """The Edge executor's jobs of a run (one per try), with the state the worker last reported."""
+        resp = self.api.get(f"{self.base_url}/edge_worker/ui/jobs",
+                            params={"dag_id_pattern": dag_id, "run_id_pattern": run_id})
+        resp.raise_for_status()
+        return [j for j in resp.json()["jobs"] if j["dag_id"] == dag_id and j["run_id"] == run_id]
 
     def workers(self) -> dict[str, dict[str, Any]]:
         resp = self.api.get(f"{self.base_url}/edge_worker/ui/worker")
