@@ -204,7 +204,7 @@ def test_no_code_imports_the_old_top_level_names(folder: str) -> None:
     # ruff's banned-api rule covers import statements; this covers module names in strings
     # (subprocess command lines, python -c scripts, logger names, dotted paths in settings).
     pattern = re.compile(r"""["'](?:-m )?(?:worker|runners)\.[a-z_]+""")
-    allowed = {"worker.task_process", "worker.log", "worker.lock"}  # 0.1 process marker; file names
+    allowed = {"worker.task_process", "worker.log", "worker.lock", "runners.md"}  # 0.1 process marker; file names
     bad = []
     for path in (ROOT / folder).rglob("*.py"):
         if "build" in path.relative_to(ROOT).parts:
