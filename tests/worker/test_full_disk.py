@@ -47,6 +47,8 @@ def _fill(path: Path, leave_bytes: int) -> None:
         os.close(fd)
 
 
+# Slow (about 3 minutes): fills and frees a tmpfs while real tasks run.
+@pytest.mark.slow
 def test_a_full_state_folder_stops_new_work_keeps_running_tasks_and_recovers(control_plane: ControlPlane,
                                                                               start_worker, tmp_path: Path) -> None:
     state = tmp_path / "state"

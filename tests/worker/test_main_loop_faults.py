@@ -48,6 +48,8 @@ class FlakyHeartbeats(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+# Slow (about 3 minutes): a real control plane and a worker held through heartbeat faults.
+@pytest.mark.slow
 def test_heartbeat_errors_and_a_refused_re_register_leave_the_task_running(control_plane: ControlPlane,
                                                                            tmp_path: Path) -> None:
     marker = tmp_path / "marker"

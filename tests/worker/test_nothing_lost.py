@@ -18,7 +18,8 @@ from airflow_outpost.worker.testing.http_faults import FaultyHttpProxy
 from airflow_outpost.worker.testing.worker_process import WorkerProc
 from tests.helpers import DAGS
 
-pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
+# Slow: about 1.5 minutes each (one starts a control plane of its own); run with -m slow or -m faults.
+pytestmark = [pytest.mark.controlplane, pytest.mark.faults, pytest.mark.slow]
 
 TASKS = 20
 
