@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.runtime.worker import Worker
