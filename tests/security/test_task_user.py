@@ -113,9 +113,11 @@ def test_a_task_user_cannot_read_the_workers_secret_and_its_dag_still_succeeds(
 UNDUMPABLE = """
 import ctypes, json, os, sys, time
 if sys.argv[1] == "1":
-    sys.path.insert(0, sys.argv[2])
-    from airflow_outpost.worker.runtime.file_modes import mark_undumpable
-    assert mark_undumpable()
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("procutil", sys.argv[2])
+    procutil = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(procutil)
+    assert procutil.mark_undumpable()
 print(os.getpid(), flush=True)
 time.sleep(60)
 """
@@ -132,12 +134,10 @@ except OSError as exc:
 @pytest.mark.parametrize(("undumpable", "expected"), [("0", "read"), ("1", "PermissionError")])
 def test_the_worker_is_not_dumpable_so_its_own_user_cannot_read_its_environ(undumpable: str, expected: str,
                                                                              open_root: Path) -> None:
-    # mark_undumpable alone (standard library only), copied where the other user can import it.
-    src = open_root / "src"
-    shutil.copytree(REPO / "worker/src/airflow_outpost", src / "airflow_outpost",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for p in [src, *src.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
+    # mark_undumpable's module alone (standard library only), copied where the other user can load it.
+    src = open_root / "procutil.py"
+    shutil.copy(REPO / "worker/src/airflow_outpost/worker/procutil.py", src)
+    src.chmod(0o644)
     with os_user("optd") as user:
         proc = subprocess.Popen([user_python(), "-c", UNDUMPABLE, undumpable, str(src)], user=user.uid, group=user.gid,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",

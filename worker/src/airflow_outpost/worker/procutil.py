@@ -7,6 +7,7 @@ import ctypes
 import signal
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 
 
 def die_with_parent() -> None:
@@ -17,3 +18,13 @@ def die_with_parent() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def mark_undumpable() -> bool:
+    """``prctl(PR_SET_DUMPABLE, 0)``: processes of this same user can no longer read this one's
+    environment, memory or open files under ``/proc`` (nor ptrace it); no core dumps. Children
+    that exec get their own (dumpable) state. True if the kernel took it."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False

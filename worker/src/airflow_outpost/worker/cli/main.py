@@ -23,7 +23,8 @@ from airflow_outpost.worker.cli.local import add_local_parsers, add_state_args, 
 from airflow_outpost.worker.config import _FIELDS, load_settings
 from airflow_outpost.worker.errors import ConfigError, OutpostError
 from airflow_outpost.worker.preflight import check_memory_merge, require_credentials, require_writable, warn_plain_http
-from airflow_outpost.worker.runtime.file_modes import WORKER_UMASK, mark_undumpable, secure_folders
+from airflow_outpost.worker.procutil import mark_undumpable
+from airflow_outpost.worker.runtime.file_modes import WORKER_UMASK, secure_folders
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1

@@ -30,7 +30,6 @@ WORKER_UMASK = 0o077
 TASK_UMASK = 0o027
 STATE_MODE = 0o700
 LOG_FOLDER_MODE = 0o750
-PR_SET_DUMPABLE = 4
 SHARED_STATE_MODE = 0o710  # task_user: pass-through only
 TASK_FOLDER_MODE = stat.S_ISGID | 0o770  # task_user: folders tasks write, the shared group's
 
@@ -71,18 +70,6 @@ def _give(folder: Path, gid: int, group: str) -> None:
     except PermissionError:
         raise ConfigError("log_group", group, f"this user (uid {os.getuid()}) must be a member of the group to "
                           f"give it {folder}") from None
-
-
-def mark_undumpable() -> bool:
-    """``prctl(PR_SET_DUMPABLE, 0)``: processes of this same user can no longer read this one's
-    environment, memory or open files under ``/proc`` (nor ptrace it); no core dumps. Children
-    that exec get their own (dumpable) state. True if the kernel took it."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
-    except (OSError, AttributeError):  # not Linux
-        return False
 
 
 def _chmod(folder: Path, mode: int, setting: str) -> None:
