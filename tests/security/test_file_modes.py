@@ -20,7 +20,7 @@ from airflow_outpost.runners.errors import ModelServiceError
 from airflow_outpost.runners.model_service import client as model_client
 from airflow_outpost.runners.model_service.protocol import private_dir
 from airflow_outpost.worker.testing.controlplane import ControlPlane
-from airflow_outpost.worker.testing.os_users import os_group, os_user, user_python
+from airflow_outpost.worker.testing.os_users import open_folder, os_group, os_user, user_python
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates OS users (useradd): run as root, as CI does")
 
@@ -52,13 +52,8 @@ print(json.dumps(seen))
 
 @pytest.fixture
 def open_root() -> Iterator[Path]:
-    """A folder every user may enter (as /var/lib and /var/log are), removed after the test."""
-    root = Path(tempfile.mkdtemp(prefix="outpost-modes-"))
-    root.chmod(0o755)
-    try:
+    with open_folder("outpost-modes-") as root:
         yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _all_paths(root: Path) -> list[Path]:

@@ -14,7 +14,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from airflow_outpost.worker.testing.controlplane import ControlPlane
-from airflow_outpost.worker.testing.os_users import os_group, os_user, user_python
+from airflow_outpost.worker.testing.os_users import open_folder, os_group, os_user, user_python
 from airflow_outpost.worker.testing.worker_process import WorkerProc
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates OS users (useradd) and runs sudo: run as root, as CI does")
@@ -39,13 +38,8 @@ def _sudo() -> str:
 
 @pytest.fixture
 def open_root() -> Iterator[Path]:
-    """A folder every user may enter (as /var/lib is), removed after the test."""
-    root = Path(tempfile.mkdtemp(prefix="outpost-taskuser-"))
-    root.chmod(0o755)
-    try:
+    with open_folder("outpost-taskuser-") as root:
         yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

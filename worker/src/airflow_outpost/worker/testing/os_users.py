@@ -9,12 +9,15 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -43,6 +46,18 @@ def user_python() -> str:
         if os.path.exists(candidate):
             return candidate
     return sys.executable
+
+
+@contextmanager
+def open_folder(prefix: str = "outpost-") -> Iterator[Path]:
+    """A new folder every user may enter (0755, as /var/lib and /var/log are), removed on exit: what
+    decides access under it is the modes of what is inside, not a private temp folder around it."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextmanager
