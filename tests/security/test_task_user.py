@@ -1,7 +1,13 @@
 """Tasks run as another OS user (``--task-user``) cannot reach the worker's secret (issue "Nobody
 in", item 4), on the real control plane: the task reads the worker's JWT secret file, its config,
 its ledger key and ``/proc/<worker pid>/environ`` and gets PermissionError for each, while XCom
-(through the control plane and the region store), Variables and Connections work as usual.
+(through the control plane and the region store), Variables, Connections, a local trigger
+(``--triggers local``: the task defers and resumes as the task user) and the runners (an embedding
+through the worker's model service socket, published in the region store) work as usual.
+
+The task user runs the test's own interpreter (a venv's, as in CI): the ``interpreter_reachable``
+fixture lets other users pass through (search only, no listing) the folders above it that are
+closed, for the test's duration, and restores their modes after.
 
 And the worker marks itself non-dumpable: a process of the *same* user cannot read its
 environment either (tested with a second OS user as both sides, since root may read anything).
@@ -18,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from airflow_outpost.worker.testing.controlplane import ControlPlane
@@ -47,7 +54,8 @@ def interpreter_reachable() -> Iterator[None]:
     """The task user runs this interpreter; where it lives in root's home (pyenv, /root 0700), let
     others pass through /root (search only, no listing) for the test, and restore it after."""
     real = Path(os.path.realpath(sys.executable))
-    chain = [real, *real.parents]
+    venv = Path(sys.executable).parent  # a venv's bin/ (and the folders above it) may be closed too
+    chain = [real, *real.parents, venv, *venv.parents]
     closed = [(p, stat.S_IMODE(p.stat().st_mode)) for p in chain if p.is_dir() and not p.stat().st_mode & stat.S_IXOTH]
     try:
         for p, mode in closed:
@@ -59,6 +67,7 @@ def interpreter_reachable() -> Iterator[None]:
 
 
 @pytest.mark.controlplane
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_task_user_cannot_read_the_workers_secret_and_its_dag_still_succeeds(
         control_plane: ControlPlane, open_root: Path, interpreter_reachable: None) -> None:
@@ -76,7 +85,7 @@ def test_a_task_user_cannot_read_the_workers_secret_and_its_dag_still_succeeds(
         home.mkdir()
         os.chown(home, task_user.uid, task_user.gid)
         worker = WorkerProc(control_plane, open_root, queues="q_task_user", concurrency=2,
-                            extra_args=["--config", str(config), "--model-service", "false"],
+                            extra_args=["--config", str(config), "--triggers", "local"],
                             env={"OUTPOST_JWT_SECRET": "", "AIRFLOW_HOME": str(home),
                                  "AIRFLOW_CONN_OUTPOST_TASK_USER_DB": "postgres://u:p@db.region.internal:5432/x",
                                  "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("worker/src", "runners/src"))})
@@ -90,8 +99,24 @@ def test_a_task_user_cannot_read_the_workers_secret_and_its_dag_still_succeeds(
             state = control_plane.wait_for_run("outpost_task_user", run_id, timeout_s=300)
             assert state == "success", (control_plane.task_states("outpost_task_user", run_id), worker.log()[-4000:])
             seen = control_plane.xcom("outpost_task_user", run_id, "check")
+            embedded = control_plane.xcom("outpost_task_user", run_id, "embed")
+            waited = control_plane.xcom("outpost_task_user", run_id, "wait")
+            service = psutil.Process(embedded["service_pid"])
+            service_uid, service_parent = service.uids().real, service.ppid()
+            worker_log = worker.log()
         finally:
             worker.stop()
+        # The runners: the task user's embedding went through the worker's model service (a process of
+        # the worker's user, the worker's child) and its vectors were published in the region store.
+        assert embedded["uid"] == task_user.uid and embedded["encoder"] == "service", embedded
+        assert embedded["embedded"] >= 12 and embedded["dim"] == 384 and embedded["models"] == 1, embedded
+        assert embedded["manifest_uid"] == task_user.uid, embedded
+        assert (service_uid, service_parent) == (os.getuid(), worker.proc.pid)
+        assert (worker.state_folder / "store" / "embeddings" / "task_user").is_dir()
+        # A local trigger: the task deferred and resumed as the task user, its trigger ran in the worker.
+        assert waited["deferred_uid"] == waited["resumed_uid"] == task_user.uid, waited
+        assert "waits on local trigger airflow.providers.standard.triggers.temporal.DateTimeTrigger" in worker_log
+        assert "resumed outpost_task_user.wait" in worker_log
         assert seen["uid"] == task_user.uid and seen["check_uid"] == task_user.uid, seen
         assert {k: seen[k] for k in ("secret", "config", "environ", "ledger_key")} == dict.fromkeys(
             ("secret", "config", "environ", "ledger_key"), "PermissionError"), seen

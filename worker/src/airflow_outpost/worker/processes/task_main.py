@@ -13,7 +13,9 @@ a fetched task starts in milliseconds with everything already imported. Protocol
 
 Each child starts a new session (so signals can reach its whole tree), sends its output to the
 given file, applies the per-task environment and runs the task through the Task SDK's
-``supervise_task``. EOF on stdin makes the zygote exit once its children have.
+``supervise_task``, with a client that sends the task token only while the worker's uid listens on
+the gateway port (``OUTPOST_GATEWAY_UID``, :mod:`airflow_outpost.worker.processes.gateway_client`).
+EOF on stdin makes the zygote exit once its children have.
 
 With the worker's ``memory_merge`` setting (``OUTPOST_MEMORY_MERGE=1``, read once and removed
 from the environment tasks see) each child opts itself in to the kernel's samepage merging before it
@@ -59,6 +61,7 @@ import selectors
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from airflow_outpost.worker.processes import memory_merge
@@ -127,6 +130,7 @@ def _preload() -> None:
         "airflow.providers.standard.operators.python",
         "psutil",
         "airflow_outpost.worker.runtime.state",
+        "airflow_outpost.worker.processes.gateway_client",
     ):
         try:
             importlib.import_module(module)
@@ -203,16 +207,36 @@ def run_request(msg: dict[str, Any]) -> int:
     extra: dict[str, Any] = {}
     if "sentry_integration" in inspect.signature(supervise_task).parameters:  # Task SDK 1.2 and later
         extra["sentry_integration"] = getattr(workload, "sentry_integration", "")
-    return int(supervise_task(
-        # The DTO duck-types as the SDK TaskInstance, as in Airflow's own executors.
-        ti=workload.ti,
-        bundle_info=workload.bundle_info,
-        dag_rel_path=workload.dag_rel_path,
-        token=workload.token,
-        server=msg["server"],
-        log_path=workload.log_path,
-        **extra,
-    ))
+    with _gateway_client(msg["server"], workload.token) as client:
+        return int(supervise_task(
+            # The DTO duck-types as the SDK TaskInstance, as in Airflow's own executors.
+            ti=workload.ti,
+            bundle_info=workload.bundle_info,
+            dag_rel_path=workload.dag_rel_path,
+            token=workload.token,
+            server=msg["server"],
+            log_path=workload.log_path,
+            **({"client": client} if client is not None else {}),
+            **extra,
+        ))
+
+
+@contextlib.contextmanager
+def _gateway_client(server: str, token: str) -> Iterator[Any]:
+    """The Task SDK client to use: one that checks the gateway's listener
+    (:mod:`airflow_outpost.worker.processes.gateway_client`) when the worker named its uid, else
+    ``None`` (the Task SDK builds its own for ``server``). Closed on exit."""
+    from airflow_outpost.worker.processes.gateway_client import checked_client, gateway_uid_from_env
+
+    uid = gateway_uid_from_env()
+    if uid is None:
+        yield None
+        return
+    client = checked_client(server, token, uid)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def _supervise_task() -> Any:
@@ -249,16 +273,18 @@ def _run_callback(msg: dict[str, Any]) -> int:
     except ImportError:
         pass
     try:
-        supervise_callback(
-            id=callback.id,
-            callback_path=callback.data.get("path", ""),
-            callback_kwargs=callback.data.get("kwargs") or {},
-            dag_rel_path=workload.dag_rel_path,
-            log_path=workload.log_path,
-            bundle_info=workload.bundle_info,
-            token=workload.token,
-            server=msg["server"],
-        )
+        with _gateway_client(msg["server"], workload.token) as client:
+            supervise_callback(
+                id=callback.id,
+                callback_path=callback.data.get("path", ""),
+                callback_kwargs=callback.data.get("kwargs") or {},
+                dag_rel_path=workload.dag_rel_path,
+                log_path=workload.log_path,
+                bundle_info=workload.bundle_info,
+                token=workload.token,
+                server=msg["server"],
+                **({"client": client} if client is not None else {}),
+            )
     except RuntimeError as exc:  # "Callback subprocess exited with code N": the callback failed
         print(f"outpost: callback {callback.data.get('path')} failed: {exc}", file=sys.stderr)
         return 1

@@ -60,6 +60,7 @@ from airflow_outpost.worker.hosted.model_host import ModelHost, service_availabl
 from airflow_outpost.worker.hosted.ray_host import RayHost, ray_available
 from airflow_outpost.worker.observability.health import HealthServer
 from airflow_outpost.worker.observability.prometheus import WorkerMetrics, WorkerSnapshot
+from airflow_outpost.worker.processes.gateway_client import GATEWAY_UID_ENV
 from airflow_outpost.worker.processes.launcher import TaskLauncher
 from airflow_outpost.worker.runtime.job_runner import JobRunner
 from airflow_outpost.worker.runtime.lifecycle import Lifecycle
@@ -249,6 +250,10 @@ class Worker:
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(s.log_folder.resolve()),
             "OUTPOST_WORKER_NAME": s.name,
         })
+        if self.egress.url is not None:
+            # Task processes send their token only while this uid listens on the gateway port
+            # (processes.gateway_client): under crash_policy adopt they outlive this process.
+            env[GATEWAY_UID_ENV] = str(os.getuid())
         if s.outage_hold_s > 0:
             # The gateway holds a request through an outage; the Task SDK client (5 s timeout,
             # 5 tries by default) must wait for it rather than give up and send it again.
