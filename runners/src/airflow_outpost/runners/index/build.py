@@ -186,7 +186,10 @@ def _recall(
         return plain, None
     reranker = Reranker(*locations, [Path(i["path"]) for i in manifest["inputs"]],
                         inner_product=manifest["metric"] == "ip")
-    _, found = search_reranked(index, reranker, np.ascontiguousarray(truth.queries), k, factor)
+    try:
+        _, found = search_reranked(index, reranker, np.ascontiguousarray(truth.queries), k, factor)
+    finally:
+        reranker.close()
     return plain, recall_at_k(found, truth.ids[:, :k])
 
 

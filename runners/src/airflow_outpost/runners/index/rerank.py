@@ -2,8 +2,9 @@
 
 A version that reranks keeps a map from every indexed id to its row: ``rerank_ids.npy``
 (sorted int64), ``rerank_shard.npy`` (the shard's position in the version manifest's
-``inputs``) and ``rerank_row.npy``. At search time the map and the shards are memory-mapped
-(numpy ``mmap_mode="r"``), never loaded: a query touches the pages of its candidates only.
+``inputs``) and ``rerank_row.npy``. At search time the map is memory-mapped and the candidates'
+rows are read from the shards with ``pread`` (npy_rows), never mapped: the searcher's memory is
+the index and the map, not the pages of every row a query ever looked at.
 The shards must still be where the manifest says, with the size and mtime it records
 (``ManifestError`` otherwise: the vectors would belong to another version).
 """
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from airflow_outpost.runners.errors import ManifestError
+from airflow_outpost.runners.index.npy_rows import NpyRows
 
 __all__ = ["RERANK_FILES", "Reranker", "save_locations"]
 
@@ -37,13 +39,16 @@ def load_locations(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class Reranker:
-    """Exact scores for candidate ids, read from the memory-mapped shards of one index version."""
+    """Exact scores for candidate ids, read from the float shards of one index version.
+
+    Keeps one open descriptor per shard it has read from; ``close()`` releases them.
+    """
 
     def __init__(self, ids: np.ndarray, shard_no: np.ndarray, rows: np.ndarray, paths: list[Path], *,
                  inner_product: bool) -> None:
         self.ids, self.shard_no, self.rows, self.paths = ids, shard_no, rows, paths
         self.inner_product = inner_product
-        self._maps: dict[int, np.ndarray] = {}
+        self._files: dict[int, NpyRows] = {}
 
     @classmethod
     def open(cls, vdir: Path, manifest: dict[str, Any]) -> Reranker:
@@ -59,10 +64,15 @@ class Reranker:
                 raise ManifestError(f"{path}: the float shard changed since the index was built (size/mtime differ)")
         return cls(ids, shard_no, rows, paths, inner_product=manifest.get("metric", "ip") == "ip")
 
-    def _shard(self, number: int) -> np.ndarray:
-        if number not in self._maps:
-            self._maps[number] = np.load(self.paths[number], mmap_mode="r", allow_pickle=False)
-        return self._maps[number]
+    def _shard(self, number: int) -> NpyRows:
+        if number not in self._files:
+            self._files[number] = NpyRows(self.paths[number])
+        return self._files[number]
+
+    def close(self) -> None:
+        for rows in self._files.values():
+            rows.close()
+        self._files.clear()
 
     def rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of the best ``k`` of each row's ``candidates`` by exact distance (-1 padded)."""
@@ -84,8 +94,7 @@ class Reranker:
         shard_no, rows = np.asarray(self.shard_no[pos[where]]), np.asarray(self.rows[pos[where]])
         for number in np.unique(shard_no).tolist():
             sel = shard_no == number
-            order = np.argsort(rows[sel])  # ascending rows read the mapping front to back
-            vectors[where[sel][order]] = self._shard(number)[rows[sel][order]]
+            vectors[where[sel]] = self._shard(number).take(rows[sel])
         stacked = vectors.reshape(nq, nc, -1)
         if self.inner_product:
             scores = np.einsum("qcd,qd->qc", stacked, q)

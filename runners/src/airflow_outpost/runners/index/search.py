@@ -28,7 +28,7 @@ class IndexSearcher:
 
     A version built with a rerank (the compressed kinds by default) asks the index for
     ``rerank_factor * k`` candidates (default: the build's) and returns the ``k`` best by exact
-    distance against the float shards, memory-mapped; ``rerank=False`` skips that. On-disk
+    distance against the float shards (the candidates' rows read, not mapped); ``rerank=False`` skips that. On-disk
     inverted lists are memory-mapped read-only.
     """
 

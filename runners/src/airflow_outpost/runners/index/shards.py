@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from airflow_outpost.runners.errors import DimensionMismatchError, InputError
+from airflow_outpost.runners.index.npy_rows import NpyRows
 from airflow_outpost.runners.store.atomic import TMP_PREFIX
 from airflow_outpost.runners.store.region_store import verify_file
 
@@ -198,22 +199,22 @@ def located_batches(
     """
     numbers = shard_numbers if shard_numbers is not None else list(range(len(shards)))
     for number, shard, exclude in zip(numbers, shards, excludes, strict=True):
-        vectors = np.load(shard.vectors, mmap_mode="r", allow_pickle=False)
         ids, strings = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
-        for start in range(0, shard.rows, batch_rows):
-            stop = min(start + batch_rows, shard.rows)
-            rows = np.arange(start, stop, dtype=np.int64)
-            batch_ids = ids[start:stop]
-            batch_vec = np.ascontiguousarray(vectors[start:stop], dtype=np.float32)
-            batch_str = strings[start:stop] if strings is not None else None
-            if exclude.size:
-                keep = ~np.isin(batch_ids, exclude, assume_unique=False)
-                if not keep.all():
-                    rows, batch_ids, batch_vec = rows[keep], batch_ids[keep], batch_vec[keep]
-                    batch_str = [s for s, k in zip(batch_str, keep, strict=True) if k] if batch_str is not None else None
-            if len(batch_ids):
-                yield number, rows, batch_ids, batch_vec, batch_str
-        del vectors  # drop the mapping (and its resident pages) before the next shard
+        # Read, not memory-mapped (npy_rows): the process holds one batch, not the shard's pages.
+        with NpyRows(shard.vectors) as vectors:
+            for start in range(0, shard.rows, batch_rows):
+                stop = min(start + batch_rows, shard.rows)
+                rows = np.arange(start, stop, dtype=np.int64)
+                batch_ids = ids[start:stop]
+                batch_vec = vectors.range(start, stop)
+                batch_str = strings[start:stop] if strings is not None else None
+                if exclude.size:
+                    keep = ~np.isin(batch_ids, exclude, assume_unique=False)
+                    if not keep.all():
+                        rows, batch_ids, batch_vec = rows[keep], batch_ids[keep], batch_vec[keep]
+                        batch_str = [s for s, k in zip(batch_str, keep, strict=True) if k] if batch_str is not None else None
+                if len(batch_ids):
+                    yield number, rows, batch_ids, batch_vec, batch_str
 
 
 def iter_batches(
@@ -221,8 +222,8 @@ def iter_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str] | None]]:
     """Yield ``(ids int64, vectors float32 C-contiguous, string ids or None)`` of at most ``batch_rows``.
 
-    Shards are memory-mapped, so peak memory is one batch (plus its float32 copy), whatever
-    the shard sizes. Rows whose id is in ``exclude`` (sorted int64) are dropped, and with
+    Shards are read a batch at a time (never memory-mapped), so peak memory is one batch,
+    whatever the shard sizes. Rows whose id is in ``exclude`` (sorted int64) are dropped, and with
     ``latest_only`` so are rows that a later shard replaces.
     """
     shards = list(shards)
@@ -255,7 +256,7 @@ def sample_rows(shards: list[Shard], n: int, seed: int, *, exclude: np.ndarray |
     total = sum(s.rows for s in shards)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(total, size=min(n, total), replace=False))
-    # Filled in place, shard by shard, from memory-mapped rows: one copy of the sample, never a shard.
+    # Filled in place, shard by shard, with the picked rows read: one copy of the sample, never a shard.
     out_ids = np.empty(len(picks), dtype=np.int64)
     out_vec = np.empty((len(picks), shards[0].dim if shards else 0), dtype=np.float32)
     offset = filled = 0
@@ -264,12 +265,11 @@ def sample_rows(shards: list[Shard], n: int, seed: int, *, exclude: np.ndarray |
         offset += shard.rows
         if not local.size:
             continue
-        vectors = np.load(shard.vectors, mmap_mode="r", allow_pickle=False)
         ids, _ = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
         out_ids[filled:filled + local.size] = ids[local]
-        out_vec[filled:filled + local.size] = vectors[local]
+        with NpyRows(shard.vectors) as vectors:
+            out_vec[filled:filled + local.size] = vectors.take(local)
         filled += local.size
-        del vectors
     all_ids, all_vec = out_ids, out_vec
     if exclude is not None and exclude.size:
         keep = ~np.isin(all_ids, exclude)

@@ -1,0 +1,89 @@
+"""An index build and its rerank hold one batch of the float shards, never the shards' pages.
+
+Memory-mapped shards count in the builder's resident set: every page a read touches stays
+mapped (and the kernel maps the cached pages around each fault), so a build that walked its
+shards and then reranked candidates all over them ended with about the raw vectors resident,
+whatever the index size. The build below runs in its own process and samples its file-backed
+resident memory (``RssFile``) throughout; the shards are read with ``pread`` (index.npy_rows).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from airflow_outpost.runners.errors import InputError
+from airflow_outpost.runners.index.npy_rows import NpyRows
+from tests.runners.conftest_index import structured_vectors, write_shard
+
+MIB = 2**20
+
+_BUILD = textwrap.dedent("""
+    import json, sys, threading, time
+    peak = {"file": 0}
+    def sample():
+        while True:
+            for line in open("/proc/self/status"):
+                if line.startswith("RssFile:"):
+                    peak["file"] = max(peak["file"], int(line.split()[1]) * 1024)
+            time.sleep(0.01)
+    threading.Thread(target=sample, daemon=True).start()
+    from airflow_outpost.runners.index.build import IndexConfig, build_index
+    from airflow_outpost.runners.index.search import IndexSearcher
+    import numpy as np
+    baseline = peak["file"]
+    out = build_index(sys.argv[1], sys.argv[2], IndexConfig(kind="ivfpq", nlist=64, nprobe=16, train_sample=8192,
+                                                           min_recall=0.0, add_batch_rows=8192))
+    searcher = IndexSearcher(sys.argv[2])
+    searcher.search(np.load(sys.argv[3]), k=10)
+    time.sleep(0.05)
+    print(json.dumps({"peak_file": peak["file"], "baseline_file": baseline, "recall": out["recall"],
+                      "rerank": out["rerank"]}))
+""")
+
+
+def test_a_compressed_build_and_its_rerank_keep_the_shards_out_of_memory(tmp_path: Path) -> None:
+    emb, dim, shards, rows = tmp_path / "emb", 128, 4, 25_000  # 51 MB of float32 in 4 shards
+    for i in range(shards):
+        write_shard(emb, f"shard-{i}", structured_vectors(rows, dim, seed=i),
+                    np.arange(i * rows, (i + 1) * rows, dtype=np.int64))
+    np.save(tmp_path / "queries.npy", structured_vectors(500, dim, seed=99))
+    run = subprocess.run([sys.executable, "-c", _BUILD, str(emb), str(tmp_path / "idx"), str(tmp_path / "queries.npy")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    raw = shards * rows * dim * 4
+    # Shared libraries (FAISS, numpy) are file-backed too: allow them, not the shards.
+    grown = got["peak_file"] - got["baseline_file"]
+    assert grown < 30 * MIB, f"file-backed RSS grew by {grown / MIB:.0f} MiB during the build (raw {raw / MIB:.0f} MiB)"
+    assert got["rerank"] and got["recall"] is not None  # the recall gate reranked against the shards
+
+
+def test_npy_rows_reads_ranges_and_picked_rows_as_float32(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).random((1000, 7)).astype(np.float16)
+    np.save(tmp_path / "v.npy", x)
+    with NpyRows(tmp_path / "v.npy") as rows:
+        assert (rows.rows, rows.dim) == (1000, 7)
+        assert np.array_equal(rows.range(990, 2000), x[990:].astype(np.float32))
+        picks = np.array([5, 3, 4, 999, 0, 5, 500])
+        got = rows.take(picks)
+        assert got.dtype == np.float32 and np.array_equal(got, x[picks].astype(np.float32))
+        with pytest.raises(InputError, match="row out of range"):
+            rows.take(np.array([1000]))
+
+
+def test_npy_rows_names_a_truncated_or_wrong_shaped_file(tmp_path: Path) -> None:
+    np.save(tmp_path / "v.npy", np.ones((100, 4), dtype=np.float32))
+    data = (tmp_path / "v.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) - 64])
+    with NpyRows(tmp_path / "cut.npy") as rows, pytest.raises(InputError, match="shorter than its header"):
+        rows.range(0, 100)
+    np.save(tmp_path / "flat.npy", np.ones(10, dtype=np.float32))
+    with pytest.raises(InputError, match="expected a 2-d C-order numeric array"):
+        NpyRows(tmp_path / "flat.npy")
