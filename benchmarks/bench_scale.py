@@ -8,6 +8,7 @@ packaged all-MiniLM-L6-v2 (``--model``; torch, 1 thread per actor).
 
     python benchmarks/bench_scale.py                 # a few minutes on 2 CPU cores
     python benchmarks/bench_scale.py --model         # also the packaged model
+    python benchmarks/bench_scale.py --cpus 1,2,4,8,16 --partitions 32   # a larger host
 
 Prints a table and writes JSON (``--out``, default benchmarks/results/scale.json) with the machine.
 """
@@ -74,8 +75,10 @@ def main() -> None:
     ap.add_argument("--standin-ms", type=float, default=2.0)
     ap.add_argument("--model", action="store_true")
     ap.add_argument("--model-docs", type=int, default=200)
+    ap.add_argument("--cpus", default="1,2", help="comma list of Ray CPU counts; ratios are against the first")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scale.json"))
     args = ap.parse_args()
+    cpu_counts = [int(c) for c in args.cpus.split(",")]
     results: dict = {"machine": describe(), "runs": []}
     with tempfile.TemporaryDirectory() as work:
         corpus = write_partitions(Path(work) / "corpus", args.partitions, args.docs)
@@ -83,14 +86,16 @@ def main() -> None:
         if args.model:
             modes.append(("model", write_partitions(Path(work) / "small", args.partitions, args.model_docs)))
         for mode, path in modes:
-            one = run(path, 1, mode, args.standin_ms)
-            two = run(path, 2, mode, args.standin_ms)
-            row = {"encoder": mode, "chunks": one["embedded"], "cpu1_chunks_per_s": round(one["chunks_per_s"], 1),
-                   "cpu2_chunks_per_s": round(two["chunks_per_s"], 1),
-                   "speedup": round(two["chunks_per_s"] / one["chunks_per_s"], 2)}
+            runs = {cpus: run(path, cpus, mode, args.standin_ms) for cpus in cpu_counts}
+            base = runs[cpu_counts[0]]
+            row: dict = {"encoder": mode, "chunks": base["embedded"]}
+            for cpus, r in runs.items():
+                row[f"cpu{cpus}_chunks_per_s"] = round(r["chunks_per_s"], 1)
+            # "speedup" keeps its meaning in earlier results: the last count against the first.
+            row["speedup"] = round(runs[cpu_counts[-1]]["chunks_per_s"] / base["chunks_per_s"], 2)
             results["runs"].append(row)
-            print(f"{mode:8s} {row['chunks']:7d} chunks  1 CPU {row['cpu1_chunks_per_s']:8.1f}/s  "
-                  f"2 CPUs {row['cpu2_chunks_per_s']:8.1f}/s  x{row['speedup']}", flush=True)
+            rates = "  ".join(f"{c} CPU {row[f'cpu{c}_chunks_per_s']:8.1f}/s" for c in cpu_counts)
+            print(f"{mode:8s} {row['chunks']:7d} chunks  {rates}  x{row['speedup']}", flush=True)
     print(summary(results["machine"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**results, "written_at": time.time()}, indent=2))
