@@ -79,3 +79,23 @@ def make_docs(n: int, seed: int = 0) -> list[dict]:
 def tree(path: Path) -> dict[str, bytes]:
     """Every file below ``path`` with its content (to prove nothing was written)."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real two-node Ray cluster on loopback (head + one node, 1 CPU each, token auth), one per
+    test module that asks for it; stopped (only its own processes) when the module is done."""
+    from tests.runners.conftest_ray import RayCluster
+
+    c = RayCluster(num_nodes=2, cpus_per_node=1)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def no_ray_auth_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Ray address or token from the environment: each test passes its cluster's explicitly."""
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)

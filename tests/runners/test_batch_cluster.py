@@ -21,19 +21,6 @@ from tests.runners.test_batch import FailingModel, assert_same_rows, read_output
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = RayCluster(num_nodes=2, cpus_per_node=1)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def no_ray_auth_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def test_existing_cluster_output_equals_in_process(cluster: RayCluster, tmp_path: Path, no_ray_auth_env) -> None:

@@ -29,19 +29,6 @@ pytestmark = pytest.mark.slow
 DIM = 32
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = RayCluster(num_nodes=2, cpus_per_node=1)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def no_ray_auth_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def _manifest(summary: dict) -> dict:

@@ -40,14 +40,6 @@ class FlagModel:
         return {"id": batch["id"], "n": np.array([len(t) for t in batch["text"]])}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = RayCluster(num_nodes=2, cpus_per_node=1)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-
 
 def _ray(cluster: RayCluster) -> RayConfig:
     return RayConfig(address=cluster.address, auth_token=cluster.token)
