@@ -84,6 +84,8 @@ def proxy(control_plane: ControlPlane) -> Iterator[TcpProxy]:
     p.stop()
 
 
+# A minute or more of waiting by design: runs with -m slow and in the fault suite (-m faults).
+@pytest.mark.slow
 def test_link_cut_for_a_minute_worker_rides_it_out_and_recovers_by_itself(
         control_plane: ControlPlane, proxy: TcpProxy, start_worker, tmp_path: Path) -> None:
     # proxy before start_worker: torn down after the worker, which signs off through it.
@@ -128,6 +130,8 @@ def short_token_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cont
         cp.stop()
 
 
+# A minute or more of waiting by design: runs with -m slow and in the fault suite (-m faults).
+@pytest.mark.slow
 def test_token_expired_in_queue_is_reported_with_the_reason_and_long_tasks_outlive_their_token(
         short_token_plane: ControlPlane, tmp_path: Path) -> None:
     cp = short_token_plane
