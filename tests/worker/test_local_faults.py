@@ -15,7 +15,8 @@ from airflow_outpost.worker.cli.main import main
 from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.edge.jobs import Job, JobKey
 from airflow_outpost.worker.errors import ConfigError
-from airflow_outpost.worker.runtime.job_runner import JobRunner, RunningJob
+from airflow_outpost.worker.runtime.job_runner import JobRunner
+from airflow_outpost.worker.runtime.job_table import RunningJob
 from airflow_outpost.worker.runtime.link import ControlPlaneLink
 from airflow_outpost.worker.runtime.state import StateFolder
 

@@ -17,7 +17,7 @@ import httpx
 from airflow_outpost.worker.config import load_settings
 from airflow_outpost.worker.edge.client import EdgeClient
 from airflow_outpost.worker.edge.jobs import Job, JobKey
-from airflow_outpost.worker.runtime.job_runner import RunningJob
+from airflow_outpost.worker.runtime.job_table import RunningJob
 from airflow_outpost.worker.runtime.link import ControlPlaneLink
 from airflow_outpost.worker.runtime.outbox import Outbox
 from airflow_outpost.worker.runtime.reports import ReportSender

@@ -23,7 +23,7 @@ worker starts with a state folder that still holds entries, :func:`decide` picks
    receive the process's token), counts as not reachable: stopping the process ends the leak.
 
 With ``crash_policy = adopt`` the gateway serves the journaled tries from the moment it starts,
-before registration and this recovery (:meth:`airflow_outpost.worker.runtime.job_runner.JobRunner.admit_leftovers`):
+before registration and this recovery (:meth:`airflow_outpost.worker.runtime.adoption.Adoption.admit`):
 a state a task process reports in between reaches the control plane and is journaled, so the
 recovery (or the adopted job) reports it.
 
@@ -55,7 +55,7 @@ from airflow_outpost.worker.runtime.state import read_exit
 from airflow_outpost.worker.triggers.host import Deferral
 
 if TYPE_CHECKING:
-    from airflow_outpost.worker.runtime.job_runner import RunningJob
+    from airflow_outpost.worker.runtime.job_table import RunningJob
 
 log = logging.getLogger(__name__)
 

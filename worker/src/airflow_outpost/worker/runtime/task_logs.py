@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from airflow_outpost.worker.edge.client import EdgeClient
     from airflow_outpost.worker.edge.jobs import JobKey
     from airflow_outpost.worker.egress.gateway import Egress
-    from airflow_outpost.worker.runtime.job_runner import RunningJob
+    from airflow_outpost.worker.runtime.job_table import RunningJob
     from airflow_outpost.worker.runtime.outbox import Outbox
     from airflow_outpost.worker.runtime.state import StateFolder
 

@@ -30,43 +30,28 @@ from airflow_outpost.worker.config import (
     PREEMPTION_KILL_GRACE_S,
     PREEMPTION_WAIT_S,
     Settings,
-    group_id,
-    task_user_ids,
     without_credentials,
 )
 from airflow_outpost.worker.edge.client import EdgeClient
 from airflow_outpost.worker.edge.request_counter import RequestCounter
-from airflow_outpost.worker.edge.sysinfo import airflow_version, edge_provider_version, sysinfo, task_sdk_version
-from airflow_outpost.worker.edge.versions import (
-    SUPPORTED_LINES,
-    install_hint,
-    line,
-    sdk_refusal,
-    task_sdk_api_version,
-)
+from airflow_outpost.worker.edge.sysinfo import sysinfo
 from airflow_outpost.worker.egress.gateway import Egress
-from airflow_outpost.worker.errors import (
-    AuthError,
-    ConnectError,
-    DuplicateWorkerError,
-    NotFoundError,
-    ServerError,
-    StartupError,
-    VersionMismatchError,
-)
 from airflow_outpost.worker.hosted.costs import BudgetGuard, CostLedger, live_tasks
 from airflow_outpost.worker.hosted.gpu import GpuAllocator, detect_gpus
 from airflow_outpost.worker.hosted.model_host import ModelHost, service_available
 from airflow_outpost.worker.hosted.ray_host import RayHost, ray_available
 from airflow_outpost.worker.observability.health import HealthServer
 from airflow_outpost.worker.observability.prometheus import WorkerMetrics, WorkerSnapshot
-from airflow_outpost.worker.processes.gateway_client import GATEWAY_UID_ENV
 from airflow_outpost.worker.processes.launcher import TaskLauncher
+from airflow_outpost.worker.runtime.heartbeat import Heartbeat
 from airflow_outpost.worker.runtime.job_runner import JobRunner
 from airflow_outpost.worker.runtime.lifecycle import Lifecycle
 from airflow_outpost.worker.runtime.link import ControlPlaneLink
 from airflow_outpost.worker.runtime.loop_steps import DiskSpace, LoopSteps
+from airflow_outpost.worker.runtime.registration import register
 from airflow_outpost.worker.runtime.state import StateFolder
+from airflow_outpost.worker.runtime.status_file import MemoryMergeStatus, StatusWriter
+from airflow_outpost.worker.runtime.task_env import model_service_ids, task_env
 from airflow_outpost.worker.triggers.host import WAIT_HEARTBEAT_MAX_S, WAIT_HEARTBEAT_S, LocalTriggers
 
 log = logging.getLogger(__name__)
@@ -81,13 +66,6 @@ FINAL_TASK_STATES = frozenset({"success", "failed", "skipped"})
 QUICK_POLL_WINDOW_S = 0.5
 QUICK_POLL_FACTOR = 0.4
 QUICK_POLL_FLOOR_S = 0.02  # a tiny poll_min_interval_s must not turn the window into a flood of fetches
-
-
-def _task_user_ids(s: Settings) -> dict[str, int]:
-    """The model service's extra client and socket group when tasks run as ``task_user``."""
-    if s.task_user is None or s.log_group is None:
-        return {}
-    return {"task_uid": task_user_ids(s.task_user)[0], "shared_gid": group_id("log_group", s.log_group)}
 
 
 def quick_poll_s(poll_min_interval_s: float) -> float:
@@ -123,9 +101,6 @@ class Worker:
         self._force = asyncio.Event()
         self._wake = asyncio.Event()
         self._quick_polls_until = 0.0  # see _task_state_reported
-        self._status_due = 0.0
-        self._merge_status: dict[str, Any] | None = None
-        self._merge_due = 0.0
         self._previous_status: dict | None = None
         self.gpus = GpuAllocator(detect_gpus(settings.gpus), settings.gpu_queues)
         self.costs = CostLedger(self.state_folder.root / "costs.sqlite", settings.budgets)
@@ -134,7 +109,7 @@ class Worker:
                                    task_env=self._task_env)
         # A model service the worker owns, unless the runners are absent or one is configured.
         self.models: ModelHost | None = (
-            ModelHost(settings.state_folder, idle_s=settings.model_idle_s, **_task_user_ids(settings))
+            ModelHost(settings.state_folder, idle_s=settings.model_idle_s, **model_service_ids(settings))
             if settings.model_service and service_available() and not os.environ.get("OUTPOST_MODEL_SOCKET") else None)
         # The Ray tasks use: a head the worker owns (ray = local), an existing cluster, or None
         # (each task starts its own).
@@ -166,6 +141,12 @@ class Worker:
                               state_folder=self.state_folder, link=self.link, gpus=self.gpus, counter=self.counter,
                               events=self.telemetry, costs=self.costs, budgets=self.budgets, ray=self.ray,
                               sysinfo=self._sysinfo, on_slot_freed=self.wake, triggers=self.triggers)
+        self.heartbeat = Heartbeat(settings, client=self.client, link=self.link, state=self.worker_state,
+                                   jobs_active=lambda: len(self.jobs.running), sysinfo=self._sysinfo,
+                                   budget_note=self.budgets.note, draining=lambda: self.draining, shutdown=self.shutdown,
+                                   on_back=self._control_plane_back)
+        self.status = StatusWriter(self.state_folder, self.disk, self._status_fields)
+        self.merge_status = MemoryMergeStatus(self._task_pids)
 
     # -- public lifecycle ------------------------------------------------------------------
     def shutdown(self, *, force: bool = False) -> None:
@@ -190,7 +171,7 @@ class Worker:
             stack.callback(self.state_folder.release)
             # Read before the first write: it tells whether the previous run crashed.
             self._previous_status = self.state_folder.read_status()
-            stack.callback(self._write_final_status)
+            stack.callback(lambda: self.status.write_final(self._signed_off))
             # Before the launcher: task processes get the gateway's URL. On the previous run's port and
             # prefix if possible, which task processes that outlived it (crash_policy adopt) still use.
             stack.push_async_callback(self.egress.aclose)
@@ -214,7 +195,8 @@ class Worker:
             if self.ray is not None:
                 stack.push_async_callback(self.ray.aclose)
                 await self.ray.start(without_credentials(self._task_env()))
-            await self._startup()
+            await register(self.settings, client=self.client, link=self.link, gpus=self.gpus, sysinfo=self._sysinfo,
+                           previous_status=self._previous_status)
             # Both come up while the zygote imports Airflow. Tasks started before a service is
             # ready would do without it (load their model, start their own Ray).
             await asyncio.gather(*([self.models.wait_ready()] if self.models is not None else []),
@@ -235,126 +217,9 @@ class Worker:
 
     # -- environment for tasks ---------------------------------------------------------------
     def _task_env(self) -> dict[str, str]:
-        s = self.settings
-        env = {
-            # Example DAG bundles are a control-plane convenience; loading them slows every task start.
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            # The Task SDK supervisor notices its task has exited only when its select() times out,
-            # after up to min_heartbeat_interval (default 5 s): the slot stays busy that long.
-            # 1 s frees slots promptly, at the cost of more frequent task heartbeats.
-            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
-            **os.environ,
-        }
-        env.update({
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": self.egress.url or s.execution_api,
-            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(s.log_folder.resolve()),
-            "OUTPOST_WORKER_NAME": s.name,
-        })
-        if self.egress.url is not None:
-            # Task processes send their token only while this uid listens on the gateway port
-            # (processes.gateway_client): under crash_policy adopt they outlive this process.
-            env[GATEWAY_UID_ENV] = str(os.getuid())
-        if s.outage_hold_s > 0:
-            # The gateway holds a request through an outage; the Task SDK client (5 s timeout,
-            # 5 tries by default) must wait for it rather than give up and send it again.
-            env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"] = str(int(s.outage_hold_s + s.request_timeout_s + 30))
-        if self.telemetry.runner is not None:
-            env["OUTPOST_METRICS_DIR"] = str(self.telemetry.runner.folder.resolve())
-        if s.dags_folder is not None:
-            env["AIRFLOW__CORE__DAGS_FOLDER"] = str(s.dags_folder.resolve())
-        if self.models is not None:
-            env["OUTPOST_MODEL_SOCKET"] = str(self.models.socket)
-            if s.task_user is not None:  # tasks of another uid: the service they reach is the worker's
-                env["OUTPOST_MODEL_SERVICE_UID"] = str(os.getuid())
-        elif not s.model_service:
-            # A service a task started would be stopped with the task's leftovers: load in-task.
-            env["OUTPOST_MODEL_SERVICE"] = "0"
-        if self.ray is not None:
-            self.ray.scrub(env)  # its variables are set per task, while the worker's Ray is up (jobrunner)
-        self.egress.apply_task_env(env)
-        return env
-
-    # -- start-up ----------------------------------------------------------------------------
-    async def _check_task_sdk(self, server: str) -> None:
-        """Refuse to start when the server does not serve the installed Task SDK's Execution API
-        version (see :mod:`airflow_outpost.worker.edge.versions`)."""
-        api = task_sdk_api_version()
-        if api is None:
-            log.warning("could not read the installed Task SDK's Execution API version; not checking it against the "
-                        "control plane's")
-            return
-        if await self.client.serves_execution_api(api) is False:
-            raise StartupError(sdk_refusal(server, task_sdk_version(), api))
-
-    async def _startup(self) -> None:
-        s = self.settings
-        s.log_folder.mkdir(parents=True, exist_ok=True)
-        try:
-            from airflow_outpost.worker.edge.client import retry
-
-            server = await retry(self.client.server_version, what="reach control plane",
-                                 deadline_s=s.startup_timeout_s, base_s=0.5, cap_s=3.0)
-        except ConnectError as exc:
-            raise StartupError(f"cannot reach the control plane at {s.api_url} within {s.startup_timeout_s:.0f}s: {exc}") from exc
-        except ServerError as exc:
-            raise StartupError(f"{s.api_url} does not look like an Airflow 3 API server ({exc})") from exc
-        ours = airflow_version()
-        if server.split(".")[0] != ours.split(".")[0] or not server.startswith("3."):
-            raise StartupError(f"incompatible server version: control plane runs Airflow {server}, this worker runs "
-                               f"Airflow {ours} (Task SDK); both must be Airflow 3")
-        await self._check_task_sdk(server)
-        if line(server) != line(ours):
-            # An older Task SDK speaks a version the server still serves; edge3's check decides below.
-            log.warning("the control plane runs Airflow %s and this worker Airflow %s; edge3 refuses the difference "
-                        "unless the server sets [edge] minimum_acceptable_core_version_for_workers (%s matches)",
-                        server, ours, install_hint(server))
-        if line(server) not in SUPPORTED_LINES:
-            log.warning("the control plane runs Airflow %s; this release is tested with Airflow %s", server,
-                        ", ".join(SUPPORTED_LINES))
-        try:
-            try:
-                reply = await self.client.worker.register(s.name, "starting", self.link.queues, self._sysinfo(), s.team_name)
-            except DuplicateWorkerError:
-                if not self._previous_run_crashed():
-                    raise
-                # Same name, same state folder, and the process that used them is gone: this is
-                # our own previous incarnation, still "running" on the server. Sign it off.
-                log.warning("previous run of worker %r ended without signing off; marking it offline", s.name)
-                await self.client.worker.set_state(s.name, "offline", 0, self.link.queues, self._sysinfo(), None, s.team_name)
-                reply = await self.client.worker.register(s.name, "starting", self.link.queues, self._sysinfo(), s.team_name)
-        except DuplicateWorkerError as exc:
-            raise StartupError(f"a worker named {s.name!r} is already active on the control plane; "
-                               f"pick another --name or stop that worker ({exc.detail})") from exc
-        except VersionMismatchError as exc:
-            raise StartupError(
-                f"the control plane (Airflow {server}) refused this worker's versions (Airflow {ours}, edge3 "
-                f"{s.edge_provider_version or edge_provider_version(None)}): {exc.detail}. Either set [edge] "
-                f"minimum_acceptable_core_version_for_workers = {ours} (and, for an edge3 mismatch, "
-                "minimum_acceptable_edge_version_for_workers) on the server (edge3 3.6.0 or later), or install the "
-                f"server's Airflow on this host: {install_hint(server)}; --edge-provider-version sets the edge3 "
-                "version reported") from exc
-        except NotFoundError as exc:
-            raise StartupError(f"no Edge worker API at {s.edge_api} (HTTP {exc.status}); is the edge3 provider installed "
-                               "and [edge] api_enabled=True on the server?") from exc
-        except AuthError as exc:
-            raise StartupError(f"the control plane refused this worker's credentials (HTTP {exc.status}): check that "
-                               "jwt_secret matches the server's [api_auth] jwt_secret and the clocks agree") from exc
-        except ServerError as exc:
-            raise StartupError(f"registration failed: {exc}") from exc
-        self.link.registered = True
-        self.link.versions_match = bool(reply.get("versions_match", True)) if isinstance(reply, dict) else True
-        log.info("registered as %r with %s (Airflow %s); queues=%s concurrency=%d gpus=%s",
-                 s.name, s.api_url, server, ",".join(self.link.queues or ["<all>"]), self.link.concurrency,
-                 ",".join(self.gpus.devices) or "none")
-        if self.gpus.unusable_queues(self.link.queues):
-            log.warning("queues %s match gpu_queues but this host has no GPUs: their jobs will not be fetched",
-                        ",".join(self.gpus.unusable_queues(self.link.queues)))
-
-    def _previous_run_crashed(self) -> bool:
-        """True if this state folder's last status is ours (same name) and was not signed off."""
-        previous = self._previous_status
-        return bool(previous and previous.get("name") == self.settings.name
-                    and previous.get("state") != "offline" and previous.get("pid") != os.getpid())
+        runner = self.telemetry.runner
+        return task_env(self.settings, egress=self.egress, metrics_dir=runner.folder if runner is not None else None,
+                        models=self.models, ray=self.ray)
 
     # -- main loop ---------------------------------------------------------------------------
     async def _main_loop(self) -> None:
@@ -369,7 +234,7 @@ class Worker:
             now = time.monotonic()
             if now >= next_hb or self._heartbeat_due:
                 self._heartbeat_due = False
-                ok = await self.steps.run("heartbeat", self._heartbeat, default=False)
+                ok = await self.steps.run("heartbeat", self.heartbeat.beat, default=False)
                 next_hb = now + (s.heartbeat_interval_s if ok else min(s.heartbeat_interval_s, self._outage_delay()))
             if now >= next_rate_log:
                 log.info("control-plane requests/s: %s", self.counter.rates())
@@ -381,7 +246,7 @@ class Worker:
             got = False
             if self._may_fetch():
                 got = await self.steps.run("fetch", self.jobs.fetch_one, default=False)
-            self.steps.call("status", self._write_status, None)
+            self.steps.call("status", self.status.write, None)
             if got:
                 delay = s.poll_min_interval_s
                 self._quick_polls_until = 0.0  # what the quick polls waited for came
@@ -436,6 +301,11 @@ class Worker:
             self._heartbeat_due = True
             self._wake.set()
 
+    def _control_plane_back(self) -> None:
+        """A heartbeat got through after an outage: send what waits now, not after its backoff."""
+        self.jobs.reports.wake()
+        self.egress.control_plane_back()  # held task requests retry now, not after their backoff
+
     def _outage_delay(self) -> float:
         down = time.monotonic() - (self.link.disconnected_since or time.monotonic())
         # Probe at most every 5 s: one cheap request, and a recovery is noticed within seconds.
@@ -463,81 +333,18 @@ class Worker:
             info["budget"] = note
         return info
 
-    async def _heartbeat(self) -> bool:
-        """Send one heartbeat and apply what the reply asks. Returns False if the server was unreachable."""
-        s = self.settings
-        state = self.worker_state()
-        try:
-            # The budget note rides along as a maintenance comment (kept by the server only in
-            # maintenance states) and in sysinfo["budget"] (always shown).
-            comments = self.link.maintenance_comments or (self.budgets.note())
-            reply = await self.client.worker.set_state(s.name, state, len(self.jobs.running), self.link.queues,
-                                                       self._sysinfo(), comments, s.team_name)
-        except (ConnectError, ServerError) as exc:
-            if exc.retryable:
-                if self.link.mark_unreachable():
-                    log.warning("control plane unreachable (%s); running tasks continue, fetching paused", exc)
-                return False
-            if isinstance(exc, VersionMismatchError):
-                log.error("server refuses this worker's version now: %s; draining", exc.detail)
-                self.shutdown()
-                return True
-            if isinstance(exc, NotFoundError):
-                # The server forgot us (e.g. deleted from the UI): register again.
-                log.warning("control plane does not know this worker (%s); registering again", exc.detail)
-                await self.client.worker.register(s.name, state, self.link.queues, self._sysinfo(), s.team_name)
-                return True
-            log.error("heartbeat rejected: %s", exc)
-            return True
-        away_s = self.link.mark_reachable()
-        if away_s is not None:
-            log.info("control plane reachable again after %.1fs", away_s)
-            self.jobs.reports.wake()
-            self.egress.control_plane_back()  # held task requests retry now, not after their backoff
-        self._apply_reply(reply or {})
-        return True
-
-    def _apply_reply(self, reply: dict) -> None:
-        self.link.versions_match = bool(reply.get("versions_match", True))
-        server_state = reply.get("state")
-        if "queues" in reply and reply["queues"] != self.link.queues:
-            log.info("queues changed by the control plane: %s -> %s", self.link.queues, reply["queues"])
-            self.link.queues = reply["queues"]
-        new_conc = reply.get("concurrency")
-        if isinstance(new_conc, int) and new_conc > 0 and new_conc != self.link.concurrency:
-            log.info("concurrency changed by the control plane: %d -> %d", self.link.concurrency, new_conc)
-            self.link.concurrency = new_conc
-        if server_state == "maintenance request" and not self.link.maintenance:
-            log.info("maintenance mode requested: no new jobs until it is lifted (%s)", reply.get("maintenance_comments"))
-            self.link.maintenance = True
-        elif server_state in ("idle", "running") and self.link.maintenance:
-            log.info("maintenance mode lifted")
-            self.link.maintenance = False
-        self.link.maintenance_comments = reply.get("maintenance_comments") if self.link.maintenance else None
-        if server_state == "shutdown request" and not self.draining:
-            log.info("shutdown requested by the control plane")
-            self.shutdown()
-
     def _apply_local_maintenance(self) -> None:
         """``outpost maintenance on|off`` on this host: enter or leave maintenance, tell the server now."""
-        request = self.state_folder.take_maintenance_request()
-        if request is None:
-            return
-        on, comments = request
-        if on:
-            log.info("maintenance mode requested locally: no new jobs until it is lifted (%s)", comments or "no comment")
-            self.link.maintenance, self.link.maintenance_comments = True, comments or "maintenance requested on the worker host"
-        elif self.link.maintenance:
-            log.info("maintenance mode lifted locally")
-            self.link.maintenance, self.link.maintenance_comments = False, None
-        self._heartbeat_due = True
+        if self.heartbeat.apply_local_maintenance(self.state_folder):
+            self._heartbeat_due = True
+
 
     async def _go_offline(self, flush_s: float) -> None:
         state = "offline maintenance" if self.link.maintenance else "offline"
         # Through the outbox, behind the jobs' final states, so those reach the server first.
         self.jobs.reports.put_worker(state, self.link.maintenance_comments)
         if await self.jobs.reports.flush(flush_s):
-            self._signed_off = True  # status.json says "offline" only now (see _write_final_status)
+            self._signed_off = True  # status.json says "offline" only now (see StatusWriter.write_final)
             log.info("reported offline to the control plane")
         else:
             log.warning("could not deliver %d report(s) before exiting; they stay in the outbox and are sent at "
@@ -565,29 +372,9 @@ class Worker:
             reports=self.jobs.reports.describe())
 
     # -- status ------------------------------------------------------------------------------
-    def _write_final_status(self) -> None:
-        """The last status: "offline" only if the sign-off reached the control plane. Otherwise
-        "stopped" (not signed off), so the next start knows the server still counts this worker
-        active and signs that incarnation off before registering again (edge3 answers 409 to a
-        register while the name is neither offline nor unknown)."""
-        try:
-            self._write_status(force=True, state="offline" if self._signed_off else "stopped")
-        except OSError as exc:
-            log.error("could not write the final status.json: %s", exc)
-
-    def _write_status(self, *, force: bool = False, state: str | None = None) -> None:
-        now = time.monotonic()
-        if not force and now < self._status_due:
-            return
-        self._status_due = now + 1.0
-        try:
-            self._write_status_now(now, state)
-        except OSError as exc:
-            self.disk.write_failed("status.json", exc)
-            raise
-
-    def _write_status_now(self, now: float, state: str | None) -> None:
-        self.state_folder.write_status({
+    def _status_fields(self, state: str | None) -> dict[str, Any]:
+        """What ``status.json`` holds now (``state`` None: the worker's own state)."""
+        return {
             "pid": os.getpid(), "name": self.settings.name, "api_url": self.settings.api_url,
             "state": state or self.worker_state(), "updated": time.time(),
             "started": self.started_at.isoformat(), "registered": self.link.registered,
@@ -603,24 +390,10 @@ class Worker:
             "paused_queues": {q: p.describe() for q, p in self.budgets.paused.items()},
             "metrics_url": self.health.url if self.health is not None else None,
             "ray": self.ray.describe() if self.ray is not None else None,
-            "memory_merge": self._memory_merge_status(now) if self.settings.memory_merge else None,
+            "memory_merge": self.merge_status.read() if self.settings.memory_merge else None,
             "signed_off": self._signed_off, "degraded": self.disk.reason, "loop_errors": self.steps.describe(),
-        })
+        }
 
-    def _memory_merge_status(self, now: float) -> dict[str, Any] | None:
-        """How much of the running tasks' memory KSM has merged (re-read every 10 s, not each status)."""
-        if now >= self._merge_due:
-            import psutil
-
-            from airflow_outpost.worker.processes import memory_merge
-
-            self._merge_due = now + 10.0
-            pids: list[int] = []
-            for run in self.jobs.running.values():
-                if run.proc is not None and run.proc.returncode is None:
-                    pids.append(run.proc.pid)
-                    with contextlib.suppress(psutil.Error):
-                        pids.extend(c.pid for c in psutil.Process(run.proc.pid).children(recursive=True))
-            self._merge_status = {"ksm_running": memory_merge.host_running(),
-                                  "merged_mib": round(memory_merge.merging_pages(pids) * memory_merge.PAGE_SIZE / 2**20, 1)}
-        return self._merge_status
+    def _task_pids(self) -> list[int]:
+        """The running jobs' task processes (supervisors), for the memory-merge figure."""
+        return [run.proc.pid for run in self.jobs.running.values() if run.proc is not None and run.proc.returncode is None]
