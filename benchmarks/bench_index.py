@@ -69,7 +69,7 @@ def run(n: int, dim: int, kinds: list[str], work: Path) -> list[dict]:
 
 LARGE_KINDS = {
     # Same lists, probes and training sample for every kind, so only the storage differs.
-    # The README's recommendation for larger than memory: IVF-PQ with the rerank.
+    # The README's recommendation for larger than memory: IVF-SQ8 with the rerank.
     "ivf": {"kind": "ivf", "nlist": 1024, "nprobe": 32, "train_sample": 65_536},
     "ivfpq": {"kind": "ivfpq", "nlist": 1024, "nprobe": 32, "train_sample": 65_536},
     "ivfsq8": {"kind": "ivfsq8", "nlist": 1024, "nprobe": 32, "train_sample": 65_536},
