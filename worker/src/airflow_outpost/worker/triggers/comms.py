@@ -84,6 +84,7 @@ class Caller:
     client: Any  # airflow.sdk.api.client.Client
     token: str
     refusal: threading.local = field(default_factory=threading.local)
+    unanswered: str | None = None  # the last UnsupportedRequest's message: a Task SDK may swallow the error
 
 
 class TriggerComms:
@@ -115,6 +116,11 @@ class TriggerComms:
         client.event_hooks["response"].insert(0, lambda resp: _note_refusal(caller, resp))
         self._callers[ti_id] = caller
         self._current.set(caller)
+
+    def unanswered(self, ti_id: str) -> str | None:
+        """Why the last request of ``ti_id``'s trigger that could not be answered was not (or None)."""
+        caller = self._callers.get(ti_id)
+        return caller.unanswered if caller is not None else None
 
     def forget(self, ti_id: str) -> None:
         caller = self._callers.pop(ti_id, None)
@@ -219,11 +225,15 @@ class TriggerComms:
     def _dispatch(self, caller: Caller, kind: str, msg: Any) -> Any:
         if kind not in self.answered():
             known = kind in TRIGGER_REQUESTS or kind in _OTHER_REQUESTS
-            raise UnsupportedRequest(
-                f"outpost: the trigger sent the Task SDK request {kind}, which "
-                + (f"this worker's Task SDK {sdk_version()} has no handler for" if known
-                   else "Airflow's triggerer does not answer for triggers either")
-                + f"; local triggers answer {', '.join(sorted(self.answered())) or 'none with this Task SDK'}")
+            message = (f"outpost: the trigger sent the Task SDK request {kind}, which "
+                       + (f"this worker's Task SDK {sdk_version()} has no handler for" if known
+                          else "Airflow's triggerer does not answer for triggers either")
+                       + f"; local triggers answer {', '.join(sorted(self.answered())) or 'none with this Task SDK'}")
+            # Logged (the task log) and kept: Task SDK 1.1/1.2's secrets backend turns any error of a
+            # Variable or Connection request into "not found", which would hide this reason.
+            log.error("%s", message)
+            caller.unanswered = message
+            raise UnsupportedRequest(message)
         if kind == "GetHITLDetailResponse":
             return caller.client.hitl.get_detail_response(ti_id=msg.ti_id)
         if kind == "UpdateHITLDetail":

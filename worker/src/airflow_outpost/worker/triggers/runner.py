@@ -242,7 +242,10 @@ async def run_one(message: dict[str, Any], comms: TriggerComms | None = None) ->
         return {**out, "end": "fail", "error": str(exc), "traceback": [str(exc)]}
     except Exception as exc:
         log.exception("trigger %s raised", message["classpath"])
-        return {**out, "end": "fail", "error": f"Trigger failure: {type(exc).__name__}: {exc}",
+        error = f"Trigger failure: {type(exc).__name__}: {exc}"
+        if comms is not None and (unanswered := comms.unanswered(message["id"])) and unanswered not in error:
+            error = f"{error} (after {unanswered})"  # what the Task SDK turned into another error
+        return {**out, "end": "fail", "error": error,
                 "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__)}
     finally:
         if trigger is not None:
