@@ -3,7 +3,8 @@
 ``outpost_defer``: one task per kind of wait, chosen by the run's conf ``kind``:
 ``delta`` (TimeDeltaTrigger), ``http`` (polls conf ``url``), ``never`` (times out after conf
 ``timeout_s``), ``broken`` (the trigger raises), ``missing`` (its class is not importable),
-``end`` (the trigger ends the task itself). ``outpost_defer_retry``: the same with one retry.
+``end`` (the trigger ends the task itself), ``read`` (the trigger reads conf ``variable`` and
+``conn_id`` from the control plane through the Task SDK's comms). ``outpost_defer_retry``: the same with one retry.
 ``outpost_defer_many``: 50 mapped tasks that wait on conf ``url``. ``outpost_defer_quick``:
 short tasks that must run while others wait.
 """
@@ -13,7 +14,7 @@ import datetime
 import os
 
 from airflow.sdk import BaseOperator, dag, task
-from outpost_triggers import BrokenTrigger, HttpFlagTrigger, MissingTrigger, NeverTrigger
+from outpost_triggers import BrokenTrigger, ControlPlaneReadTrigger, HttpFlagTrigger, MissingTrigger, NeverTrigger
 
 QUEUE = {"queue": "q_defer"}
 
@@ -35,6 +36,7 @@ class WaitOperator(BaseOperator):
             "never": NeverTrigger,
             "broken": BrokenTrigger,
             "missing": MissingTrigger,
+            "read": lambda: ControlPlaneReadTrigger(conf.get("variable", ""), conf.get("conn_id", "")),
         }[kind]()
         self.defer(trigger=trigger, method_name="execute_complete", kwargs={"kind": kind, "deferred_at": 1},
                    timeout=timeout)

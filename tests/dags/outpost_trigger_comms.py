@@ -6,18 +6,23 @@ deferrable ``ExternalTaskSensor`` on it (``WorkflowTrigger``: task-instance coun
 date. ``outpost_tc_trigger_run``: ``TriggerDagRunOperator(wait_for_completion=True, deferrable=True)``
 (``DagStateTrigger``: DAG-run counts and states). ``outpost_tc_secrets``: a custom trigger reading
 a Variable and a Connection. ``outpost_tc_xcom``: a custom trigger setting and reading an XCom.
+``outpost_tc_asset_store``: a custom trigger using the asset state store of the task's outlet.
+``outpost_tc_hitl``: an ``ApprovalOperator`` answered through the REST API (Airflow 3.3 parks it
+``awaiting_input`` without a trigger; earlier lines defer it to ``HITLTrigger``), then a task after it.
 """
 from __future__ import annotations
 
 import datetime
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.providers.standard.sensors.external_task import ExternalTaskSensor
-from airflow.sdk import BaseOperator, dag, task
-from outpost_triggers import ControlPlaneReadTrigger, XComRoundTripTrigger
+from airflow.sdk import Asset, BaseOperator, dag, task
+from outpost_triggers import AssetStateStoreTrigger, ControlPlaneReadTrigger, XComRoundTripTrigger
 
 ARGS = {"queue": "q_trigger_comms"}
 START = datetime.datetime(2024, 1, 1)
+STORE_ASSET = Asset(name="outpost_tc_store_asset", uri="file:///tmp/outpost_tc_store_asset")
 
 
 @dag(schedule=None, start_date=START, catchup=False, default_args=ARGS)
@@ -74,8 +79,35 @@ def outpost_tc_xcom():
     XComOperator(task_id="roundtrip")
 
 
+class AssetStoreOperator(BaseOperator):
+    """Defers on :class:`AssetStateStoreTrigger` for its outlet; returns what the trigger read."""
+
+    def execute(self, context):
+        self.defer(trigger=AssetStateStoreTrigger(STORE_ASSET.name), method_name="execute_complete")
+
+    def execute_complete(self, context, event=None):
+        return event
+
+
+@dag(schedule=None, start_date=START, catchup=False, default_args=ARGS)
+def outpost_tc_asset_store():
+    AssetStoreOperator(task_id="store", outlets=[STORE_ASSET])
+
+
+@dag(schedule=None, start_date=START, catchup=False, default_args=ARGS)
+def outpost_tc_hitl():
+    @task
+    def after() -> str:
+        return "approved"
+
+    approve = ApprovalOperator(task_id="approve", subject="Ship it?", body="outpost trigger comms test")
+    approve >> after()
+
+
 outpost_tc_upstream()
 outpost_tc_external()
 outpost_tc_trigger_run()
 outpost_tc_secrets()
 outpost_tc_xcom()
+outpost_tc_asset_store()
+outpost_tc_hitl()

@@ -101,6 +101,7 @@ class ControlPlaneReadTrigger(BaseTrigger):
 
         value = Variable.get(self.variable)  # sync, from the loop: through greenback as in Airflow's triggerer
         conn = await BaseHook.aget_connection(self.conn_id)
+        self.log.info("connection %s: login %s, password %s", self.conn_id, conn.login, conn.password)  # masked: ***
         yield TriggerEvent({"variable": value, "host": conn.host, "login": conn.login})
 
 
@@ -123,6 +124,26 @@ class XComRoundTripTrigger(BaseTrigger):
         await sync_to_async(BaseXCom.set)(key="from_trigger", value={"set_by": "trigger", "n": 42}, **where)
         value = await sync_to_async(BaseXCom.get_one)(key="from_trigger", **where)
         yield TriggerEvent({"read_back": value})
+
+
+class AssetStateStoreTrigger(BaseTrigger):
+    """Sets, reads, deletes and reads again a key of an asset's state store (Task SDK 1.3 and later)."""
+
+    def __init__(self, asset: str) -> None:
+        super().__init__()
+        self.asset = asset
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("outpost_triggers.AssetStateStoreTrigger", {"asset": self.asset})
+
+    async def run(self):
+        from airflow.sdk.execution_time.context import AssetStateStoreAccessor
+
+        store = AssetStateStoreAccessor(name=self.asset)
+        await store.aset("watermark", {"set_by": "trigger", "n": 7})
+        value = await store.aget("watermark")
+        await store.adelete("watermark")
+        yield TriggerEvent({"read_back": value, "after_delete": await store.aget("watermark", default="deleted")})
 
 
 class UnknownRequestTrigger(BaseTrigger):

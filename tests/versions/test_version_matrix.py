@@ -3,13 +3,16 @@ built once under build/lines/, then each test starts that line's control plane).
 
 Each line's worker runs from that line's venv (its own Task SDK), as a worker host of that line
 installs it; the core end-to-end DAGs run through it: an XCom chain, dynamic mapping, retries, and
-a Variable/Connection defined only on the worker. The default test run covers 3.3 with the same
-DAGs (tests/worker/test_controlplane_e2e.py); ``3.3`` here runs them in this venv for the table.
+a Variable/Connection defined only on the worker; and local triggers: resume, timeout, and a trigger
+asking the control plane through the Task SDK's comms (answered where the line's Task SDK can).
+The default test run covers 3.3 with the same DAGs (tests/worker/test_controlplane_e2e.py); ``3.3``
+here runs them in this venv for the table.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +29,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.controlplane]
 
 CORE_DAGS = ("outpost_chain", "outpost_mapped", "outpost_failing", "outpost_secrets")
 TRIGGER_FILES = ("outpost_defer", "outpost_triggers")  # local triggers (--triggers local)
+# A Variable and a Connection only the control plane has, in its environment: 3.1.8's API server cannot
+# store a Variable (500: 'MultiFernet' object has no attribute 'is_encrypted').
+CENTRAL_ENV = {"AIRFLOW_VAR_OUTPOST_LINE_VAR": "central", "AIRFLOW_CONN_OUTPOST_LINE_CONN": "generic://carol@central.example"}
 WORKER_ENV = {"AIRFLOW_VAR_OUTPOST_LOCAL_VAR": "only-on-the-worker",
               "AIRFLOW_CONN_OUTPOST_LOCAL_DB": "postgres://alice:pw@db.region.local:5433/warehouse"}
 
@@ -41,7 +47,8 @@ def line_cp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     dags = tmp_path_factory.mktemp(f"dags-{line}")
     for dag in (*CORE_DAGS, *TRIGGER_FILES):
         shutil.copy(DAGS / f"{dag}.py", dags / f"{dag}.py")
-    cp = ControlPlane(dags_folder=dags, home=tmp_path_factory.mktemp(f"airflow-{line}"), python=python)
+    cp = ControlPlane(dags_folder=dags, home=tmp_path_factory.mktemp(f"airflow-{line}"), python=python,
+                      extra_env=CENTRAL_ENV)
     cp.start(timeout_s=300)
     try:
         yield line, cp
@@ -93,6 +100,42 @@ def test_local_triggers_resume_and_time_out_on_each_line(line_cp: tuple[str, Con
         [log_file] = w.log_folder.glob(f"dag_id=outpost_defer/run_id={timed}/task_id=wait/attempt=1.log")
         text = log_file.read_text(errors="replace")
         assert "TaskDeferralTimeout" in text and "KeyError" not in text, text[-3000:]
+    finally:
+        assert w.stop() == 0, w.log()[-3000:]
+
+
+def _answers_trigger_requests(python: str) -> bool:
+    """Whether ``python``'s Task SDK ships the request handlers local triggers answer with (1.3 on)."""
+    probe = subprocess.run([python, "-c", "import airflow.sdk.execution_time.request_handlers"], capture_output=True,
+                           timeout=120)
+    return probe.returncode == 0
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("line_cp", ["3.1", "3.2", "3.3"], indirect=True)
+def test_a_local_trigger_asks_the_control_plane_or_fails_clearly_on_each_line(line_cp: tuple[str, ControlPlane],
+                                                                               tmp_path: Path) -> None:
+    """A trigger reading a Variable and a Connection defined only on the control plane: answered
+    through the gateway where the line's Task SDK has the request handlers; elsewhere that trigger
+    (not the runner) fails, naming the request and the Task SDK."""
+    line, cp = line_cp
+    cp.wait_for_dag("outpost_defer", timeout_s=180)
+    w = WorkerProc(cp, tmp_path, queues="q_defer", concurrency=2, python=_python(line),
+                   extra_args=["--triggers", "local", "--secrets", "local-first"]).start()
+    try:
+        run = cp.trigger("outpost_defer", conf={"kind": "read", "variable": "outpost_line_var",
+                                                "conn_id": "outpost_line_conn"})
+        state = cp.wait_for_run("outpost_defer", run, timeout_s=300)
+        [log_file] = w.log_folder.glob(f"dag_id=outpost_defer/run_id={run}/task_id=wait/attempt=1.log")
+        text = log_file.read_text(errors="replace")
+        if _answers_trigger_requests(_python(line)):
+            assert state == "success", text[-3000:]
+            assert cp.xcom("outpost_defer", run, "wait")["event"] == {"variable": "central", "host": "central.example",
+                                                                     "login": "carol"}
+        else:
+            assert state == "failed", text[-3000:]
+            assert "the trigger sent the Task SDK request GetVariable, which this worker's Task SDK" in text, text[-3000:]
+            assert "has no handler for" in text and "trigger runner exited" not in w.log(), text[-3000:]
     finally:
         assert w.stop() == 0, w.log()[-3000:]
 

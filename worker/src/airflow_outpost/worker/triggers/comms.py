@@ -84,6 +84,7 @@ class Caller:
     client: Any  # airflow.sdk.api.client.Client
     token: str
     refusal: threading.local = field(default_factory=threading.local)
+    unanswered: str | None = None  # the last UnsupportedRequest's message: a Task SDK may swallow the error
 
 
 class TriggerComms:
@@ -97,6 +98,7 @@ class TriggerComms:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._handlers = _load_handlers()
+        self._masking = threading.local()  # set while this thread registers a secret (see _mask)
 
     # -- which try asks --------------------------------------------------------------------------
     def caller(self, ti_id: str, api_url: str | None, token: str | None) -> None:
@@ -114,6 +116,11 @@ class TriggerComms:
         client.event_hooks["response"].insert(0, lambda resp: _note_refusal(caller, resp))
         self._callers[ti_id] = caller
         self._current.set(caller)
+
+    def unanswered(self, ti_id: str) -> str | None:
+        """Why the last request of ``ti_id``'s trigger that could not be answered was not (or None)."""
+        caller = self._callers.get(ti_id)
+        return caller.unanswered if caller is not None else None
 
     def forget(self, ti_id: str) -> None:
         caller = self._callers.pop(ti_id, None)
@@ -133,6 +140,8 @@ class TriggerComms:
     def send(self, msg: Any) -> Any:
         """Answer ``msg`` for the calling trigger, blocking. On the loop's own thread (a sync SDK
         call in ``async def run``) it needs a greenback portal, as in Airflow's triggerer."""
+        if type(msg).__name__ == "MaskSecret":
+            return self._mask(msg)
         caller = self._caller(msg)
         if threading.get_ident() == self._loop_thread:
             import greenback
@@ -145,8 +154,32 @@ class TriggerComms:
         return self.answer(caller, msg)
 
     async def asend(self, msg: Any) -> Any:
+        if type(msg).__name__ == "MaskSecret":
+            return self._mask(msg)
         caller = self._caller(msg)
         return await asyncio.to_thread(self.answer, caller, msg)
+
+    def _mask(self, msg: Any) -> None:
+        """``MaskSecret``: register the value with this process's secrets masker, the one that
+        redacts what triggers log. No try's token is needed and nothing leaves the process.
+
+        Airflow's triggerer answers it with ``handle_mask_secret`` in its supervisor, another
+        process. Here that handler's ``mask_secret`` sends ``MaskSecret`` to ``SUPERVISOR_COMMS``
+        again, which is this object: the nested send is dropped, or every masked answer (a
+        Variable, a Connection's password) recursed until ``RecursionError``, which ``mask_secret``
+        swallows together with whatever ran at that depth (the report of a refreshed token)."""
+        if getattr(self._masking, "active", False):
+            return None
+        self._masking.active = True
+        try:
+            from airflow.sdk.execution_time.request_handlers import handle_mask_secret
+
+            handle_mask_secret(msg)
+        except ImportError:  # a Task SDK without request_handlers: mask_secret registered it already
+            pass
+        finally:
+            self._masking.active = False
+        return None
 
     def _caller(self, msg: Any) -> Caller:
         caller = self._current.get()
@@ -192,16 +225,15 @@ class TriggerComms:
     def _dispatch(self, caller: Caller, kind: str, msg: Any) -> Any:
         if kind not in self.answered():
             known = kind in TRIGGER_REQUESTS or kind in _OTHER_REQUESTS
-            raise UnsupportedRequest(
-                f"outpost: the trigger sent the Task SDK request {kind}, which "
-                + (f"this worker's Task SDK {sdk_version()} has no handler for" if known
-                   else "Airflow's triggerer does not answer for triggers either")
-                + f"; local triggers answer {', '.join(sorted(self.answered())) or 'none with this Task SDK'}")
-        if kind == "MaskSecret":
-            from airflow.sdk.execution_time.request_handlers import handle_mask_secret
-
-            handle_mask_secret(msg)
-            return None
+            message = (f"outpost: the trigger sent the Task SDK request {kind}, which "
+                       + (f"this worker's Task SDK {sdk_version()} has no handler for" if known
+                          else "Airflow's triggerer does not answer for triggers either")
+                       + f"; local triggers answer {', '.join(sorted(self.answered())) or 'none with this Task SDK'}")
+            # Logged (the task log) and kept: Task SDK 1.1/1.2's secrets backend turns any error of a
+            # Variable or Connection request into "not found", which would hide this reason.
+            log.error("%s", message)
+            caller.unanswered = message
+            raise UnsupportedRequest(message)
         if kind == "GetHITLDetailResponse":
             return caller.client.hitl.get_detail_response(ti_id=msg.ti_id)
         if kind == "UpdateHITLDetail":
@@ -221,8 +253,9 @@ class TriggerComms:
     def _note_token(self, caller: Caller) -> None:
         token = getattr(caller.client.auth, "token", None)
         if isinstance(token, str) and token and token != caller.token:
-            caller.token = token
+            # Reported before it counts as known: a report that raised is made again on the next answer.
             self._on_token(caller.ti_id, token)
+            caller.token = token
 
 
 def _load_handlers() -> dict[str, Callable[[Any, Any], tuple[Any, dict[str, bool]]]]:

@@ -34,13 +34,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as dt
+import functools
 import json
 import logging
 import os
 import sys
 import threading
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -96,11 +97,24 @@ def _write_log_line(record: dict[str, Any]) -> None:
     path = _LOG_FILE.get()
     if path is None:
         return
+    # What the Task SDK's log processors do for tasks: a connection's password or a secret Variable
+    # a trigger logs is registered with this process's masker (comms' MaskSecret) and written as ***.
+    record = _redact()(record)
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=str) + "\n")
     except OSError:
         pass  # the task log is best effort: a full disk must not fail the trigger
+
+
+@functools.cache
+def _redact() -> Callable[[Any], Any]:
+    """The Task SDK's ``redact`` (``airflow.sdk.log`` from Task SDK 1.2, ``secrets_masker`` in 1.1)."""
+    try:
+        from airflow.sdk.log import redact
+    except ImportError:
+        from airflow.sdk.execution_time.secrets_masker import redact  # type: ignore[no-redef]
+    return redact  # type: ignore[no-any-return]
 
 
 class _TaskLogHandler(logging.Handler):
@@ -228,7 +242,10 @@ async def run_one(message: dict[str, Any], comms: TriggerComms | None = None) ->
         return {**out, "end": "fail", "error": str(exc), "traceback": [str(exc)]}
     except Exception as exc:
         log.exception("trigger %s raised", message["classpath"])
-        return {**out, "end": "fail", "error": f"Trigger failure: {type(exc).__name__}: {exc}",
+        error = f"Trigger failure: {type(exc).__name__}: {exc}"
+        if comms is not None and (unanswered := comms.unanswered(message["id"])) and unanswered not in error:
+            error = f"{error} (after {unanswered})"  # what the Task SDK turned into another error
+        return {**out, "end": "fail", "error": error,
                 "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__)}
     finally:
         if trigger is not None:
