@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from airflow_outpost.runners.embeddings.corpus import EmbedConfig, embed_corpus, read_catalog, read_vectors
+from airflow_outpost.runners.embeddings.partitions import chunk_key
 from airflow_outpost.runners.errors import DuplicateIdError
 from airflow_outpost.runners.store.region_store import Store
 from tests.runners.conftest import tree
@@ -74,6 +75,8 @@ def test_partition_changes_touch_only_that_partition(tmp_path: Path) -> None:
     changes = json.loads(store.path("embeddings", "c", store.read_manifest("embeddings", "c")["changes"]).read_text())
     assert sorted(changes["updated"]) == ["p0-d0#0", "p1-d3#0"] and changes["deleted"] == ["p2-d19#0"]
     assert changes["deleted_documents"] == ["p2-d19"]
+    for kind in ("added", "updated", "deleted"):  # streamed in two passes: the lists stay aligned
+        assert changes[f"{kind}_keys"] == [chunk_key(c) for c in changes[kind]]
     # A partition file removed: all of its chunks are deleted.
     p1.unlink()
     s = embed_corpus(corpus, store=store, name="c", embedder=HashEmbedder())

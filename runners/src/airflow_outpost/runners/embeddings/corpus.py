@@ -59,7 +59,7 @@ from airflow_outpost.runners.embeddings.partitions import (
 )
 from airflow_outpost.runners.errors import DimensionMismatchError, DuplicateIdError, EmptyCorpusError, ManifestError
 from airflow_outpost.runners.results import BackendInfo, EmbedSummary, ModelLineage
-from airflow_outpost.runners.store.atomic import atomic_write_json, sweep_orphans
+from airflow_outpost.runners.store.atomic import atomic_write_json, atomic_writer, sweep_orphans
 from airflow_outpost.runners.store.region_store import Store, code_version, hash_file, hash_text, verify_file
 from airflow_outpost.runners.store.writer_lock import LockSettings
 
@@ -69,6 +69,8 @@ if TYPE_CHECKING:
 __all__ = ["EmbedConfig", "chunk_key", "embed_corpus", "iter_catalog", "read_catalog", "read_vectors"]
 
 KIND = "embeddings"
+# The change lists of a partition's commit record: read back from disk when the version is written.
+_CHANGE_LISTS = ("added", "updated", "deleted", "deleted_documents")
 DTYPES = ("float32", "float16")
 
 
@@ -247,17 +249,19 @@ def embed_corpus(
 
 
 def _check_unique_ids(partitions: list[Any], scans: list[dict[str, Any]]) -> None:
+    """Refuse a document id used in two partitions. Sorted hashes only (8 bytes a document);
+    which partitions share it is looked up only when one is found. Drops the hashes after."""
     import numpy as np
 
-    if len(scans) < 2:
+    hashes = [s.pop("id_hashes") for s in scans]
+    if len(hashes) < 2:
         return
-    hashes = np.concatenate([s["id_hashes"] for s in scans])
-    owner = np.concatenate([np.full(len(s["id_hashes"]), i) for i, s in enumerate(scans)])
-    order = np.argsort(hashes, kind="stable")
-    hashes, owner = hashes[order], owner[order]
-    dup = np.nonzero(hashes[1:] == hashes[:-1])[0]
+    merged = np.sort(np.concatenate(hashes))
+    dup = np.nonzero(merged[1:] == merged[:-1])[0]
     if dup.size:
-        a, b = partitions[int(owner[dup[0]])], partitions[int(owner[dup[0] + 1])]
+        value = merged[dup[0]]
+        owners = [i for i, h in enumerate(hashes) if np.isin(value, h)]
+        a, b = partitions[owners[0]], partitions[owners[-1]]
         raise DuplicateIdError(f"a document id of {a.path} is used again in another partition", path=str(b.path))
 
 
@@ -296,11 +300,9 @@ def _publish(store: Store, name: str, manifest_path: Path, partitions: list[Any]
                              "weights_sha256": info["record"]["weights_sha256"]}
     backend = cast(BackendInfo, {k: v for k, v in info["describe"].items() if k != "model"})
     totals = {"embedded": 0, "reused": 0, "resumed": 0, "shards": 0}
-    added: dict[str, int] = {}
-    updated: dict[str, int] = {}
-    deleted: dict[str, int] = {}
-    deleted_docs: set[str] = set()
+    counts = {"added": 0, "updated": 0, "deleted": 0, "deleted_documents": 0}
     new_shards: list[dict[str, Any]] = []
+    # Each partition's commit record without its change lists, which stay on disk (changes.py).
     done: dict[str, dict[str, Any]] = {}
 
     def summary(changed: bool, version: int, catalog_sha256: str) -> EmbedSummary:
@@ -308,8 +310,8 @@ def _publish(store: Store, name: str, manifest_path: Path, partitions: list[Any]
             "name": name, "documents": sum(s["documents"] for s in scans),
             "chunks": sum(int(p["rows"]) for p in parts), "partitions": len(partitions),
             "embedded": totals["embedded"], "reused": totals["reused"], "resumed": totals["resumed"],
-            "added": len(added), "updated": len(updated), "deleted": len(deleted),
-            "deleted_documents": len(deleted_docs), "dim": info["dim"], "dtype": dtype,
+            "added": counts["added"], "updated": counts["updated"], "deleted": counts["deleted"],
+            "deleted_documents": counts["deleted_documents"], "dim": info["dim"], "dtype": dtype,
             "model": lineage, "backend": backend, "code_version": code_version(),
             "manifest_uri": store.uri(manifest_path), "engine": runner.name,
             "changed": changed, "version": version, "catalog_sha256": catalog_sha256,
@@ -329,13 +331,13 @@ def _publish(store: Store, name: str, manifest_path: Path, partitions: list[Any]
                 "resumed_rows": sum(r["rows"] for r in records if r["resumed"])}
         # The partition's commit record: written after its catalog part and every shard.
         atomic_write_json(root / plan.done_file, body)
-        done[plan.key] = body
+        done[plan.key] = {k: v for k, v in body.items() if k not in _CHANGE_LISTS}
 
     todo = []
     for plan in plans:
         record = root / plan.done_file
         if record.is_file():  # committed by an interrupted run: reuse it whole
-            body = json.loads(record.read_text(encoding="utf-8"))
+            body = {k: v for k, v in json.loads(record.read_text(encoding="utf-8")).items() if k not in _CHANGE_LISTS}
             body["resumed_rows"] = sum(s["rows"] for s in body["shards"])
             done[plan.key] = body
         else:
@@ -350,43 +352,38 @@ def _publish(store: Store, name: str, manifest_path: Path, partitions: list[Any]
         totals["embedded"] += body["embedded"] - body["resumed_rows"]
         totals["reused"] += body["reused"]
         totals["shards"] += len(body["shards"])
-        added.update(body["added"])
-        updated.update(body["updated"])
-        deleted.update(body["deleted"])
-        deleted_docs.update(body["deleted_documents"])
         new_shards.extend(body["shards"])
         parts[slot[plan.key]] = {k: body[k] for k in ("partition", "source", "input_sha256", "key", "file", "sha256",
                                                       "rows", "documents", "settings", "chunking", "catalog_node")}
-    for old in removed:  # a partition file that is gone: all of its chunks are deleted
-        for r in _iter_part(store, name, old):
-            deleted[r["chunk_id"]] = r["key"]
-            deleted_docs.add(r["doc_id"])
-    # A document that moved to another partition is an update there, not a deletion.
-    for cid in [c for c in deleted if c in added]:
-        updated[cid] = added.pop(cid)
-        del deleted[cid]
-    live_docs = {c.rsplit("#", 1)[0] for c in (*added, *updated)}
-    deleted_docs -= live_docs
+
+    from airflow_outpost.runners.embeddings.changes import ChangeRecord, VersionChanges  # numpy: imported late
+
+    def committed(plan: PartitionPlan) -> ChangeRecord:
+        return json.loads((root / plan.done_file).read_text(encoding="utf-8"))
+
+    def gone(old: dict[str, Any]) -> ChangeRecord:  # a partition file that is gone: all its chunks are deleted
+        rows = list(_iter_part(store, name, old))
+        return {"added": [], "updated": [], "deleted": [[r["chunk_id"], r["key"]] for r in rows],
+                "deleted_documents": sorted({r["doc_id"] for r in rows})}
+
+    changes = VersionChanges([*(functools.partial(committed, p) for p in plans),
+                              *(functools.partial(gone, old) for old in removed)])
+    counts.update(changes.counts, deleted_documents=len(changes.deleted_documents))
 
     version = (previous["version"] + 1) if previous else 1
     tag = f"v{version:06d}"
     catalog_name = f"catalog-{tag}.json"
     atomic_write_json(root / catalog_name, {"version": version, "parts": parts})
     changes_name = f"changes-{tag}.json"
-    changes = {
-        "version": version, "previous_version": previous["version"] if previous else None,
-        "added": list(added), "updated": list(updated), "deleted": list(deleted),
-        "added_keys": list(added.values()), "updated_keys": list(updated.values()),
-        "deleted_keys": list(deleted.values()), "deleted_documents": sorted(deleted_docs),
-        "shards": [s["file"] for s in new_shards],
-    }
-    atomic_write_json(root / changes_name, changes)
+    with atomic_writer(root / changes_name) as fh:
+        changes.write(fh, version=version, previous_version=previous["version"] if previous else None,
+                      shards=[s["file"] for s in new_shards])
     catalog_sha = hash_file(root / catalog_name)
     shard_entries = list(previous["shards"]) if previous else []
     shard_entries.extend({**s, "version": version} for s in new_shards)
     history = list(previous["history"]) if previous else []
-    history.append({"version": version, "changes": changes_name, "added": len(added),
-                    "updated": len(updated), "deleted": len(deleted)})
+    history.append({"version": version, "changes": changes_name, "added": counts["added"],
+                    "updated": counts["updated"], "deleted": counts["deleted"]})
     body = {
         "version": version, "dim": info["dim"], "dtype": dtype,
         "normalized": info["normalize"], "embedding_settings": settings,
@@ -394,8 +391,7 @@ def _publish(store: Store, name: str, manifest_path: Path, partitions: list[Any]
         "catalog": catalog_name, "catalog_sha256": catalog_sha, "changes": changes_name,
         "shards": shard_entries, "history": history, "engine": runner.name,
         # Chunk ids removed so far and not live again; the index runner excludes them.
-        "deleted_ids": sorted(set(previous.get("deleted_ids", []) if previous else []).union(deleted)
-                              .difference(added).difference(updated)),
+        "deleted_ids": changes.deleted_ids(previous.get("deleted_ids", []) if previous else []),
         "counts": {"documents": sum(s["documents"] for s in scans), "chunks": sum(int(p["rows"]) for p in parts),
                    "partitions": len(partitions)},
     }

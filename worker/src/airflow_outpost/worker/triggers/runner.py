@@ -114,7 +114,7 @@ def _redact() -> Callable[[Any], Any]:
         from airflow.sdk.log import redact
     except ImportError:
         from airflow.sdk.execution_time.secrets_masker import redact  # type: ignore[no-redef]
-    return redact  # type: ignore[no-any-return]
+    return redact
 
 
 class _TaskLogHandler(logging.Handler):
