@@ -149,3 +149,51 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path: Path, engine: str) 
     rss_small = _peak_rss_kb(tmp_path / "s1", small, engine)
     rss_large = _peak_rss_kb(tmp_path / "s2", large, engine)
     assert rss_large <= 1.2 * rss_small, (rss_small, rss_large)
+
+
+class _DiesAfter(HashEmbedder):
+    def __init__(self, texts: int) -> None:
+        super().__init__()
+        self.left = texts
+
+    def embed(self, texts):
+        self.left -= len(texts)
+        if self.left < 0:
+            raise RuntimeError("the node went away")
+        return super().embed(texts)
+
+
+def test_the_work_of_a_run_that_never_published_is_removed_once_old(tmp_path: Path) -> None:
+    corpus = write_partitions(tmp_path / "corpus", partitions=1, docs=100)
+    root, store = tmp_path / "store", Store(tmp_path / "store")
+    cfg = EmbedConfig(shard_rows=10, keep_unpublished_s=3600)
+    with pytest.raises(RuntimeError, match="went away"):
+        embed_corpus(corpus, store=root, name="c", embedder=_DiesAfter(50), config=cfg)
+    abandoned = {p.name for p in (root / "embeddings" / "c").rglob("*") if p.is_file() and "-" in p.name}
+    assert _committed(root) == 5 and store.read_manifest("embeddings", "c") is None
+
+    def edit(n: int) -> None:  # a new document: another input hash, so other keys than the dead run's
+        with open(corpus / "part-0000.jsonl", "a") as fh:
+            fh.write(json.dumps({"id": f"new-{n}", "text": f"a document added later number {n}"}) + "\n")
+
+    def files() -> set[str]:
+        return {p.name for p in (root / "embeddings" / "c").rglob("*") if p.is_file()}
+
+    edit(1)  # the retry never comes: the corpus changed first
+    assert embed_corpus(corpus, store=root, name="c", embedder=HashEmbedder(), config=cfg)["version"] == 1
+    assert abandoned <= files()  # within keep_unpublished_s: kept for a retry that may still come
+    for name in abandoned:
+        path = next((root / "embeddings" / "c").rglob(name))
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    edit(2)
+    s = embed_corpus(corpus, store=root, name="c", embedder=HashEmbedder(), config=cfg)
+    assert s["version"] == 2 and not abandoned & files()
+    ids, _, vectors = read_vectors(store, "c")  # every published version's files are still there
+    texts = {r["chunk_id"]: r["text"] for r in read_catalog(store, "c")}
+    assert len(ids) == 102 and np.allclose(vectors, np.stack([vector(texts[i]) for i in ids]), atol=1e-6)
+
+
+def test_keep_unpublished_s_must_be_a_finite_duration() -> None:
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="keep_unpublished_s"):
+            EmbedConfig(keep_unpublished_s=bad)

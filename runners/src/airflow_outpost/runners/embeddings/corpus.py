@@ -57,6 +57,7 @@ from airflow_outpost.runners.embeddings.partitions import (
     chunk_key,
     partition_key,
 )
+from airflow_outpost.runners.embeddings.unpublished import sweep_unpublished
 from airflow_outpost.runners.errors import DimensionMismatchError, DuplicateIdError, EmptyCorpusError, ManifestError
 from airflow_outpost.runners.results import BackendInfo, EmbedSummary, ModelLineage
 from airflow_outpost.runners.store.atomic import atomic_write_json, atomic_writer, sweep_orphans
@@ -399,6 +400,7 @@ def _publish(store: Store, name: str, manifest_path: Path, partitions: list[Any]
               for p, s in zip(partitions, scans, strict=True)]
     lease.check()  # a writer whose lease was taken over must not publish
     store.write_manifest(KIND, name, body, inputs=inputs, model=info["record"])
+    sweep_unpublished(root, body, config.keep_unpublished_s)
     out = summary(True, version, catalog_sha)
     out["catalog_uri"] = store.uri(root / catalog_name)
     out["changes_uri"] = store.uri(root / changes_name)

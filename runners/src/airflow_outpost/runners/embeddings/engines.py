@@ -44,7 +44,9 @@ class EmbedConfig:
     ``read_rows`` documents per read batch. Ray only: ``actors`` model replicas (None: one per GPU,
     else as many as fit ``cpus_per_actor`` next to ``read_cpus`` per partition task),
     ``gpus_per_actor`` (None: 1 where the cluster has GPUs), ``partitions_in_flight`` partition
-    tasks ahead of the one being consumed (None: one per actor)."""
+    tasks ahead of the one being consumed (None: one per actor). ``keep_unpublished_s``: how long
+    the shards and parts of a run that never published are kept for its retry to reuse; the next
+    publish of the name removes older ones (embeddings.unpublished)."""
 
     shard_rows: int = 4096
     read_rows: int = 512
@@ -53,6 +55,7 @@ class EmbedConfig:
     gpus_per_actor: float | None = None
     read_cpus: float = 0.25
     partitions_in_flight: int | None = None
+    keep_unpublished_s: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         for name in ("shard_rows", "read_rows"):
@@ -60,6 +63,9 @@ class EmbedConfig:
                 raise ValueError(f"EmbedConfig.{name}={getattr(self, name)!r} is invalid: must be >= 1")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"EmbedConfig.actors={self.actors!r} is invalid: must be >= 1 or None")
+        if not 0 <= self.keep_unpublished_s < float("inf"):
+            raise ValueError(f"EmbedConfig.keep_unpublished_s={self.keep_unpublished_s!r} is invalid: must be a "
+                             "finite number of seconds >= 0")
         if self.cpus_per_actor < 0 or not 0 < self.read_cpus <= 1:
             raise ValueError("EmbedConfig.cpus_per_actor must be >= 0 and read_cpus in (0, 1]")
 
