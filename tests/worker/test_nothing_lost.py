@@ -24,15 +24,6 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.faults, pytest.mark.slow]
 TASKS = 20
 
 
-def _wait(cond, what: str, w: WorkerProc, timeout_s: float = 120) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout_s, f"{what} did not happen within {timeout_s}s:\n{w.log()[-5000:]}"
-        assert w.proc is not None and w.proc.poll() is None, f"worker exited while waiting for {what}:\n{w.log()[-5000:]}"
-        time.sleep(0.2)
-    return time.monotonic() - t0
-
-
 def _outbox(w: WorkerProc) -> dict:
     return (w.status() or {}).get("outbox") or {}
 
@@ -76,24 +67,24 @@ def test_secret_rotated_while_twenty_tasks_finish_every_final_state_arrives_once
                    extra_args=["--jwt-secret-file", str(secret_file)], env={"OUTPOST_JWT_SECRET": ""}).start()
     try:
         run_id = cp.trigger("outpost_rotation", conf={"marker_dir": str(marker)})
-        _wait(lambda: len(list(marker.glob("*.started"))) == TASKS, f"{TASKS} tasks running", w, 400)
+        w.wait_until(lambda: len(list(marker.glob("*.started"))) == TASKS, f"{TASKS} tasks running", 400)
         secret_file.write_text("")
         emptied = time.monotonic()
         (marker / "go").touch()
-        _wait(lambda: list(cp.task_states("outpost_rotation", run_id).values()) == ["success"] * TASKS,
-              "every task's own final state reaching the server", w, 180)
+        w.wait_until(lambda: list(cp.task_states("outpost_rotation", run_id).values()) == ["success"] * TASKS,
+              "every task's own final state reaching the server", 180)
         time.sleep(max(0.0, 5 - (time.monotonic() - emptied)))
-        _wait(lambda: _outbox(w).get("pending", 0) >= 1 and _outbox(w).get("blocked_by") == "credentials",
-              "the final reports held for the empty secret file", w, 60)
+        w.wait_until(lambda: _outbox(w).get("pending", 0) >= 1 and _outbox(w).get("blocked_by") == "credentials",
+              "the final reports held for the empty secret file", 60)
         assert all(j["state"] == "running" for j in cp.edge_jobs("outpost_rotation", run_id))
 
         new_secret = secrets.token_urlsafe(32)
         secret_file.write_text(new_secret + "\n")  # the worker moves first: the server still has the old one
-        _wait(lambda: _outbox(w).get("failures", {}).get("auth", 0) >= 1, "a report refused by the old server", w, 60)
+        w.wait_until(lambda: _outbox(w).get("failures", {}).get("auth", 0) >= 1, "a report refused by the old server", 60)
         rotated_at = time.monotonic()
         cp.rotate_jwt_secret(new_secret)
-        _wait(lambda: [j["state"] for j in cp.edge_jobs("outpost_rotation", run_id)] == ["success"] * TASKS,
-              "every job's final state from the worker", w, 180)
+        w.wait_until(lambda: [j["state"] for j in cp.edge_jobs("outpost_rotation", run_id)] == ["success"] * TASKS,
+              "every job's final state from the worker", 180)
         delivered_s = time.monotonic() - rotated_at
         assert cp.wait_for_run("outpost_rotation", run_id, timeout_s=60) == "success"
         tis = cp.task_instances("outpost_rotation", run_id)
@@ -104,7 +95,7 @@ def test_secret_rotated_while_twenty_tasks_finish_every_final_state_arrives_once
         assert [len((marker / str(i)).read_text().split()) for i in range(TASKS)] == [1] * TASKS
         failures = _outbox(w)["failures"]
         assert failures.get("credentials", 0) >= 1 and failures.get("auth", 0) >= 1, failures  # both faults sent
-        _wait(lambda: _outbox(w).get("pending") == 0, "the outbox empty", w, 60)
+        w.wait_until(lambda: _outbox(w).get("pending") == 0, "the outbox empty", 60)
     finally:
         assert w.stop() == 0
     box = Outbox(w.state_folder / "outbox.sqlite").open()
@@ -128,8 +119,8 @@ def test_a_12mb_log_arrives_whole_and_in_order_through_a_link_refusing_30_percen
         run_id = cp.trigger("outpost_noisy", conf={"lines": 66_000})
         assert cp.wait_for_run("outpost_noisy", run_id, timeout_s=600) == "success"
         # The worker sends the job's final state after the rest of its log (status.json may lag).
-        _wait(lambda: [j["state"] for j in cp.edge_jobs("outpost_noisy", run_id)] == ["success"],
-              "the job's log and final state delivered", w, 300)
+        w.wait_until(lambda: [j["state"] for j in cp.edge_jobs("outpost_noisy", run_id)] == ["success"],
+              "the job's log and final state delivered", 300)
         [local] = w.log_folder.rglob("attempt=1.log")
         [central] = [p for p in (cp.home / "logs").rglob("attempt=1.log")  # type: ignore[operator]
                      if f"run_id={run_id}" in str(p) and "task_id=shout" in str(p)]

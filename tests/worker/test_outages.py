@@ -20,15 +20,6 @@ from tests.helpers import DAGS
 pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 
 
-def _wait(cond, what: str, w: WorkerProc, timeout_s: float = 120) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout_s, f"{what} did not happen within {timeout_s}s:\n{w.log()[-5000:]}"
-        assert w.proc is not None and w.proc.poll() is None, f"worker exited while waiting for {what}:\n{w.log()[-5000:]}"
-        time.sleep(0.2)
-    return time.monotonic() - t0
-
-
 def _lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
@@ -51,17 +42,17 @@ def test_tasks_finishing_while_the_api_server_is_down_end_with_their_true_state(
     marker = tmp_path / "m"
     marker.mkdir()
     run_id = cp.trigger("outpost_outage", conf={"marker_dir": str(marker), "seconds": 25})
-    _wait(lambda: (marker / "ok.started").exists() and (marker / "failed.started").exists(), "both tasks starting", w)
+    w.wait_until(lambda: (marker / "ok.started").exists() and (marker / "failed.started").exists(), "both tasks starting")
     down_at = time.monotonic()
     cp.kill_api_server()
     # Both tasks finish (their final XCom and state calls are sent) while the server is away.
-    _wait(lambda: (marker / "ok.executions").exists() and (marker / "failed.executions").exists(), "tasks finishing", w)
+    w.wait_until(lambda: (marker / "ok.executions").exists() and (marker / "failed.executions").exists(), "tasks finishing")
     time.sleep(max(0.0, 26 - (time.monotonic() - down_at)))
-    _wait(lambda: (w.status() or {}).get("disconnected_since") is not None, "status showing the outage", w, 60)
+    w.wait_until(lambda: (w.status() or {}).get("disconnected_since") is not None, "status showing the outage", 60)
     cp.start_api_server()
     up_at, up_wall = time.monotonic(), time.time()
     down_s = up_at - down_at
-    recover_s = _wait(lambda: (w.status() or {}).get("disconnected_since") is None, "reconnecting", w, 120)
+    recover_s = w.wait_until(lambda: (w.status() or {}).get("disconnected_since") is None, "reconnecting", 120)
     assert cp.wait_for_run("outpost_outage", run_id, timeout_s=180) == "failed"  # one task fails on purpose
     tis = {ti["task_id"]: ti for ti in cp.task_instances("outpost_outage", run_id)}
     assert (tis["finishes_ok"]["state"], tis["finishes_ok"]["try_number"]) == ("success", 1)
@@ -71,7 +62,7 @@ def test_tasks_finishing_while_the_api_server_is_down_end_with_their_true_state(
     back_at = _gateway_back_at(w)
     assert back_at is not None, w.log()[-5000:]
     gateway_recover_s = back_at - up_wall  # the server answers up to 0.5 s before start_api_server() returns
-    _wait(lambda: not list((w.state_folder / "jobs").glob("*.json")), "journal empty", w, 60)
+    w.wait_until(lambda: not list((w.state_folder / "jobs").glob("*.json")), "journal empty", 60)
     assert w.proc.poll() is None
     print(f"\nRELIABILITY api-server-restart down_s={down_s:.1f} gateway_recover_s={gateway_recover_s:.1f} "
           f"worker_recover_s={recover_s:.1f} tasks=2 lost=0 duplicates=0")
@@ -95,16 +86,16 @@ def test_link_cut_for_a_minute_worker_rides_it_out_and_recovers_by_itself(
     marker = tmp_path / "m"
     marker.mkdir()
     run_id = cp.trigger("outpost_linkdrop", conf={"marker_dir": str(marker), "seconds": 30})
-    _wait(lambda: (marker / "started").exists(), "the task starting", w)
+    w.wait_until(lambda: (marker / "started").exists(), "the task starting")
     proxy.pause()
     cut_at = time.monotonic()
-    detect_s = _wait(lambda: (w.status() or {}).get("disconnected_since") is not None, "status showing disconnected", w, 60)
+    detect_s = w.wait_until(lambda: (w.status() or {}).get("disconnected_since") is not None, "status showing disconnected", 60)
     while time.monotonic() - cut_at < 60:
         assert w.proc.poll() is None, w.log()[-5000:]
         time.sleep(1)
     assert (marker / "executions").exists()  # the task finished in the dark
     proxy.resume()
-    recover_s = _wait(lambda: (w.status() or {}).get("disconnected_since") is None, "reconnecting", w, 120)
+    recover_s = w.wait_until(lambda: (w.status() or {}).get("disconnected_since") is None, "reconnecting", 120)
     assert cp.wait_for_run("outpost_linkdrop", run_id, timeout_s=120) == "success"
     tis = cp.task_instances("outpost_linkdrop", run_id)
     assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)]

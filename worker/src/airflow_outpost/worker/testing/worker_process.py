@@ -80,6 +80,19 @@ class WorkerProc:
             time.sleep(0.2)
         return log
 
+    def wait_until(self, cond, what: str, timeout_s: float = 120) -> float:  # type: ignore[no-untyped-def]
+        """Wait until ``cond()`` is true while this worker keeps running; return the seconds it took.
+
+        Fails with the worker's log if ``what`` did not happen in ``timeout_s`` or the worker exited.
+        """
+        t0 = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t0 < timeout_s, f"{what} did not happen within {timeout_s}s:\n{self.log()[-5000:]}"
+            assert self.proc is not None and self.proc.poll() is None, \
+                f"worker exited while waiting for {what}:\n{self.log()[-5000:]}"
+            time.sleep(0.2)
+        return time.monotonic() - t0
+
     def send(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
