@@ -52,6 +52,28 @@ def int8_embedder(model_path, onnx_cache):
     return Embedder(model_path, device="cpu", backend="onnx-int8", threads=2, cache_dir=cache)
 
 
+@pytest.fixture(scope="module")
+def own_ray():
+    """A Ray of the module's own (2 CPUs) kept open across its tests: the runners they call join it
+    (``ray_session`` reuses a connected Ray) instead of starting one each."""
+    from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
+
+    with ray_session(RayConfig(num_cpus=2)):
+        yield
+
+
+@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.slow)])
+def engine(request) -> dict:
+    """``embed_corpus`` engine arguments: the test runs in this process, and (slow: a model load per
+    run in the actor) with ``engine="ray"`` on a Ray of its own."""
+    if request.param == "local":
+        return {"engine": "local"}
+    from airflow_outpost.runners.embeddings.engines import EmbedConfig
+
+    request.getfixturevalue("own_ray")
+    return {"engine": "ray", "config": EmbedConfig(actors=1, cpus_per_actor=1.0)}
+
+
 @pytest.fixture
 def store(tmp_path):
     from airflow_outpost.runners.store.region_store import Store

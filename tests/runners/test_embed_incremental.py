@@ -1,4 +1,5 @@
-"""Incremental, idempotent corpus embedding against the real all-MiniLM-L6-v2 model."""
+"""Incremental, idempotent corpus embedding against the real all-MiniLM-L6-v2 model, on both engines
+(the ``engine`` fixture: in this process, and on a Ray of the module's own)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from airflow_outpost.runners.store import atomic as _atomic
 from tests.runners.conftest import make_docs, tree, write_jsonl
 
 
-def _run(path, store, embedder, **kw):
-    return embed_corpus(path, store=store, name="c", embedder=embedder, **kw)
+def _run(path, store, embedder, engine=None, **kw):
+    return embed_corpus(path, store=store, name="c", embedder=embedder, **(engine or {}), **kw)
 
 
-def test_first_run_writes_shards_catalog_and_manifest(tmp_path, store, torch_embedder):
+def test_first_run_writes_shards_catalog_and_manifest(tmp_path, store, torch_embedder, engine):
     docs = make_docs(12)
-    summary = _run(write_jsonl(tmp_path / "c.jsonl", docs), store, torch_embedder)
+    summary = _run(write_jsonl(tmp_path / "c.jsonl", docs), store, torch_embedder, engine)
     assert summary["changed"] and summary["version"] == 1 and summary["documents"] == 12
+    assert summary["engine"] == engine["engine"]
     assert summary["embedded"] == summary["chunks"] == summary["added"]
     assert "text" not in json.dumps(summary).replace('"texts', "")  # no payload in XCom
     manifest = store.read_manifest("embeddings", "c")
@@ -38,26 +40,27 @@ def test_first_run_writes_shards_catalog_and_manifest(tmp_path, store, torch_emb
     assert len(set(keys.tolist())) == len(ids)
 
 
-def test_rerun_does_no_model_work_and_writes_nothing(tmp_path, store, torch_embedder):
+def test_rerun_does_no_model_work_and_writes_nothing(tmp_path, store, torch_embedder, engine):
     path = write_jsonl(tmp_path / "c.jsonl", make_docs(10))
-    _run(path, store, torch_embedder)
+    _run(path, store, torch_embedder, engine)
     before_calls, before_tree = torch_embedder.model_calls, tree(store.root)
-    summary = _run(path, store, torch_embedder)
-    assert torch_embedder.model_calls == before_calls
+    summary = _run(path, store, torch_embedder, engine)
+    assert torch_embedder.model_calls == before_calls  # on Ray the model is the actor's: `embedded` counts
     assert summary["changed"] is False and summary["embedded"] == 0 and summary["version"] == 1
     assert tree(store.root) == before_tree
 
 
-def test_changing_one_document_reembeds_only_its_chunks(tmp_path, store, torch_embedder):
+def test_changing_one_document_reembeds_only_its_chunks(tmp_path, store, torch_embedder, engine):
     docs = make_docs(10)
     path = write_jsonl(tmp_path / "c.jsonl", docs)
-    _run(path, store, torch_embedder)
+    _run(path, store, torch_embedder, engine)
     ids_before, _, vec_before = read_vectors(store, "c")
     docs[3]["text"] = "a completely different text about glaciers"
     write_jsonl(path, docs)
     texts_before = torch_embedder.texts_encoded
-    summary = _run(path, store, torch_embedder)
-    assert torch_embedder.texts_encoded - texts_before == 1
+    summary = _run(path, store, torch_embedder, engine)
+    if engine["engine"] == "local":  # on Ray the texts went to the actor's model: `embedded` counts them
+        assert torch_embedder.texts_encoded - texts_before == 1
     assert (summary["embedded"], summary["updated"], summary["added"]) == (1, 1, 0)
     ids, _, vectors = read_vectors(store, "c")
     old, new = dict(zip(ids_before, vec_before, strict=True)), dict(zip(ids, vectors, strict=True))
@@ -68,12 +71,12 @@ def test_changing_one_document_reembeds_only_its_chunks(tmp_path, store, torch_e
             np.testing.assert_array_equal(old[cid], new[cid])
 
 
-def test_deleted_document_is_recorded(tmp_path, store, torch_embedder):
+def test_deleted_document_is_recorded(tmp_path, store, torch_embedder, engine):
     docs = make_docs(8)
     path = write_jsonl(tmp_path / "c.jsonl", docs)
-    _run(path, store, torch_embedder)
+    _run(path, store, torch_embedder, engine)
     write_jsonl(path, docs[:5] + docs[6:])
-    summary = _run(path, store, torch_embedder)
+    summary = _run(path, store, torch_embedder, engine)
     assert summary["deleted_documents"] == 1 and summary["embedded"] == 0
     manifest = store.read_manifest("embeddings", "c")
     changes = json.loads(store.path("embeddings", "c", manifest["changes"]).read_text())
@@ -83,10 +86,10 @@ def test_deleted_document_is_recorded(tmp_path, store, torch_embedder):
     assert all(r["doc_id"] != "doc-5" for r in read_catalog(store, "c"))
 
 
-def test_crash_before_manifest_rename_keeps_previous_version(tmp_path, store, torch_embedder, monkeypatch):
+def test_crash_before_manifest_rename_keeps_previous_version(tmp_path, store, torch_embedder, monkeypatch, engine):
     docs = make_docs(6)
     path = write_jsonl(tmp_path / "c.jsonl", docs)
-    _run(path, store, torch_embedder)
+    _run(path, store, torch_embedder, engine)
     manifest_before = store.manifest_path("embeddings", "c").read_bytes()
     ids_before, _, vec_before = read_vectors(store, "c")
     docs[0]["text"] = "changed"
@@ -100,28 +103,28 @@ def test_crash_before_manifest_rename_keeps_previous_version(tmp_path, store, to
 
     monkeypatch.setattr(_atomic.os, "replace", crash_on_manifest)
     with pytest.raises(OSError, match="simulated crash"):
-        _run(path, store, torch_embedder)
+        _run(path, store, torch_embedder, engine)
     monkeypatch.undo()
     assert store.manifest_path("embeddings", "c").read_bytes() == manifest_before
     ids, _, vectors = read_vectors(store, "c")
     assert ids == ids_before
     np.testing.assert_array_equal(vectors, vec_before)
     assert not list(store.path("embeddings", "c").rglob(".tmp-*"))
-    summary = _run(path, store, torch_embedder)  # the retry completes the interrupted version
+    summary = _run(path, store, torch_embedder, engine)  # the retry completes the interrupted version
     assert summary["version"] == 2 and summary["updated"] == 1
 
 
-def test_parquet_input_and_float16_shards(tmp_path, store, torch_embedder):
+def test_parquet_input_and_float16_shards(tmp_path, store, torch_embedder, engine):
     docs = make_docs(5)
     path = tmp_path / "c.parquet"
     pq.write_table(pa.Table.from_pylist(docs), path)
-    summary = _run(path, store, torch_embedder, dtype="float16")
+    summary = _run(path, store, torch_embedder, engine, dtype="float16")
     assert summary["documents"] == 5
     _, _, vectors = read_vectors(store, "c")
     assert vectors.dtype == np.float16
 
 
-def test_token_chunking_with_overlap(torch_embedder, tmp_path, store):
+def test_token_chunking_with_overlap(torch_embedder, tmp_path, store, engine):
     cfg = ChunkingConfig(chunk_tokens=32, overlap_tokens=8).resolved(254)
     text = " ".join(f"word{i}" for i in range(60))
     chunks = chunk_text(torch_embedder.tokenizer, text, cfg)
@@ -132,7 +135,7 @@ def test_token_chunking_with_overlap(torch_embedder, tmp_path, store):
         head = tok(b.text, add_special_tokens=False)["input_ids"][:8]
         assert tail == head  # the overlap repeats exactly overlap_tokens tokens
     summary = _run(write_jsonl(tmp_path / "c.jsonl", [{"id": "long", "text": text}]), store,
-                   torch_embedder, chunking=ChunkingConfig(chunk_tokens=32, overlap_tokens=8))
+                   torch_embedder, engine, chunking=ChunkingConfig(chunk_tokens=32, overlap_tokens=8))
     assert summary["chunks"] == len(chunks)
 
 

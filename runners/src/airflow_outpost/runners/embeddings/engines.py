@@ -101,6 +101,32 @@ def _partition_task(plan: PartitionPlan, tokenizer: Any) -> Iterator[Any]:
     yield from chunk_partition(plan, tokenizer)
 
 
+class _ActorShardEncoder(ShardEncoder):
+    """``ShardEncoder`` as a Ray actor. An error while building the model (a missing model, a
+    backend the node lacks) is kept and raised by every call: the driver then sees that error,
+    its type, message and ``retryable``, instead of the ``ActorDiedError`` Ray raises after
+    restarting a failing constructor ``max_restarts`` times, which would read as lost compute."""
+
+    def __init__(self, factory: Callable[[], Any], dtype: str) -> None:
+        self._init_error: Exception | None = None
+        try:
+            super().__init__(factory, dtype)
+        except Exception as exc:
+            self._init_error = exc
+
+    def _check(self) -> None:
+        if self._init_error is not None:
+            raise self._init_error
+
+    def info(self) -> dict[str, Any]:
+        self._check()
+        return super().info()
+
+    def __call__(self, job: ShardJob) -> dict[str, Any]:
+        self._check()
+        return super().__call__(job)
+
+
 _LOST = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
          "ActorDiedError", "ActorUnavailableError", "ObjectReconstructionFailedError")
 
@@ -131,7 +157,7 @@ class RayEngine:
                 int((resources.get("CPU", 1) - config.read_cpus) // max(config.cpus_per_actor, 1e-9))
             n = max(1, n)
         self.config, self.gpus = config, gpus
-        actor_cls: Any = ray.remote(ShardEncoder)
+        actor_cls: Any = ray.remote(_ActorShardEncoder)
         self.actors: list[Any] = [
             actor_cls.options(num_cpus=config.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD",
                               max_restarts=3, max_task_retries=3).remote(factory, dtype)
