@@ -25,8 +25,10 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run_demo(*, keep: bool = False, dag_id: str = "outpost_rag_pipeline", timeout_s: float = 900) -> int:
-    """Run the demo; return 0 if the DAG run succeeded, 1 otherwise."""
+def run_demo(*, keep: bool = False, dag_id: str = "outpost_rag_pipeline", timeout_s: float = 900,
+             engine: str | None = None) -> int:
+    """Run the demo; return 0 if the DAG run succeeded, 1 otherwise. ``engine`` ("local" or "ray")
+    sets the run's ``engine`` param: where the pipeline's runners run (None: the DAG's default)."""
     workdir = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
     cp = ControlPlane(dags_folder=EXAMPLE_DAGS, home=workdir / "airflow")
     worker: subprocess.Popen[bytes] | None = None
@@ -47,7 +49,7 @@ def run_demo(*, keep: bool = False, dag_id: str = "outpost_rag_pipeline", timeou
         with open(worker_log, "wb") as out:
             worker = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         _say(f"worker 'outpost-demo' started (pid {worker.pid}, log {worker_log})")
-        run_id = cp.trigger(dag_id)
+        run_id = cp.trigger(dag_id, conf={"engine": engine} if engine else None)
         _say(f"triggered {dag_id} run {run_id}; waiting ...")
         state = cp.wait_for_run(dag_id, run_id, timeout_s=timeout_s)
         _say(f"run finished: {state.upper()} in {time.monotonic() - t0:.0f}s total")

@@ -251,7 +251,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from airflow_outpost.worker.cli.demo import run_demo
 
-    return run_demo(keep=args.keep, dag_id=args.dag)
+    if args.engine and args.dag != "outpost_rag_pipeline":
+        print(f"outpost demo: --engine applies to outpost_rag_pipeline only, not --dag {args.dag}", file=sys.stderr)
+        return 2
+    return run_demo(keep=args.keep, dag_id=args.dag, engine=args.engine)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dag", default="outpost_rag_pipeline",
                    help="example DAG to run (outpost_example: the minimal tour; outpost_search: the README example)")
     d.add_argument("--keep", action="store_true", help="keep the temporary AIRFLOW_HOME")
+    d.add_argument("--engine", choices=("local", "ray"), default=None,
+                   help="outpost_rag_pipeline only: run embed, build_index and batch_inference on a local Ray "
+                        "(ray, the DAG's default) or in the task's process (local)")
     d.set_defaults(func=_cmd_demo)
     from airflow_outpost.worker.cli.egress import add_egress_parser
 

@@ -4,12 +4,16 @@ documents_arrive -> embed (incremental) -> build_index -> recall_gate -> promote
 
 * ``documents_arrive`` writes a small JSONL corpus into the worker's region-local store
   (``OUTPOST_STORE_ROOT``); on later runs a few documents change, so ``embed`` re-embeds only those.
-* ``embed`` uses the worker's warm model service: the second embedding task on a worker loads no model.
+* ``engine`` (param): where the runners run. ``"ray"`` (default): ``embed`` and ``build_index`` with
+  ``engine="ray"`` and ``batch_inference`` with ``run_batch_inference``, on the worker's Ray
+  (``outpost worker --ray``) or a local Ray of the task's own (2 CPUs). ``"local"``: all three in
+  the task's process; ``embed`` then uses the worker's warm model service (the second embedding
+  task on a worker loads no model) and ``batch_inference`` runs ``run_plain_loop``.
 * ``build_index`` builds (first run) or incrementally updates the FAISS index without promoting;
   ``recall_gate`` fails the run if recall@10 is below ``min_recall``; ``promote`` moves
   ``current`` and emits an event on ``Asset("outpost://index/rag_docs")`` whose extra is the
   promotion summary, which triggers ``outpost_rag_consumer`` (asset-aware scheduling).
-* ``batch_inference`` retrieves the nearest chunks for a query set on a local Ray (2 CPUs).
+* ``batch_inference`` retrieves the nearest chunks for a query set.
 
 XCom and the asset event carry small metadata only (counts, versions, recall, ``file://`` URIs).
 The model is the packaged all-MiniLM-L6-v2 unless the ``model`` param or ``OUTPOST_MODEL`` names
@@ -55,6 +59,16 @@ def _model(params: dict) -> str:
     return params.get("model") or os.environ.get("OUTPOST_MODEL") or str(packaged_model_path())
 
 
+def _engine(params: dict) -> dict:
+    """The runners' ``engine``/``ray_config`` arguments for the ``engine`` param."""
+    if params["engine"] == "local":
+        return {"engine": "local"}
+    from airflow_outpost.runners import RayConfig
+
+    # The worker's Ray when it has one (``outpost worker --ray``), else a Ray of this task's own.
+    return {"engine": "ray", "ray_config": RayConfig.from_env(num_cpus=2)}
+
+
 def _document(i: int, revision: int = 0) -> dict:
     topic = sorted(TOPICS)[i % len(TOPICS)]
     words = TOPICS[topic]
@@ -86,7 +100,8 @@ def _write_jsonl(path, rows) -> None:
         "model": Param(None, type=["null", "string"], description="local sentence-transformers directory"),
         "backend": Param("auto", enum=["auto", "torch", "ct2", "ct2-int8", "onnx", "onnx-int8"],
                          description="embedding backend; auto = torch on GPU, verified CTranslate2 int8 on CPU"),
-        "engine": Param("ray", enum=["ray", "loop"], description="batch inference on local Ray or a plain loop"),
+        "engine": Param("ray", enum=["ray", "local"],
+                        description="where embed, build_index and batch_inference run: on Ray or in the task's process"),
         "min_recall": Param(0.9, type="number", minimum=0, maximum=1, description="promotion gate, recall@10"),
     },
 )
@@ -122,10 +137,12 @@ def outpost_rag_pipeline():
         params = context["params"]
         store = Store()
         summary = embed_corpus(store.path("corpora", NAME, "documents.jsonl"), store=store, name=NAME,
-                               model=_model(params), backend=params["backend"], encoder="auto")
+                               model=_model(params), backend=params["backend"], encoder="auto",
+                               **_engine(params))
         return {k: summary[k] for k in ("name", "version", "changed", "documents", "chunks", "embedded", "reused",
                                         "added", "updated", "deleted", "dim", "manifest_uri")} | \
-            {"encoder": summary["backend"].get("encoder", "local"), "backend": summary["backend"]["backend"]}
+            {"encoder": summary["backend"].get("encoder", "local"), "backend": summary["backend"]["backend"],
+             "engine": summary["engine"]}
 
     @task
     def build_index(embedded: dict, **context) -> dict:
@@ -136,11 +153,13 @@ def outpost_rag_pipeline():
         emb_dir, index_dir = store.path("embeddings", NAME), store.path("indexes", NAME)
         config = IndexConfig(kind="flat", eval_queries=50, min_recall=float(context["params"]["min_recall"]))
         if current_version(index_dir) is None:
-            summary = build(emb_dir, index_dir, config, auto_promote=False)
+            summary = build(emb_dir, index_dir, config, auto_promote=False, **_engine(context["params"]))
         else:
-            summary = update_index(emb_dir, index_dir, auto_promote=False)
+            # An incremental update adds only the changed rows, in this process; a rebuild (when
+            # the update cannot apply) runs on the param's engine.
+            summary = update_index(emb_dir, index_dir, auto_promote=False, **_engine(context["params"]))
         return {k: summary[k] for k in ("version", "mode", "kind", "count", "recall", "k", "min_recall",
-                                        "passed", "current", "index_dir")}
+                                        "passed", "current", "index_dir", "engine")}
 
     @task
     def recall_gate(built: dict) -> dict:
