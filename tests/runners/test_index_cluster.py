@@ -35,6 +35,23 @@ def _manifest(summary: dict) -> dict:
     return json.loads((Path(summary["path"]) / "manifest.json").read_text())
 
 
+@pytest.mark.timeout(300)
+def test_a_flat_index_built_on_ray_equals_the_local_build(cluster: RayCluster, tmp_path: Path,
+                                                          no_ray_auth_env) -> None:
+    # The example pipeline's kind: its parts must merge (FAISS refused: "can only merge indexes of the same type").
+    emb = tmp_path / "emb"
+    make_embeddings(emb, 3000, DIM, shards=4, seed=2)
+    cfg = IndexConfig(kind="flat", shard_groups=3, min_recall=0.99)
+    local = build_index(emb, tmp_path / "local", cfg)
+    dist = build_index(emb, tmp_path / "ray", cfg, engine="ray",
+                       ray_config=RayConfig(address=cluster.address, auth_token=cluster.token))
+    assert dist["engine"] == "ray" and dist["count"] == local["count"] == 3000 and dist["recall"] == local["recall"] == 1.0
+    assert len(_manifest(dist)["ray"]["node_ids"]) == 2
+    q = structured_vectors(20, DIM, seed=7)
+    want, got = IndexSearcher(tmp_path / "local").search(q), IndexSearcher(tmp_path / "ray").search(q)
+    assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0])
+
+
 @pytest.mark.timeout(600)
 def test_ray_build_adds_on_both_nodes_and_equals_the_local_build(cluster: RayCluster, tmp_path: Path,
                                                                  no_ray_auth_env) -> None:

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -289,6 +289,7 @@ def build_index(
     import faiss
     import numpy as np
 
+    from airflow_outpost.runners.index.exact_lists import add_exact
     from airflow_outpost.runners.index.parallel import group_shards, merge_parts, run_groups_local, run_groups_on_ray
     from airflow_outpost.runners.index.recall import ExactTopK
     from airflow_outpost.runners.index.shards import (
@@ -339,18 +340,33 @@ def build_index(
             id_strings: dict[int, str] = {}
             work, on_gpu = to_device(index, kind, gpu)
             manifest["gpu"] = on_gpu
-            done = 0
-            for _, _, ids, vectors, strings in located_batches(shards, config.add_batch_rows, excludes):
-                work.add_with_ids(vectors, ids)
-                # Ground truth rides on the same pass, so the data is read once.
-                truth.add(ids, vectors)
-                if strings is not None:
-                    id_strings.update(zip(ids.tolist(), strings, strict=True))
-                done += len(ids)
+
+            def progress(done: int) -> None:
                 log.info("index build %s: added %d/%d vectors", index_dir.name, done, total)
                 if on_progress is not None:
                     on_progress(done, total)
-            index = faiss.index_gpu_to_cpu(work) if on_gpu else work
+
+            def first_pass(ids: np.ndarray, vectors: np.ndarray, strings: list[str] | None) -> None:
+                # Ground truth rides on a pass the build makes anyway.
+                truth.add(ids, vectors)
+                if strings is not None:
+                    id_strings.update(zip(ids.tolist(), strings, strict=True))
+
+            if kind in IVF_KINDS and not on_gpu:
+                # Lists sized once (exact_lists): the build holds the index, not its growth slack.
+                def batches() -> Iterator[tuple[np.ndarray, np.ndarray, list[str] | None]]:
+                    for _, _, ids, vectors, strings in located_batches(shards, config.add_batch_rows, excludes):
+                        yield ids, vectors, strings
+
+                add_exact(index, batches, on_first_pass=lambda batch: first_pass(*batch), on_progress=progress)
+            else:
+                done = 0
+                for _, _, ids, vectors, strings in located_batches(shards, config.add_batch_rows, excludes):
+                    work.add_with_ids(vectors, ids)
+                    first_pass(ids, vectors, strings)
+                    done += len(ids)
+                    progress(done)
+                index = faiss.index_gpu_to_cpu(work) if on_gpu else work
         else:
             index_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=temp_prefix(index_dir / "build"), dir=index_dir))

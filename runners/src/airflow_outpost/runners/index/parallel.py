@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from airflow_outpost.runners.errors import RayConnectError, SettingError
+from airflow_outpost.runners.index.exact_lists import merge_exact
 
 if TYPE_CHECKING:
     import faiss
@@ -173,17 +174,16 @@ def merge_parts(index: faiss.Index, kind: str, parts: list[str], ivfdata: Path |
     if kind == "hnsw":
         raise SettingError("HNSW indexes cannot be merged from parts: use a flat or IVF kind with engine='ray'")
     if kind == "flat":
+        # merge_from wants the exact same classes, and a Flat read back from a file is an
+        # IndexFlatIP/IndexFlatL2 where the factory made an IndexFlat: merge into a read-back copy.
+        target = faiss.deserialize_index(faiss.serialize_index(index))
         for path in parts:
-            index.merge_from(faiss.read_index(path), 0)
-        return index
+            target.merge_from(faiss.read_index(path), 0)
+        return target
     index_ivf = faiss.extract_index_ivf(index)
     if ivfdata is None:
-        for path in parts:
-            # Read whole, not memory-mapped: merge_from empties the source's lists as it moves them.
-            part = faiss.read_index(path)
-            index_ivf.merge_from(faiss.extract_index_ivf(part), 0)
-            del part
-        index.ntotal = index_ivf.ntotal
+        # Each list sized once to its total (not grown part after part): the merge holds the index.
+        merge_exact(index, parts)
         return index
     # demo_ondisk_ivf.py / faiss.contrib.ondisk.merge_ondisk: parts memory-mapped, lists written to disk.
     loaded = [faiss.read_index(path, faiss.IO_FLAG_MMAP) for path in parts]
