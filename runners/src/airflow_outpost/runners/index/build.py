@@ -38,6 +38,7 @@ from airflow_outpost.runners.errors import DimensionMismatchError, InputError, S
 from airflow_outpost.runners.index.config import IVF_KINDS, IndexConfig, choose_kind
 from airflow_outpost.runners.index.factory import faiss_metric as _faiss_metric
 from airflow_outpost.runners.index.factory import new_index, set_search_params, to_device, train, use_gpu
+from airflow_outpost.runners.index.id_strings import IdStrings, IdStringsBuilder
 from airflow_outpost.runners.index.versions import (
     CURRENT,
     INDEX_FILE,
@@ -128,7 +129,7 @@ def _queries_array(queries: Any, dim: int) -> np.ndarray:
 
 def _write_version(
     index_dir: Path, index: faiss.Index, truth: ExactTopK, deleted: np.ndarray,
-    id_strings: dict[int, str], manifest: dict[str, Any], lease: WriterLease,
+    id_strings: IdStrings, manifest: dict[str, Any], lease: WriterLease,
     ivfdata: Path | None, locations: Locations | None,
 ) -> tuple[str, Path, dict[str, Any]]:
     """Write the next version directory; the caller holds the index directory's writer lock."""
@@ -159,10 +160,7 @@ def _write_version(
         np.save(tmp / "eval_truth_ids.npy", truth.ids)
         np.save(tmp / "eval_truth_scores.npy", truth.scores)
         np.save(tmp / "deleted.npy", deleted)
-        if id_strings:
-            keys = np.fromiter(id_strings.keys(), dtype=np.int64, count=len(id_strings))
-            np.save(tmp / "id_keys.npy", keys)
-            np.save(tmp / "id_strings.npy", np.array(list(id_strings.values()), dtype=str))
+        id_strings.save(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         lease.check()  # a writer whose lease was taken over must not publish
     return version, final, manifest
@@ -195,7 +193,7 @@ def _recall(
 
 def _finish(
     index_dir: Path, index: faiss.Index, kind: str, params: dict[str, Any], truth: ExactTopK,
-    config: IndexConfig, manifest: dict[str, Any], deleted: np.ndarray, id_strings: dict[int, str],
+    config: IndexConfig, manifest: dict[str, Any], deleted: np.ndarray, id_strings: IdStrings,
     do_promote: bool, started: float, lock: LockSettings | None,
     ivfdata: Path | None = None, locations: Locations | None = None,
 ) -> IndexSummary:
@@ -236,20 +234,20 @@ def _finish(
     }
 
 
-def _collect_strings(shards: list[Shard], excludes: list[np.ndarray]) -> dict[int, str]:
+def _collect_strings(shards: list[Shard], excludes: list[np.ndarray]) -> IdStrings:
     """String ids of the indexed rows, from the ids files alone (no vectors read)."""
     import numpy as np
 
     from airflow_outpost.runners.index.shards import _load_ids_file, ids_to_int64
 
-    out: dict[int, str] = {}
+    builder = IdStringsBuilder()
     for shard, exclude in zip(shards, excludes, strict=True):
         ids, strings = ids_to_int64(_load_ids_file(shard.ids), path=shard.ids)
         if strings is None:
             continue
         keep = ~np.isin(ids, exclude) if exclude.size else np.ones(len(ids), dtype=bool)
-        out.update((i, s) for i, s, k in zip(ids.tolist(), strings, keep.tolist(), strict=True) if k)
-    return out
+        builder.add(ids[keep], [s for s, k in zip(strings, keep.tolist(), strict=True) if k])
+    return builder.build()
 
 
 def build_index(
@@ -337,7 +335,7 @@ def build_index(
     staging: Path | None = None
     try:
         if not grouped:
-            id_strings: dict[int, str] = {}
+            strings_builder = IdStringsBuilder()
             work, on_gpu = to_device(index, kind, gpu)
             manifest["gpu"] = on_gpu
 
@@ -350,7 +348,7 @@ def build_index(
                 # Ground truth rides on a pass the build makes anyway.
                 truth.add(ids, vectors)
                 if strings is not None:
-                    id_strings.update(zip(ids.tolist(), strings, strict=True))
+                    strings_builder.add(ids, strings)
 
             if kind in IVF_KINDS and not on_gpu:
                 # Lists sized once (exact_lists): the build holds the index, not its growth slack.
@@ -358,7 +356,11 @@ def build_index(
                     for _, _, ids, vectors, strings in located_batches(shards, config.add_batch_rows, excludes):
                         yield ids, vectors, strings
 
-                add_exact(index, batches, on_first_pass=lambda batch: first_pass(*batch), on_progress=progress)
+                packed: list[IdStrings] = []
+                # Packed before the lists fill: the sort's temporaries never meet the full index.
+                add_exact(index, batches, on_first_pass=lambda batch: first_pass(*batch), on_progress=progress,
+                          after_first_pass=lambda: packed.append(strings_builder.build()))
+                id_strings = packed[0]
             else:
                 done = 0
                 for _, _, ids, vectors, strings in located_batches(shards, config.add_batch_rows, excludes):
@@ -367,6 +369,7 @@ def build_index(
                     done += len(ids)
                     progress(done)
                 index = faiss.index_gpu_to_cpu(work) if on_gpu else work
+                id_strings = strings_builder.build()
         else:
             index_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=temp_prefix(index_dir / "build"), dir=index_dir))
@@ -523,7 +526,8 @@ def _update_locked(
         index.remove_ids(new_deleted)  # the Python wrapper takes an id array
     truth = ExactTopK(np.load(vdir / "eval_queries.npy"), config.eval_k * _TRUTH_DEPTH, _faiss_metric(config.metric))
     truth.ids, truth.scores = np.load(vdir / "eval_truth_ids.npy"), np.load(vdir / "eval_truth_scores.npy")
-    id_strings = _load_id_strings(vdir)
+    id_strings = IdStrings.load(vdir)
+    new_strings = IdStringsBuilder()
     removed = [new_deleted]
     added_batches: list[tuple[np.ndarray, np.ndarray]] = []
     total = sum(s.rows for s in new)
@@ -536,13 +540,13 @@ def _update_locked(
         removed.append(ids)
         added_batches.append((ids, vectors))
         if strings is not None:
-            id_strings.update(zip(ids.tolist(), strings, strict=True))
+            new_strings.add(ids, strings)
         done += len(ids)
         log.info("index update %s: added %d/%d vectors", index_dir.name, done, total)
         if on_progress is not None:
             on_progress(done, total)
-    for key in new_deleted.tolist():
-        id_strings.pop(key, None)
+    # Upserted strings win; deleted ids leave.
+    id_strings = id_strings.updated(new_strings.build(), new_deleted)
     # Rows that left the truth lists are refilled from the deeper list; a full rescan only if it ran dry.
     truth.ids, truth.scores, valid = truth.without(np.concatenate(removed))
     if valid >= config.eval_k:
@@ -575,13 +579,3 @@ def _update_locked(
         params["ef_search"] = config.hnsw_ef_search
     return _finish(index_dir, index, kind, params, truth, config, manifest, all_deleted, id_strings, auto_promote, started,
                    lock, None, locations)
-
-
-def _load_id_strings(vdir: Path) -> dict[int, str]:
-    import numpy as np
-
-    if not (vdir / "id_keys.npy").is_file():
-        return {}
-    keys = np.load(vdir / "id_keys.npy")
-    values = np.load(vdir / "id_strings.npy")
-    return dict(zip(keys.tolist(), values.tolist(), strict=True))

@@ -51,13 +51,15 @@ def _lists(ivf: faiss.IndexIVF) -> Any:
 
 
 def add_exact(index: faiss.Index, batches: Batches, *, on_first_pass: Callable[[tuple[Any, ...]], None]
-              | None = None, on_progress: Callable[[int], None] | None = None) -> int:
+              | None = None, after_first_pass: Callable[[], None] | None = None,
+              on_progress: Callable[[int], None] | None = None) -> int:
     """Add the rows of ``batches()``, tuples starting ``(int64 ids, float32 vectors, ...)``, to the
     trained, empty IVF ``index``.
 
     ``batches`` is called twice and must yield the same rows both times. ``on_first_pass(batch)``
-    sees each batch once, whole (ground truth, id strings); ``on_progress(done)`` counts rows
-    written in the second pass. Returns the number of rows added. An exception leaves the index
+    sees each batch once, whole (ground truth, id strings), and ``after_first_pass()`` runs before
+    the lists are allocated (the moment to pack what it collected); ``on_progress(done)`` counts
+    rows written in the second pass. Returns the number of rows added. An exception leaves the index
     half filled: the caller discards it (builds write a new version, never this index in place).
     """
     import faiss
@@ -76,6 +78,8 @@ def add_exact(index: faiss.Index, batches: Batches, *, on_first_pass: Callable[[
         chunks.append(ivf.quantizer.assign(_transformed(index, vectors), 1)[:, 0].astype(np.int32))
     assign = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int32)
     del chunks
+    if after_first_pass is not None:
+        after_first_pass()
     counts = np.bincount(assign, minlength=ivf.nlist)
     for list_no in np.nonzero(counts)[0].tolist():
         invlists.resize(list_no, int(counts[list_no]))

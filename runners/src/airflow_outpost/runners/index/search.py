@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from airflow_outpost.runners.errors import DimensionMismatchError
-from airflow_outpost.runners.index.build import _load_id_strings
 from airflow_outpost.runners.index.factory import set_search_params
+from airflow_outpost.runners.index.id_strings import IdStrings
 from airflow_outpost.runners.index.versions import IndexStateError, current_version, load_index, read_version_manifest, version_dir
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class IndexSearcher:
         built = self.manifest.get("rerank") or {}
         self.reranker = Reranker.open(vdir, self.manifest) if rerank and built.get("enabled") else None
         self.rerank_factor = rerank_factor or int(built.get("factor", 10))
-        self._strings = _load_id_strings(vdir)
+        self._strings = IdStrings.load(vdir)
 
     def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of the ``k`` (default: the searcher's) nearest vectors of each query row."""
@@ -75,7 +75,7 @@ class IndexSearcher:
         scores, ids = self.search(np.stack(list(batch[self.vector_column])))
         out = dict(batch)
         if self._strings:
-            out["neighbor_ids"] = np.array([[self._strings.get(i, "") for i in row] for row in ids.tolist()], dtype=object)
+            out["neighbor_ids"] = np.array(self._strings.lookup(ids), dtype=object).reshape(ids.shape)
         else:
             out["neighbor_ids"] = ids
         out["neighbor_scores"] = scores
