@@ -16,7 +16,7 @@ import pytest
 from airflow_outpost.runners.batch.example_models import PrototypeClassifier
 from airflow_outpost.runners.batch.inference import BatchConfig, list_partitions, run_batch_inference, run_plain_loop
 from airflow_outpost.runners.batch.ray_session import RayConfig
-from airflow_outpost.runners.errors import InputError, RayAuthError, RayConnectError
+from airflow_outpost.runners.errors import InputError, RayAuthError, RayConnectError, SettingError
 from tests.runners.conftest_ray import classifier_kwargs, free_port, make_corpus
 
 
@@ -114,6 +114,56 @@ def test_failure_on_ray_leaves_no_output(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="boom on 15"):
         run_batch_inference(tmp_path / "in", tmp_path / "out", FailingModel, {"fail_on": 15},
                             config=BatchConfig(batch_size=4), ray_config=RayConfig(num_cpus=2))
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_engine_equals_in_process_and_records_itself(tmp_path: Path) -> None:
+    files = make_corpus(tmp_path / "in", partitions=3, rows=24)
+    summary = run_batch_inference(tmp_path / "in", tmp_path / "out", PrototypeClassifier, classifier_kwargs(threads=1),
+                                  config=BatchConfig(batch_size=10), engine="local")
+    assert (summary["engine"], summary["rows"], summary["resumed_partitions"], summary["ray_address"]) == \
+        ("local", 72, 0, None)
+    assert_same_rows(read_output(tmp_path / "out", 3), in_process(files))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["engine"] == "local" and manifest["rows"] == 72 and len(manifest["outputs"]) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial-")]
+
+
+class FlaggedFailure:
+    """Fails on row ``fail_on`` while the file ``flag`` exists: the same model (same run key) succeeds on retry."""
+
+    def __init__(self, fail_on: int, flag: str) -> None:
+        self.fail_on, self.flag = fail_on, Path(flag)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.flag.exists() and self.fail_on in batch["id"].tolist():
+            raise RuntimeError(f"boom on {self.fail_on}")
+        return {"id": batch["id"], "n": np.array([len(t) for t in batch["text"]])}
+
+
+def test_local_engine_keeps_committed_partitions_for_the_retry(tmp_path: Path) -> None:
+    make_corpus(tmp_path / "in", partitions=3, rows=10, fmt="jsonl")
+    flag = tmp_path / "flag"
+    flag.touch()
+    kwargs = {"fail_on": 25, "flag": str(flag)}  # row 25 is in the third partition
+    with pytest.raises(RuntimeError, match="boom on 25"):
+        run_batch_inference(tmp_path / "in", tmp_path / "out", FlaggedFailure, kwargs, config=BatchConfig(batch_size=4),
+                            engine="local")
+    assert not (tmp_path / "out").exists()
+    flag.unlink()
+    out = run_batch_inference(tmp_path / "in", tmp_path / "out", FlaggedFailure, kwargs, config=BatchConfig(batch_size=4),
+                              engine="local")
+    assert out["rows"] == 30 and out["resumed_partitions"] == 2  # only the failed partition was computed again
+    assert pq.read_table(tmp_path / "out" / "part-00002.parquet").column("id").to_pylist() == list(range(20, 30))
+
+
+def test_engine_and_warm_actor_settings_are_checked(tmp_path: Path) -> None:
+    make_corpus(tmp_path / "in", partitions=1, rows=4, fmt="jsonl")
+    with pytest.raises(SettingError, match="engine='spark' is invalid"):
+        run_batch_inference(tmp_path / "in", tmp_path / "out", FailingModel, {"fail_on": -1}, engine="spark")
+    with pytest.raises(SettingError, match="keep_warm_s .* needs engine='ray'"):
+        run_batch_inference(tmp_path / "in", tmp_path / "out", FailingModel, {"fail_on": -1},
+                            config=BatchConfig(keep_warm_s=60), engine="local")
     assert not (tmp_path / "out").exists()
 
 

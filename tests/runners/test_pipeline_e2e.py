@@ -63,7 +63,7 @@ def test_rag_pipeline_runs_end_to_end_and_promotion_triggers_the_consumer(contro
     if engine == "ray":
         assert (embedded["engine"], built["engine"], inferred["engine"]) == ("ray", "ray", "ray")
     else:
-        assert (embedded["engine"], built["engine"], inferred["engine"]) == ("local", "local", "loop")
+        assert (embedded["engine"], built["engine"], inferred["engine"]) == ("local", "local", "local")
         assert embedded["encoder"] == "service"
     assert (store_root / "indexes" / "rag_docs" / "current").resolve().name == promoted["version"]
     # XCom holds metadata only: no texts, no vectors.

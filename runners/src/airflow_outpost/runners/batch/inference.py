@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_outpost.runners.batch.ray_session import RayConfig, ray_session
 from airflow_outpost.runners.batch.warm_actors import WarmPool
-from airflow_outpost.runners.errors import InputError
+from airflow_outpost.runners.errors import InputError, SettingError
 from airflow_outpost.runners.results import BatchSummary, WarmActorsSummary
 from airflow_outpost.runners.store.atomic import (
     TMP_PREFIX,
@@ -205,15 +205,22 @@ class _ModelActor:
         rows = 0
         with atomic_writer(out_path) as fh:
             writer = None
-            for start in range(0, max(table.num_rows, 1), batch_size):
-                chunk = table.slice(start, batch_size)
-                if chunk.num_rows == 0:
-                    break
-                out = _check_rows(self.model(_to_numpy(chunk)), chunk.num_rows, source)
-                if writer is None:
-                    writer = pq.ParquetWriter(fh, out.schema)
-                writer.write_table(out)
-                rows += out.num_rows
+            try:
+                for start in range(0, max(table.num_rows, 1), batch_size):
+                    chunk = table.slice(start, batch_size)
+                    if chunk.num_rows == 0:
+                        break
+                    out = _check_rows(self.model(_to_numpy(chunk)), chunk.num_rows, source)
+                    if writer is None:
+                        writer = pq.ParquetWriter(fh, out.schema)
+                    writer.write_table(out)
+                    rows += out.num_rows
+            except BaseException:
+                # Close it while its file is open: the temp file is discarded anyway, and a writer
+                # left to the garbage collector would write its footer to a closed file.
+                if writer is not None:
+                    writer.close()
+                raise
             if writer is None:
                 import pyarrow as pa
 
@@ -334,9 +341,14 @@ def _gpus_per_actor(config: BatchConfig, resources: Mapping[str, float]) -> floa
 def run_batch_inference(
     input_path: Any, output_dir: str | os.PathLike[str], model_cls: type,
     model_kwargs: Mapping[str, Any] | None = None, *, config: BatchConfig | None = None,
-    ray_config: RayConfig | None = None,
+    ray_config: RayConfig | None = None, engine: str = "ray",
 ) -> BatchSummary:
     """Run ``model_cls`` over every row of the input partitions on Ray; write results locally.
+
+    ``engine="local"`` runs the same partition commits, resume and manifest in this process
+    (one model, partitions one after the other; ``ray_config``, ``actors`` and warm actors do
+    not apply, an explicit ``keep_warm_s > 0`` is refused); ``"ray"`` (the default, as since
+    0.1) is below.
 
     Ray is started on demand or joined per ``ray_config`` (see ``airflow_outpost.runners.batch.ray_session``) and
     shut down afterwards unless the caller had it running. Each actor builds the model once.
@@ -358,11 +370,23 @@ def run_batch_inference(
 
     started = time.perf_counter()
     config = config or BatchConfig()
+    if engine not in ("local", "ray"):
+        raise SettingError(f"run_batch_inference: engine={engine!r} is invalid: must be 'local' or 'ray'")
+    # The worker's OUTPOST_RAY_KEEP_WARM_S is for Ray runs; only an explicit setting is refused here.
+    if engine == "local" and config.keep_warm_s:
+        raise SettingError("run_batch_inference: keep_warm_s keeps Ray actors warm; it needs engine='ray'")
     model_kwargs = dict(model_kwargs or {})
     output_dir = Path(output_dir)
     if output_dir.exists():
         raise FileExistsError(f"refusing to overwrite existing output directory {output_dir}")
     partitions = list_partitions(input_path)
+    if engine == "local":
+        outputs, resumed = _run_where_computed(partitions, output_dir, model_cls, model_kwargs, config, 0.0, started,
+                                               on_ray=False)
+        local = _summary(output_dir, outputs, "local", time.perf_counter() - started)
+        local["actors"], local["gpus_per_actor"], local["ray_address"] = 1, 0.0, None
+        local["resumed_partitions"] = resumed
+        return local
     total = sum(_count_rows(p) for p in partitions)
     with ray_session(ray_config) as session:
         gpus = _gpus_per_actor(config, session["resources"])
@@ -389,7 +413,7 @@ def run_batch_inference(
             resumed = 0
             if not keep_warm_s:
                 outputs, resumed = _run_where_computed(partitions, output_dir, model_cls, model_kwargs, config, gpus,
-                                                       started)
+                                                       started, on_ray=True)
                 seconds = time.perf_counter() - started
             else:
                 with atomic_directory(output_dir) as tmp:
@@ -421,14 +445,13 @@ def run_batch_inference(
 
 def _run_where_computed(
     partitions: list[Path], output_dir: Path, model_cls: type, model_kwargs: Mapping[str, Any],
-    config: BatchConfig, gpus: float, started: float,
+    config: BatchConfig, gpus: float, started: float, *, on_ray: bool,
 ) -> tuple[list[dict[str, Any]], int]:
     """Each partition is inferred and committed by a model actor, on its node, into a staging
     directory named by the run (input hashes, model, code version); the driver only routes paths
-    and collects records. A rerun of the same run skips the partitions already committed there.
+    and collects records (``on_ray=False``: one model in this process does the same, partition
+    after partition). A rerun of the same run skips the partitions already committed there.
     The manifest is written last, then the staging directory is renamed to ``output_dir``."""
-    import ray
-
     lineage = _lineage(partitions, model_cls, model_kwargs)
     key_desc = {"inputs": [i["sha256"] for i in lineage["inputs"]], "model": lineage["model"],
                 "code": lineage["code_version"]}
@@ -451,7 +474,14 @@ def _run_where_computed(
     if resumed:
         log.info("batch inference: %d of %d partitions already committed by an earlier try; skipping them",
                  resumed, len(partitions))
-    if todo:
+    if todo and not on_ray:
+        model = _ModelActor(model_cls, model_kwargs)
+        for i, part, record in todo:
+            outputs[i] = {**model.write_partition(str(part.resolve()), str(staging / record["file"]),
+                                                  config.batch_size, record), "resumed": False}
+    elif todo:
+        import ray
+
         actor_cls: Any = ray.remote(_ModelActor)
         actors = [actor_cls.options(num_cpus=config.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD",
                                     max_restarts=3, max_task_retries=3).remote(model_cls, model_kwargs)
@@ -478,8 +508,9 @@ def _run_where_computed(
     final = [o for o in outputs if o is not None]
     seconds = time.perf_counter() - started
     atomic_write_json(staging / "manifest.json", {
-        **lineage, "engine": "ray", "outputs": final, "rows": sum(o["rows"] for o in final), "seconds": seconds,
-        "actors": config.actors, "gpus_per_actor": gpus, "run_key": run_key, "resumed_partitions": resumed,
+        **lineage, "engine": "ray" if on_ray else "local", "outputs": final, "rows": sum(o["rows"] for o in final),
+        "seconds": seconds, "actors": config.actors if on_ray else 1, "gpus_per_actor": gpus, "run_key": run_key,
+        "resumed_partitions": resumed,
         "nodes": sorted({o["node_id"] for o in final}),
     })
     # The manifest is in place: one rename publishes the whole output.

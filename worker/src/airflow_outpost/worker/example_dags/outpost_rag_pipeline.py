@@ -8,7 +8,7 @@ documents_arrive -> embed (incremental) -> build_index -> recall_gate -> promote
   ``engine="ray"`` and ``batch_inference`` with ``run_batch_inference``, on the worker's Ray
   (``outpost worker --ray``) or a local Ray of the task's own (2 CPUs). ``"local"``: all three in
   the task's process; ``embed`` then uses the worker's warm model service (the second embedding
-  task on a worker loads no model) and ``batch_inference`` runs ``run_plain_loop``.
+  task on a worker loads no model).
 * ``build_index`` builds (first run) or incrementally updates the FAISS index without promoting;
   ``recall_gate`` fails the run if recall@10 is below ``min_recall``; ``promote`` moves
   ``current`` and emits an event on ``Asset("outpost://index/rag_docs")`` whose extra is the
@@ -186,14 +186,7 @@ def outpost_rag_pipeline():
     def batch_inference(promoted: dict, **context) -> dict:
         import pyarrow.parquet as pq
 
-        from airflow_outpost.runners import (
-            BatchConfig,
-            QueryRetriever,
-            RayConfig,
-            Store,
-            run_batch_inference,
-            run_plain_loop,
-        )
+        from airflow_outpost.runners import BatchConfig, QueryRetriever, Store, run_batch_inference
 
         params = context["params"]
         store = Store()
@@ -207,12 +200,8 @@ def outpost_rag_pipeline():
         out = store.path("results", NAME, f"{promoted['version']}-{run}")
         kwargs = {"index_dir": str(store.path("indexes", NAME)), "model_path": _model(params), "k": 5,
                   "backend": params["backend"], "encoder": "auto"}
-        if params["engine"] == "ray":
-            summary = run_batch_inference(parts, out, QueryRetriever, kwargs,
-                                          config=BatchConfig(batch_size=16, actors=1, cpus_per_actor=1.0),
-                                          ray_config=RayConfig.from_env(num_cpus=2))
-        else:
-            summary = run_plain_loop(parts, out, QueryRetriever, kwargs, batch_size=16)
+        summary = run_batch_inference(parts, out, QueryRetriever, kwargs,
+                                      config=BatchConfig(batch_size=16, actors=1, cpus_per_actor=1.0), **_engine(params))
         rows = [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
         topic_of = {q["id"]: q["topic"] for q in queries}
         hits = sum(r["top_id"].split("-")[0] == topic_of[r["id"]] for r in rows)
