@@ -38,7 +38,6 @@ from airflow_outpost.runners.errors import DimensionMismatchError, InputError, S
 from airflow_outpost.runners.index.config import IVF_KINDS, IndexConfig, choose_kind
 from airflow_outpost.runners.index.factory import faiss_metric as _faiss_metric
 from airflow_outpost.runners.index.factory import new_index, set_search_params, to_device, train, use_gpu
-from airflow_outpost.runners.index.id_strings import IdStrings, IdStringsBuilder
 from airflow_outpost.runners.index.versions import (
     CURRENT,
     INDEX_FILE,
@@ -66,6 +65,7 @@ if TYPE_CHECKING:
     import faiss
     import numpy as np
 
+    from airflow_outpost.runners.index.id_strings import IdStrings
     from airflow_outpost.runners.index.recall import ExactTopK
     from airflow_outpost.runners.index.shards import Shard
 
@@ -238,6 +238,7 @@ def _collect_strings(shards: list[Shard], excludes: list[np.ndarray]) -> IdStrin
     """String ids of the indexed rows, from the ids files alone (no vectors read)."""
     import numpy as np
 
+    from airflow_outpost.runners.index.id_strings import IdStringsBuilder
     from airflow_outpost.runners.index.shards import _load_ids_file, ids_to_int64
 
     builder = IdStringsBuilder()
@@ -288,6 +289,7 @@ def build_index(
     import numpy as np
 
     from airflow_outpost.runners.index.exact_lists import add_exact
+    from airflow_outpost.runners.index.id_strings import IdStringsBuilder
     from airflow_outpost.runners.index.parallel import group_shards, merge_parts, run_groups_local, run_groups_on_ray
     from airflow_outpost.runners.index.recall import ExactTopK
     from airflow_outpost.runners.index.shards import (
@@ -475,6 +477,7 @@ def _update_locked(
     import faiss
     import numpy as np
 
+    from airflow_outpost.runners.index.id_strings import IdStrings, IdStringsBuilder
     from airflow_outpost.runners.index.recall import ExactTopK
     from airflow_outpost.runners.index.rerank import load_locations
     from airflow_outpost.runners.index.shards import (

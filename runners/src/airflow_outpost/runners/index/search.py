@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from airflow_outpost.runners.errors import DimensionMismatchError
 from airflow_outpost.runners.index.factory import set_search_params
-from airflow_outpost.runners.index.id_strings import IdStrings
 from airflow_outpost.runners.index.versions import IndexStateError, current_version, load_index, read_version_manifest, version_dir
 
 if TYPE_CHECKING:
@@ -54,6 +53,8 @@ class IndexSearcher:
         built = self.manifest.get("rerank") or {}
         self.reranker = Reranker.open(vdir, self.manifest) if rerank and built.get("enabled") else None
         self.rerank_factor = rerank_factor or int(built.get("factor", 10))
+        from airflow_outpost.runners.index.id_strings import IdStrings
+
         self._strings = IdStrings.load(vdir)
 
     def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
