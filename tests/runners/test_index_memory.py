@@ -29,26 +29,36 @@ from tests.runners.conftest_index import structured_vectors, write_shard
 
 MIB = 2**20
 
-_BUILD = textwrap.dedent("""
-    import json, sys, threading, time
-    peak = {"file": 0}
-    def sample():
-        while True:
-            for line in open("/proc/self/status"):
-                if line.startswith("RssFile:"):
-                    peak["file"] = max(peak["file"], int(line.split()[1]) * 1024)
-            time.sleep(0.01)
-    threading.Thread(target=sample, daemon=True).start()
+
+def _sampling(field: str) -> str:
+    """Script head: a thread that keeps the peak of ``/proc/self/status`` line ``field`` (bytes) in
+    ``peak[field]``; started by ``start_sampling()``."""
+    return textwrap.dedent(f"""
+        import json, sys, threading, time
+        peak = {{"{field}": 0}}
+        def sample():
+            while True:
+                for line in open("/proc/self/status"):
+                    if line.startswith("{field}:"):
+                        peak["{field}"] = max(peak["{field}"], int(line.split()[1]) * 1024)
+                time.sleep(0.005)
+        def start_sampling():
+            threading.Thread(target=sample, daemon=True).start()
+    """)
+
+
+_BUILD = _sampling("RssFile") + textwrap.dedent("""
+    start_sampling()
     from airflow_outpost.runners.index.build import IndexConfig, build_index
     from airflow_outpost.runners.index.search import IndexSearcher
     import numpy as np
-    baseline = peak["file"]
+    baseline = peak["RssFile"]
     out = build_index(sys.argv[1], sys.argv[2], IndexConfig(kind="ivfpq", nlist=64, nprobe=16, train_sample=8192,
                                                            min_recall=0.0, add_batch_rows=8192))
     searcher = IndexSearcher(sys.argv[2])
     searcher.search(np.load(sys.argv[3]), k=10)
     time.sleep(0.05)
-    print(json.dumps({"peak_file": peak["file"], "baseline_file": baseline, "recall": out["recall"],
+    print(json.dumps({"peak_file": peak["RssFile"], "baseline_file": baseline, "recall": out["recall"],
                       "rerank": out["rerank"]}))
 """)
 
@@ -70,26 +80,18 @@ def test_a_compressed_build_and_its_rerank_keep_the_shards_out_of_memory(tmp_pat
     assert got["rerank"] and got["recall"] is not None  # the recall gate reranked against the shards
 
 
-_ANON = textwrap.dedent("""
-    import json, sys, threading, time
-    peak = {"anon": 0}
-    def sample():
-        while True:
-            for line in open("/proc/self/status"):
-                if line.startswith("RssAnon:"):
-                    peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
-            time.sleep(0.005)
+_ANON = _sampling("RssAnon") + textwrap.dedent("""
     from airflow_outpost.runners.index.build import IndexConfig, build_index
     import faiss, numpy as np
     faiss.omp_set_num_threads(1)
-    threading.Thread(target=sample, daemon=True).start()
+    start_sampling()
     time.sleep(0.05)
-    baseline = peak["anon"]
+    baseline = peak["RssAnon"]
     out = build_index(sys.argv[1], sys.argv[2], IndexConfig(kind="ivfsq8", nlist=256, nprobe=16, train_sample=16384,
                                                            min_recall=0.0, add_batch_rows=4096, eval_queries=20,
                                                            rerank=False))
     time.sleep(0.05)
-    print(json.dumps({"peak": peak["anon"], "baseline": baseline, "index_bytes": out["index_bytes"]}))
+    print(json.dumps({"peak": peak["RssAnon"], "baseline": baseline, "index_bytes": out["index_bytes"]}))
 """)
 
 
