@@ -61,6 +61,18 @@ class HashEmbedder:
         return np.stack([vector(t) for t in texts]) if texts else np.zeros((0, DIM), dtype=np.float32)
 
 
+class PerTextEmbedder(HashEmbedder):
+    """``HashEmbedder`` that takes ``seconds_per_text`` per text (sleeping): a shard's cost grows with its rows."""
+
+    def __init__(self, seconds_per_text: float) -> None:
+        super().__init__()
+        self.seconds_per_text = seconds_per_text
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        time.sleep(self.seconds_per_text * len(texts))
+        return super().embed(texts)
+
+
 def vector(text: str) -> np.ndarray:
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
     v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)

@@ -22,7 +22,7 @@ from airflow_outpost.runners.embeddings.partitions import chunk_key
 from airflow_outpost.runners.errors import DuplicateIdError
 from airflow_outpost.runners.store.region_store import Store
 from tests.runners.conftest import tree
-from tests.runners.store_writers import HashEmbedder, vector, write_partitions
+from tests.runners.store_writers import HashEmbedder, PerTextEmbedder, vector, write_partitions
 
 REPO = Path(__file__).resolve().parents[2]
 _COLS = ("chunk_id", "key", "doc_id", "doc_hash", "chunk_index", "start", "end", "content_hash", "text")
@@ -197,3 +197,20 @@ def test_keep_unpublished_s_must_be_a_finite_duration() -> None:
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="keep_unpublished_s"):
             EmbedConfig(keep_unpublished_s=bad)
+
+
+def test_ray_shards_go_to_the_least_busy_actor(tmp_path: Path) -> None:
+    # Each partition cuts into one full shard and one short one. Round robin sent every full shard to
+    # the first actor and every short one to the second (96 rows against 24), so the second waited.
+    from airflow_outpost.runners.batch.ray_session import RayConfig
+
+    corpus = write_partitions(tmp_path / "corpus", partitions=6, docs=20)
+    store = Store(tmp_path / "store")
+    s = embed_corpus(corpus, store=store, name="b", embedder=PerTextEmbedder(0.02), engine="ray",
+                     ray_config=RayConfig(num_cpus=2),
+                     config=EmbedConfig(shard_rows=16, actors=2, cpus_per_actor=0.5, read_cpus=0.25))
+    assert s["embedded"] == 120
+    rows_by_actor: dict[int, int] = {}
+    for shard in store.read_manifest("embeddings", "b")["shards"]:
+        rows_by_actor[shard["pid"]] = rows_by_actor.get(shard["pid"], 0) + shard["rows"]
+    assert len(rows_by_actor) == 2 and max(rows_by_actor.values()) <= 2 * min(rows_by_actor.values()), rows_by_actor

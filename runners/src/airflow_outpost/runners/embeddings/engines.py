@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -202,11 +203,36 @@ class RayEngine:
         ahead = self.config.partitions_in_flight or len(self.actors)
         gens: dict[int, Any] = {}
         inflight: list[Any] = []
-        rr = 0
+        # Partitions whose shards were sent, oldest first: (plan, result ref, shard refs). The next
+        # partition's shards go out while these finish; waiting for each partition before sending the
+        # next left all but one actor idle whenever a partition had fewer shards than there are actors.
+        sent: deque[tuple[PartitionPlan, Any, list[Any]]] = deque()
+        # Each shard goes to the actor with the fewest calls in flight (ties: the one served least
+        # recently). Plain round robin sent every partition's full shards to one actor and its short
+        # last shards to the other whenever a partition had as many shards as there are actors.
+        owner: dict[Any, int] = {}
+        load = [0] * len(self.actors)
+        served = [0] * len(self.actors)
+        calls = 0
+
+        def settle(ready: list[Any]) -> None:
+            for done in ready:
+                load[owner.pop(done)] -= 1
 
         def launch(i: int) -> None:
             if i < len(plans) and i not in gens:
                 gens[i] = self.task.remote(plans[i], tok)
+
+        def finish_oldest(wait: bool) -> bool:
+            plan, last, shard_refs = sent[0]
+            if not wait:
+                refs = [last, *shard_refs]
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                if len(ready) < len(refs):
+                    return False
+            sent.popleft()
+            on_partition(plan, self._get(last), list(self._get(shard_refs)))
+            return True
 
         for i, plan in enumerate(plans):
             for j in range(i, i + ahead + 1):
@@ -216,10 +242,18 @@ class RayEngine:
             try:
                 for ref in gens.pop(i):
                     if last is not None:
+                        if inflight:
+                            ready, inflight = ray.wait(inflight, num_returns=len(inflight), timeout=0,
+                                                       fetch_local=False)
+                            settle(ready)
                         while len(inflight) >= 2 * len(self.actors):
-                            _, inflight = ray.wait(inflight, num_returns=1)
-                        out = self.actors[rr % len(self.actors)].__call__.remote(last)
-                        rr += 1
+                            ready, inflight = ray.wait(inflight, num_returns=1, fetch_local=False)
+                            settle(ready)
+                        a = min(range(len(self.actors)), key=lambda k: (load[k], served[k]))
+                        out = self.actors[a].__call__.remote(last)
+                        calls += 1
+                        owner[out], served[a] = a, calls
+                        load[a] += 1
                         shard_refs.append(out)
                         inflight.append(out)
                     last = ref
@@ -229,5 +263,9 @@ class RayEngine:
                                            f"({type(exc).__name__}); a retry reuses committed shards") from exc
                 raise
             assert last is not None  # the generator always yields its PartitionResult
-            result = self._get(last)
-            on_partition(plan, result, list(self._get(shard_refs)))
+            sent.append((plan, last, shard_refs))
+            # Record finished partitions in order; hold at most `ahead` unrecorded ones.
+            while sent and (finish_oldest(wait=len(sent) > ahead)):
+                pass
+        while sent:
+            finish_oldest(wait=True)
