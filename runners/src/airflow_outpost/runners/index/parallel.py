@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from airflow_outpost.runners.errors import RayConnectError, SettingError
-from airflow_outpost.runners.index.exact_lists import merge_exact
+from airflow_outpost.runners.index.exact_lists import add_exact, merge_exact
 
 if TYPE_CHECKING:
     import faiss
@@ -92,11 +92,20 @@ def add_group(trained: np.ndarray, job: GroupJob, queries: np.ndarray, truth_k: 
     started = time.perf_counter()
     index = faiss.deserialize_index(np.asarray(trained, dtype=np.uint8))
     truth = ExactTopK(queries, truth_k, faiss_metric(metric))
-    rows = 0
-    for _, _, ids, vectors, _ in located_batches(job.shards, batch_rows, job.excludes, shard_numbers=job.shard_numbers):
-        index.add_with_ids(vectors, ids)
-        truth.add(ids, vectors)
-        rows += len(ids)
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _, _, ids, vectors, _ in located_batches(job.shards, batch_rows, job.excludes,
+                                                     shard_numbers=job.shard_numbers):
+            yield ids, vectors
+
+    if faiss.try_extract_index_ivf(index) is not None:
+        # Lists sized once, as in a local build (exact_lists): the task holds its part, not its growth.
+        rows = add_exact(index, batches, on_first_pass=lambda batch: truth.add(batch[0], batch[1]))
+    else:
+        rows = 0
+        for ids, vectors in batches():
+            index.add_with_ids(vectors, ids)
+            truth.add(ids, vectors)
+            rows += len(ids)
     tmp = f"{job.out}.tmp-{uuid.uuid4().hex}"
     faiss.write_index(index, tmp)
     with open(tmp, "rb") as fh:
