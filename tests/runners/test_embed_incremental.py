@@ -13,6 +13,7 @@ import pytest
 
 from airflow_outpost.runners.embeddings.chunking import ChunkingConfig, chunk_text
 from airflow_outpost.runners.embeddings.corpus import embed_corpus, read_catalog, read_vectors
+from airflow_outpost.runners.embeddings.partitions import chunk_key
 from airflow_outpost.runners.store import atomic as _atomic
 from tests.runners.conftest import make_docs, tree, write_jsonl
 
@@ -38,6 +39,9 @@ def test_first_run_writes_shards_catalog_and_manifest(tmp_path, store, torch_emb
     got = dict(zip(ids, vectors, strict=True))
     assert min(float(got[f"doc-{i}#0"] @ ref[i]) for i in range(12)) > 0.9999
     assert len(set(keys.tolist())) == len(ids)
+    changes = json.loads(store.path("embeddings", "c", manifest["changes"]).read_text())
+    assert sorted(changes["added"]) == sorted(ids)  # each list's keys line up with its ids
+    assert changes["added_keys"] == [chunk_key(c) for c in changes["added"]] and changes["updated_keys"] == []
 
 
 def test_rerun_does_no_model_work_and_writes_nothing(tmp_path, store, torch_embedder, engine):

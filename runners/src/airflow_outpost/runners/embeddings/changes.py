@@ -12,6 +12,7 @@ chunks' keys and documents (sized by the deletions), and the ids are streamed in
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -25,6 +26,7 @@ __all__ = ["ChangeRecord", "VersionChanges"]
 # "deleted_documents": [doc_id, ...]}; produced on demand, one at a time.
 ChangeRecord = dict[str, Any]
 _EMPTY = np.empty(0, dtype=np.int64)
+_SPOOL_ROWS = 65_536
 
 
 def _keys(pairs: list[Any]) -> np.ndarray:
@@ -100,11 +102,40 @@ class VersionChanges:
                 fh.write((", " if i else "").encode() + json.dumps(item).encode())
             fh.write(b"]")
 
+        # Each list's keys follow its ids in the file ("added", "added_keys", ...): the ids pass
+        # spools the keys (8 bytes each) to a temporary file, so the records are read once per list.
+        spools: dict[str, IO[bytes]] = {}
+
         def ids(kind: str) -> None:
-            array(c for c, _ in self.entries(kind))
+            spool = spools[kind] = tempfile.TemporaryFile()
+            pending: list[int] = []
+
+            def flush() -> None:
+                np.asarray(pending, dtype="<i8").tofile(spool)
+                pending.clear()
+
+            def spooled() -> Iterator[str]:
+                for chunk_id, key in self.entries(kind):
+                    pending.append(key)
+                    if len(pending) >= _SPOOL_ROWS:
+                        flush()
+                    yield chunk_id
+                flush()
+
+            array(spooled())
 
         def keys(kind: str) -> None:
-            array(key for _, key in self.entries(kind))
+            spool = spools.pop(kind)
+            spool.seek(0)
+
+            def unspooled() -> Iterator[int]:
+                while block := spool.read(8 * _SPOOL_ROWS):
+                    yield from np.frombuffer(block, dtype="<i8").tolist()
+
+            try:
+                array(unspooled())
+            finally:
+                spool.close()
 
         fields: list[tuple[str, Callable[[], object]]] = []
         for kind in ("added", "updated", "deleted"):
