@@ -288,7 +288,7 @@ def build_index(
     import faiss
     import numpy as np
 
-    from airflow_outpost.runners.index.exact_lists import add_exact
+    from airflow_outpost.runners.index.exact_lists import add_batches
     from airflow_outpost.runners.index.id_strings import IdStringsBuilder
     from airflow_outpost.runners.index.parallel import group_shards, merge_parts, run_groups_local, run_groups_on_ray
     from airflow_outpost.runners.index.recall import ExactTopK
@@ -352,26 +352,17 @@ def build_index(
                 if strings is not None:
                     strings_builder.add(ids, strings)
 
-            if kind in IVF_KINDS and not on_gpu:
-                # Lists sized once (exact_lists): the build holds the index, not its growth slack.
-                def batches() -> Iterator[tuple[np.ndarray, np.ndarray, list[str] | None]]:
-                    for _, _, ids, vectors, strings in located_batches(shards, config.add_batch_rows, excludes):
-                        yield ids, vectors, strings
-
-                packed: list[IdStrings] = []
-                # Packed before the lists fill: the sort's temporaries never meet the full index.
-                add_exact(index, batches, on_first_pass=lambda batch: first_pass(*batch), on_progress=progress,
-                          after_first_pass=lambda: packed.append(strings_builder.build()))
-                id_strings = packed[0]
-            else:
-                done = 0
+            def batches() -> Iterator[tuple[np.ndarray, np.ndarray, list[str] | None]]:
                 for _, _, ids, vectors, strings in located_batches(shards, config.add_batch_rows, excludes):
-                    work.add_with_ids(vectors, ids)
-                    first_pass(ids, vectors, strings)
-                    done += len(ids)
-                    progress(done)
-                index = faiss.index_gpu_to_cpu(work) if on_gpu else work
-                id_strings = strings_builder.build()
+                    yield ids, vectors, strings
+
+            packed: list[IdStrings] = []
+            # IVF lists sized once (exact_lists): the build holds the index, not its growth slack. The
+            # strings are packed before the lists fill, so the sort's temporaries never meet the full index.
+            add_batches(work, batches, on_first_pass=lambda batch: first_pass(*batch), on_progress=progress,
+                        after_first_pass=lambda: packed.append(strings_builder.build()))
+            index = faiss.index_gpu_to_cpu(work) if on_gpu else work
+            id_strings = packed[0]
         else:
             index_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=temp_prefix(index_dir / "build"), dir=index_dir))

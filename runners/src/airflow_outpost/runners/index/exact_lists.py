@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     import faiss
 
-__all__ = ["add_exact", "merge_exact"]
+__all__ = ["add_batches", "add_exact", "merge_exact"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,35 @@ def _lists(ivf: faiss.IndexIVF) -> Any:
     if lists is None:
         raise ValueError("the IVF index has no inverted lists")
     return lists
+
+
+def add_batches(index: faiss.Index, batches: Batches, *, on_first_pass: Callable[[tuple[Any, ...]], None]
+                | None = None, after_first_pass: Callable[[], None] | None = None,
+                on_progress: Callable[[int], None] | None = None) -> int:
+    """Add the rows of ``batches()`` to the trained, empty ``index``, with the callbacks of ``add_exact``.
+
+    A CPU IVF index with in-memory lists is filled by ``add_exact`` (two passes); any other index
+    (flat, HNSW, a GPU clone, on-disk lists) by FAISS's ``add_with_ids`` in one pass, where
+    ``on_first_pass`` sees each batch as it is added and ``after_first_pass`` runs at the end.
+    Returns the number of rows added.
+    """
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and isinstance(faiss.downcast_InvertedLists(_lists(ivf)), faiss.ArrayInvertedLists):
+        return add_exact(index, batches, on_first_pass=on_first_pass, after_first_pass=after_first_pass,
+                         on_progress=on_progress)
+    done = 0
+    for batch in batches():
+        index.add_with_ids(batch[1], batch[0])
+        if on_first_pass is not None:
+            on_first_pass(batch)
+        done += len(batch[0])
+        if on_progress is not None:
+            on_progress(done)
+    if after_first_pass is not None:
+        after_first_pass()
+    return done
 
 
 def add_exact(index: faiss.Index, batches: Batches, *, on_first_pass: Callable[[tuple[Any, ...]], None]

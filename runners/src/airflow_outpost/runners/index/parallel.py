@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from airflow_outpost.runners.errors import RayConnectError, SettingError
-from airflow_outpost.runners.index.exact_lists import add_exact, merge_exact
+from airflow_outpost.runners.index.exact_lists import add_batches, merge_exact
 
 if TYPE_CHECKING:
     import faiss
@@ -97,15 +97,8 @@ def add_group(trained: np.ndarray, job: GroupJob, queries: np.ndarray, truth_k: 
                                                      shard_numbers=job.shard_numbers):
             yield ids, vectors
 
-    if faiss.try_extract_index_ivf(index) is not None:
-        # Lists sized once, as in a local build (exact_lists): the task holds its part, not its growth.
-        rows = add_exact(index, batches, on_first_pass=lambda batch: truth.add(batch[0], batch[1]))
-    else:
-        rows = 0
-        for ids, vectors in batches():
-            index.add_with_ids(vectors, ids)
-            truth.add(ids, vectors)
-            rows += len(ids)
+    # IVF lists sized once, as in a local build (exact_lists): the task holds its part, not its growth.
+    rows = add_batches(index, batches, on_first_pass=lambda batch: truth.add(batch[0], batch[1]))
     tmp = f"{job.out}.tmp-{uuid.uuid4().hex}"
     faiss.write_index(index, tmp)
     with open(tmp, "rb") as fh:
