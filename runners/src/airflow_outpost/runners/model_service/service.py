@@ -179,11 +179,13 @@ class ModelService:
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        sock.close()
-        # Remove the socket file only if it is still ours (a successor may have replaced it).
+        # Remove the socket file before closing, so that nobody ever sees a refused connection with
+        # the file still there (a client would take that for a crashed service); remove it only if
+        # it is still ours (a successor may have replaced it).
         with contextlib.suppress(FileNotFoundError):
             if self.path.stat().st_ino == self._inode:
                 self.path.unlink()
+        sock.close()
 
     def _reap(self) -> None:
         now = self.clock()
