@@ -366,8 +366,6 @@ def run_batch_inference(
     redone. With warm actors the driver writes (as before) and a failure leaves only a ``.tmp-``
     directory; a batch whose warm actor died is resent once to a new actor.
     """
-    import ray
-
     started = time.perf_counter()
     config = config or BatchConfig()
     if engine not in ("local", "ray"):
@@ -393,47 +391,19 @@ def run_batch_inference(
         config.check_fits(session["resources"].get("CPU", 0.0))
         if gpus and "device" not in model_kwargs and "device" in inspect.signature(model_cls).parameters:
             model_kwargs["device"] = "cuda"
-        ctx = ray.data.DataContext.get_current()
-        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-        # Order is what lets the driver write each partition's rows sequentially and 1:1.
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
-        try:
-            # Reading is our own task over a list of paths (not Ray's file readers): their
-            # ListFiles step reserves a whole CPU and starves behind actors on small hosts, and
-            # the same reader as the plain loop gives the same column types.
-            items = [{_PATH_COLUMN: str(p.resolve())} for p in partitions]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _read_task, batch_size=1, batch_format="pyarrow", num_cpus=config.read_cpus
-            )
-            keep_warm_s = config.warm_seconds()
-            log.info("batch inference: %d rows in %d partitions, %d actor(s), %s GPU/actor%s",
-                     total, len(partitions), config.actors, gpus,
-                     f", kept warm {keep_warm_s:g}s" if keep_warm_s else "")
-            warm: WarmActorsSummary | None = None
-            resumed = 0
-            if not keep_warm_s:
-                outputs, resumed = _run_where_computed(partitions, output_dir, model_cls, model_kwargs, config, gpus,
-                                                       started, on_ray=True)
-                seconds = time.perf_counter() - started
-            else:
-                with atomic_directory(output_dir) as tmp:
-                    writer = _PartitionWriter(tmp, partitions, total, config.log_every_s)
-                    pool = WarmPool(_ModelActor, model_cls, model_kwargs, n=config.actors, cpus=config.cpus_per_actor,
-                                    gpus=gpus, keep_warm_s=keep_warm_s, read_cpus=config.read_cpus)
-                    try:
-                        schema = _run_on_warm_actors(ds, pool.start(), writer, config.batch_size)
-                    finally:
-                        pool.close()
-                    warm = {"reused": pool.reused, "started": config.actors - pool.reused, "keep_warm_s": keep_warm_s}
-                    outputs = writer.finish(schema)
-                    seconds = time.perf_counter() - started
-                    atomic_write_json(tmp / "manifest.json", {
-                        **_lineage(partitions, model_cls, model_kwargs), "engine": "ray", "outputs": outputs,
-                        "rows": writer.done, "seconds": seconds, "actors": config.actors, "gpus_per_actor": gpus,
-                        "warm_actors": warm,
-                    })
-        finally:
-            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        keep_warm_s = config.warm_seconds()
+        log.info("batch inference: %d rows in %d partitions, %d actor(s), %s GPU/actor%s",
+                 total, len(partitions), config.actors, gpus,
+                 f", kept warm {keep_warm_s:g}s" if keep_warm_s else "")
+        warm: WarmActorsSummary | None = None
+        resumed = 0
+        if not keep_warm_s:
+            outputs, resumed = _run_where_computed(partitions, output_dir, model_cls, model_kwargs, config, gpus,
+                                                   started, on_ray=True)
+            seconds = time.perf_counter() - started
+        else:
+            outputs, warm, seconds = _run_warm(partitions, output_dir, model_cls, model_kwargs, config, gpus,
+                                               total, keep_warm_s, started)
     summary = _summary(output_dir, outputs, "ray", seconds)
     summary["actors"], summary["gpus_per_actor"], summary["ray_address"] = config.actors, gpus, session["address"]
     if warm is not None:
@@ -517,6 +487,49 @@ def _run_where_computed(
     os.rename(staging, output_dir)
     fsync_dir(output_dir.parent)
     return final, resumed
+
+
+def _run_warm(
+    partitions: list[Path], output_dir: Path, model_cls: type, model_kwargs: Mapping[str, Any],
+    config: BatchConfig, gpus: float, total: int, keep_warm_s: float, started: float,
+) -> tuple[list[dict[str, Any]], WarmActorsSummary, float]:
+    """Ray Data reads the partitions and the warm pool's actors infer; the driver writes the rows
+    in input order into a temporary directory, published whole with its manifest. Returns the
+    outputs, the warm-actor summary and the seconds up to the manifest."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    # Order is what lets the driver write each partition's rows sequentially and 1:1.
+    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
+    try:
+        # Reading is our own task over a list of paths (not Ray's file readers): their
+        # ListFiles step reserves a whole CPU and starves behind actors on small hosts, and
+        # the same reader as the plain loop gives the same column types.
+        items = [{_PATH_COLUMN: str(p.resolve())} for p in partitions]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _read_task, batch_size=1, batch_format="pyarrow", num_cpus=config.read_cpus
+        )
+        with atomic_directory(output_dir) as tmp:
+            writer = _PartitionWriter(tmp, partitions, total, config.log_every_s)
+            pool = WarmPool(_ModelActor, model_cls, model_kwargs, n=config.actors, cpus=config.cpus_per_actor,
+                            gpus=gpus, keep_warm_s=keep_warm_s, read_cpus=config.read_cpus)
+            try:
+                schema = _run_on_warm_actors(ds, pool.start(), writer, config.batch_size)
+            finally:
+                pool.close()
+            warm: WarmActorsSummary = {"reused": pool.reused, "started": config.actors - pool.reused,
+                                       "keep_warm_s": keep_warm_s}
+            outputs = writer.finish(schema)
+            seconds = time.perf_counter() - started
+            atomic_write_json(tmp / "manifest.json", {
+                **_lineage(partitions, model_cls, model_kwargs), "engine": "ray", "outputs": outputs,
+                "rows": writer.done, "seconds": seconds, "actors": config.actors, "gpus_per_actor": gpus,
+                "warm_actors": warm,
+            })
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+    return outputs, warm, seconds
 
 
 def _run_on_warm_actors(ds: Any, pool: WarmPool, writer: _PartitionWriter, batch_size: int) -> pa.Schema | None:

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,13 +57,11 @@ def catalog_schema() -> Any:
 def node_identity() -> dict[str, str]:
     """Where this code runs: the Ray node id inside a Ray worker (``"local"`` outside), and the host."""
     node = "local"
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node = ray.get_runtime_context().get_node_id()
-    except ImportError:  # pragma: no cover - ray is a dependency of the runners
-        pass
+    # Looked up, not imported: a process that never imported Ray is not in a Ray worker, and a
+    # local run should not pay Ray's import for the answer.
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
     return {"node_id": node, "host": socket.gethostname()}
 
 
